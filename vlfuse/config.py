@@ -1,0 +1,170 @@
+"""Typed dataclass configs: strict loading from YAML/JSON, dotted CLI overrides, saving.
+
+Unknown keys are errors that name the key (and suggest the closest valid one),
+so a typo in a config never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Dict, List, Type, TypeVar
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class Part:
+    """A registered part: its registry ``name`` plus constructor keyword arguments.
+
+    Written flat in config files: ``{"name": "cross-attention", "num_layers": 3}``.
+    """
+
+    name: str
+    kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str = "") -> "Part":
+        if isinstance(data, str):
+            return cls(name=data)
+        if not isinstance(data, dict) or "name" not in data:
+            raise ConfigError(f"config key '{path}' must be a part name or a mapping with a 'name' key, got {data!r}")
+        rest = {k: v for k, v in data.items() if k != "name"}
+        return cls(name=str(data["name"]), kwargs=rest)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"name": self.name, **self.kwargs}
+
+
+def _strip_optional(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def from_dict(cls: Type[T], data: Any, path: str = "") -> T:
+    """Build dataclass ``cls`` from a plain mapping, rejecting unknown keys by name."""
+    if cls is Part:
+        return Part.from_dict(data, path)  # type: ignore[return-value]
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{path or '<root>'}' must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else key
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" Did you mean '{(path + '.' if path else '') + close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{full}'.{hint} Valid keys here: {', '.join(fields)}")
+        kwargs[key] = _convert(hints[key], value, full)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid config section '{path or '<root>'}': {exc}") from exc
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    tp = _strip_optional(tp)
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    origin = typing.get_origin(tp)
+    if origin in (list, List):
+        (inner,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{path}' must be a list, got {value!r}")
+        return [_convert(inner, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key '{path}' must be true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"config key '{path}' must be a number, got {value!r}")
+        try:
+            num = float(value)
+            return int(num) if tp is int and num == int(num) else tp(num)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{path}' must be a number, got {value!r}") from None
+    if tp is str and not isinstance(value, str):
+        return str(value)
+    return value
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain JSON-able structure of a (nested) dataclass config."""
+    if isinstance(obj, Part):
+        return obj.to_dict()
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def read_config_file(path: str | Path) -> Dict[str, Any]:
+    """Read a YAML or JSON config file into a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # yaml/json parse errors carry line numbers in str(exc)
+        raise ConfigError(f"config file '{path}' could not be parsed: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must contain a mapping at the top level")
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value the way YAML would (numbers, booleans, lists), else keep the string."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except Exception:
+        return text
+
+
+def apply_overrides(data: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested mapping (in place) and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{p}' is not a section")
+        node[parts[-1]] = parse_value(raw)
+    return data
+
+
+def save_json(data: Any, path: str | Path) -> None:
+    """Write JSON atomically (temporary file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)

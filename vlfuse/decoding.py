@@ -1,0 +1,173 @@
+"""Decoding, written once for every generative model.
+
+A model provides ``step(tokens (B, t), state) -> (logprobs (B, V), state)`` where ``state`` is a dict of
+tensors whose first dimension is the batch; beam search reorders it with ``index_select``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .errors import ConfigError
+
+StepFn = Callable[[torch.Tensor, Dict[str, torch.Tensor]], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
+STRATEGIES = ("greedy", "beam", "sample")
+
+
+@dataclasses.dataclass
+class DecodeConfig:
+    strategy: str = "beam"        # greedy | beam | sample
+    beam_size: int = 3
+    max_len: int = 20             # words, not counting <bos>/<eos>
+    length_penalty: float = 0.0   # final beam score = sum logprob / length ** length_penalty
+    no_repeat_ngram: int = 3      # forbid repeating any n-gram of this size (0 = off)
+    top_p: float = 0.9            # nucleus size for sampling
+    temperature: float = 1.0
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"decoding strategy must be one of {STRATEGIES}, got '{self.strategy}'")
+        if self.beam_size < 1:
+            raise ConfigError(f"beam_size must be at least 1, got {self.beam_size}")
+        if self.max_len < 1:
+            raise ConfigError(f"max_len must be at least 1, got {self.max_len}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be positive, got {self.temperature}")
+
+
+def reorder_state(state: Dict[str, torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:
+    return {k: v.index_select(0, index) for k, v in state.items()}
+
+
+def _banned_ngram_tokens(rows: List[List[int]], n: int) -> List[List[int]]:
+    """For each sequence, tokens that would complete an n-gram already present in it."""
+    banned = []
+    for seq in rows:
+        out = []
+        if n > 0 and len(seq) >= n:
+            prefix = tuple(seq[len(seq) - n + 1:]) if n > 1 else ()
+            for i in range(len(seq) - n + 1):
+                if tuple(seq[i:i + n - 1]) == prefix:
+                    out.append(seq[i + n - 1])
+        banned.append(out)
+    return banned
+
+
+def _apply_ngram_block(logp: torch.Tensor, tokens: torch.Tensor, n: int, skip_first: int = 1) -> None:
+    if n <= 0 or tokens.shape[1] - skip_first < n - 1:
+        return
+    rows = tokens[:, skip_first:].tolist()
+    for r, toks in enumerate(_banned_ngram_tokens(rows, n)):
+        if toks:
+            logp[r, toks] = float("-inf")
+
+
+def _mask_specials(logp: torch.Tensor, t: int, cfg: DecodeConfig, bos: int, eos: int, pad: int) -> None:
+    logp[:, pad] = float("-inf")
+    logp[:, bos] = float("-inf")
+    if t == 0:
+        logp[:, eos] = float("-inf")  # no empty captions
+    if t == cfg.max_len:  # out of room: the only allowed continuation is <eos>
+        keep = logp[:, eos].clone()
+        logp.fill_(float("-inf"))
+        logp[:, eos] = keep
+
+
+@torch.no_grad()
+def generate(step: StepFn, state: Dict[str, torch.Tensor], batch_size: int, cfg: DecodeConfig,
+             bos: int = 1, eos: int = 2, pad: int = 0) -> List[Tuple[List[int], float]]:
+    """Decode ``batch_size`` sequences; returns (token ids without <bos>/<eos>, score) per item."""
+    if cfg.strategy == "beam":
+        return beam_search(step, state, batch_size, cfg, bos, eos, pad)
+    return _greedy_or_sample(step, state, batch_size, cfg, bos, eos, pad)
+
+
+def _greedy_or_sample(step, state, batch_size, cfg, bos, eos, pad):
+    device = next(iter(state.values())).device
+    gen = None
+    if cfg.strategy == "sample":
+        gen = torch.Generator(device=device)
+        gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+    tokens = torch.full((batch_size, 1), bos, dtype=torch.long, device=device)
+    scores = torch.zeros(batch_size, device=device)
+    done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    for t in range(cfg.max_len + 1):
+        logp, state = step(tokens, state)
+        logp = logp.float().clone()
+        _mask_specials(logp, t, cfg, bos, eos, pad)
+        _apply_ngram_block(logp, tokens, cfg.no_repeat_ngram)
+        if cfg.strategy == "greedy":
+            nxt = logp.argmax(-1)
+        else:
+            nxt = _sample_top_p(logp / cfg.temperature, cfg.top_p, gen)
+        chosen = logp.gather(1, nxt[:, None]).squeeze(1)
+        scores = scores + torch.where(done, torch.zeros_like(chosen), chosen)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        tokens = torch.cat([tokens, nxt[:, None]], 1)
+        done = done | (nxt == eos)
+        if bool(done.all()):
+            break
+    return [(_strip(row, eos, pad), float(s)) for row, s in zip(tokens[:, 1:].tolist(), scores.tolist())]
+
+
+def _sample_top_p(logits: torch.Tensor, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    probs = logits.softmax(-1)
+    sorted_p, order = probs.sort(-1, descending=True)
+    cum = sorted_p.cumsum(-1)
+    sorted_p = sorted_p.masked_fill(cum - sorted_p > top_p, 0.0)  # keep the smallest set reaching top_p
+    pick = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=gen)
+    return order.gather(1, pick).squeeze(1)
+
+
+def beam_search(step: StepFn, state: Dict[str, torch.Tensor], batch_size: int, cfg: DecodeConfig,
+                bos: int = 1, eos: int = 2, pad: int = 0) -> List[Tuple[List[int], float]]:
+    """Batched beam search. Finished beams stay in their slot and extend with <pad> at no cost;
+    at the end beams are ranked by score / length ** length_penalty."""
+    k = cfg.beam_size
+    device = next(iter(state.values())).device
+    state = reorder_state(state, torch.arange(batch_size, device=device).repeat_interleave(k))
+    tokens = torch.full((batch_size * k, 1), bos, dtype=torch.long, device=device)
+    scores = torch.full((batch_size, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start identical: keep one alive so the first step has no duplicates
+    finished = torch.zeros(batch_size * k, dtype=torch.bool, device=device)
+    base = (torch.arange(batch_size, device=device) * k)[:, None]  # (B, 1)
+    for t in range(cfg.max_len + 1):
+        logp, state = step(tokens, state)  # (B*K, V)
+        logp = logp.float().clone()
+        vocab = logp.shape[1]
+        _mask_specials(logp, t, cfg, bos, eos, pad)
+        _apply_ngram_block(logp, tokens, cfg.no_repeat_ngram)
+        logp[finished] = float("-inf")
+        logp[finished, pad] = 0.0
+        cand = (scores.view(-1, 1) + logp).view(batch_size, k * vocab)
+        scores, idx = cand.topk(k, dim=1)  # (B, K)
+        src = (base + idx // vocab).view(-1)  # (B*K,) which beam each new beam extends
+        tok = (idx % vocab).view(-1, 1)
+        tokens = torch.cat([tokens.index_select(0, src), tok], 1)
+        state = reorder_state(state, src)
+        finished = finished.index_select(0, src) | (tok.view(-1) == eos)
+        if bool(finished.all()):
+            break
+    seqs = tokens[:, 1:].tolist()
+    lengths = torch.tensor([len(_strip(s, eos, pad)) + 1 for s in seqs], device=device, dtype=torch.float)
+    final = scores.view(-1) / lengths.pow(cfg.length_penalty)
+    best = final.view(batch_size, k).argmax(1)
+    out = []
+    for b in range(batch_size):
+        r = b * k + int(best[b])
+        out.append((_strip(seqs[r], eos, pad), float(scores.view(-1)[r])))
+    return out
+
+
+def _strip(ids: List[int], eos: int, pad: int) -> List[int]:
+    out = []
+    for i in ids:
+        if i == eos or i == pad:
+            break
+        out.append(i)
+    return out

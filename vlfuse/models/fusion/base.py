@@ -1,0 +1,58 @@
+"""The interface every fusion module implements, for every task.
+
+A fusion module combines image features with a sequence of text-side query vectors:
+
+    fusion(image: ImageFeatures, text (B, T, text_dim), text_mask (B, T) | None, causal) -> FusionOutput
+
+- captioning (LSTM) calls it once per step with the previous hidden state (T = 1);
+- captioning (Transformer) calls it on all token embeddings with ``causal=True``;
+- VQA calls it on the question (pooled (B, 1, D) or all tokens with a mask);
+- retrieval can use it to pool one modality under the other.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..vision import ImageFeatures
+
+
+@dataclasses.dataclass
+class FusionOutput:
+    states: torch.Tensor                      # (B, T, out_dim)
+    attention: Optional[torch.Tensor] = None  # (B, T, N) weights over image cells, if the module attends
+
+
+class Fusion(nn.Module):
+    """Base class; constructors take ``image_dim``, ``text_dim`` and ``dim`` (the output size) first."""
+
+    out_dim: int
+    uses_grid = False  # True if the module reads ImageFeatures.grid (else only .pooled)
+
+    def forward(self, image: ImageFeatures, text: torch.Tensor, text_mask: Optional[torch.Tensor] = None,
+                causal: bool = False, need_weights: bool = False) -> FusionOutput:
+        raise NotImplementedError
+
+    def regularizer(self, attention: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Extra loss from the attention over a whole caption (B, T, N); zero unless a module defines one."""
+        return attention.new_zeros(())
+
+
+class GridPositions(nn.Module):
+    """Learned position embeddings for up to ``max_cells`` image cells, projected image grid -> (B, N, dim)."""
+
+    def __init__(self, image_dim: int, dim: int, max_cells: int = 256):
+        super().__init__()
+        self.proj = nn.Linear(image_dim, dim)
+        self.pos = nn.Parameter(torch.zeros(max_cells, dim))
+        nn.init.normal_(self.pos, std=0.02)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        n = grid.shape[1]
+        if n > self.pos.shape[0]:
+            raise ValueError(f"image grid has {n} cells, more than the {self.pos.shape[0]} this module supports")
+        return self.norm(self.proj(grid) + self.pos[:n])  # (B, N, dim)

@@ -1,0 +1,38 @@
+"""Cross-attention fusion: Transformer blocks whose text tokens attend to image grid tokens."""
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ...registry import FUSIONS
+from ..layers import TransformerBlock, text_allow
+from ..vision import ImageFeatures
+from .base import Fusion, FusionOutput, GridPositions
+
+
+@FUSIONS.register("cross-attention")
+class CrossAttentionFusion(Fusion):
+    """``num_layers`` blocks of (causal) self-attention over text + cross-attention to the grid."""
+
+    uses_grid = True
+
+    def __init__(self, image_dim: int, text_dim: int, dim: int = 512, num_layers: int = 3, num_heads: int = 8,
+                 dropout: float = 0.1):
+        super().__init__()
+        self.out_dim = dim
+        self.grid = GridPositions(image_dim, dim)
+        self.text_in = nn.Linear(text_dim, dim) if text_dim != dim else nn.Identity()
+        self.blocks = nn.ModuleList(TransformerBlock(dim, num_heads, dropout, cross=True) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, image: ImageFeatures, text: torch.Tensor, text_mask: Optional[torch.Tensor] = None,
+                causal: bool = False, need_weights: bool = False) -> FusionOutput:
+        memory = self.grid(image.grid)  # (B, N, dim)
+        x = self.text_in(text)  # (B, T, dim)
+        allow = text_allow(text_mask, x.shape[1], causal, x.device)
+        weights = None
+        for i, block in enumerate(self.blocks):
+            last = i == len(self.blocks) - 1
+            x, w = block(x, allow, memory, None, need_weights and last)
+            weights = w if last else weights
+        return FusionOutput(self.norm(x), weights)

@@ -1,0 +1,90 @@
+"""Small building blocks shared by fusion modules and decoders."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def causal_mask(t: int, device=None) -> torch.Tensor:
+    """(T, T) bool, True where attention is allowed (a position sees itself and the past)."""
+    return torch.ones(t, t, dtype=torch.bool, device=device).tril()
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention; returns head-averaged weights (B, T, S) when asked (for attention maps)."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, allow: Optional[torch.Tensor] = None,
+                need_weights: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x (B, T, D) attends to memory (B, S, D); ``allow`` broadcasts to (B, 1, T, S), True = may attend."""
+        b, t, d = x.shape
+        s = memory.shape[1]
+        q = self.q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k, v = self.kv(memory).view(b, s, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, S, hd)
+        if not need_weights:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allow,
+                                               dropout_p=self.dropout if self.training else 0.0)
+            weights = None
+        else:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, H, T, S)
+            if allow is not None:
+                scores = scores.masked_fill(~allow, float("-inf"))
+            attn = scores.softmax(-1)
+            weights = attn.mean(1)  # (B, T, S)
+            y = F.dropout(attn, self.dropout, self.training) @ v
+        y = y.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
+        return self.out(y), weights
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: self-attention, optional cross-attention to a memory, MLP."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.1, cross: bool = False, mlp_ratio: int = 4):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.self_attn = MultiHeadAttention(dim, num_heads, dropout)
+        self.cross = cross
+        if cross:
+            self.ln_c = nn.LayerNorm(dim)
+            self.cross_attn = MultiHeadAttention(dim, num_heads, dropout)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(mlp_ratio * dim, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, allow: Optional[torch.Tensor] = None, memory: Optional[torch.Tensor] = None,
+                memory_allow: Optional[torch.Tensor] = None, need_weights: bool = False):
+        """x (B, T, D) -> (B, T, D), plus the cross-attention (or self-attention) weights if asked."""
+        h = self.ln1(x)
+        a, w_self = self.self_attn(h, h, allow, need_weights and not self.cross)
+        x = x + self.drop(a)
+        w = w_self
+        if self.cross:
+            a, w = self.cross_attn(self.ln_c(x), memory, memory_allow, need_weights)
+            x = x + self.drop(a)
+        x = x + self.drop(self.mlp(self.ln2(x)))
+        return x, w
+
+
+def text_allow(mask: Optional[torch.Tensor], t: int, causal: bool, device) -> Optional[torch.Tensor]:
+    """Self-attention permission (B or 1, 1, T, T) from a key padding mask (B, T) and causality."""
+    allow = causal_mask(t, device)[None, None] if causal else None
+    if mask is not None:
+        pad = mask[:, None, None, :].bool()  # (B, 1, 1, T)
+        allow = pad if allow is None else (allow & pad)
+        # a fully padded query row would give NaN; let it see itself
+        allow = allow | torch.eye(t, dtype=torch.bool, device=device)[None, None]
+    return allow

