@@ -47,6 +47,10 @@ class CaptionModel(nn.Module):
             self.align_text = nn.Linear(self.decoder.embed.embedding_dim, config.align_dim)
             self.align_scale = nn.Parameter(torch.tensor(2.659))  # log(1/0.07), as CLIP
 
+    def forward(self, acts: torch.Tensor, tokens: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Training entry point (what DistributedDataParallel calls): cached stem activations + tokens -> losses."""
+        return self.loss(self.vision.tail(acts), tokens)
+
     def loss(self, image: ImageFeatures, tokens: torch.Tensor) -> Dict[str, torch.Tensor]:
         """tokens (B, L) = <bos> w1 .. wn <eos> <pad>...; returns the total and its parts."""
         inputs, targets = tokens[:, :-1], tokens[:, 1:]

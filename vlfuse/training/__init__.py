@@ -1,0 +1,1 @@
+"""Training loops. Import-light: task modules are imported when a task is trained."""

@@ -1,0 +1,72 @@
+"""``vlfuse caption IMAGE_OR_DIR ...``: caption photos; bad files are reported one line each on stderr."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..data.images import list_images
+from ..decoding import DecodeConfig
+
+
+def add_decode_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--beam", type=int, default=3, help="beam width (1 = greedy; default 3)")
+    p.add_argument("--sample", action="store_true", help="top-p sampling instead of beam search")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-len", type=int, default=20)
+    p.add_argument("--length-penalty", type=float, default=0.0)
+    p.add_argument("--no-repeat-ngram", type=int, default=3)
+
+
+def decode_config(args) -> DecodeConfig:
+    strategy = "sample" if args.sample else ("greedy" if args.beam == 1 else "beam")
+    return DecodeConfig(strategy=strategy, beam_size=args.beam, max_len=args.max_len, top_p=args.top_p,
+                        temperature=args.temperature, seed=args.seed, length_penalty=args.length_penalty,
+                        no_repeat_ngram=args.no_repeat_ngram)
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("caption", help="caption images or folders of images")
+    p.add_argument("paths", nargs="+", help="image files and/or folders")
+    p.add_argument("--model", default="flickr8k-caption", help="built-in model name or checkpoint directory")
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of 'path<TAB>caption'")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--attention-map", metavar="PNG", help="save the per-word attention over the (first) image")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
+    add_decode_arguments(p)
+    return p
+
+
+def run(args) -> int:
+    from ..models.captioner import Captioner
+
+    decode = decode_config(args)
+    captioner = Captioner.from_pretrained(args.model, device=args.device)
+    paths = list_images(args.paths)
+    failed = 0
+    for path, result, error in captioner.caption_files(paths, decode, batch_size=args.batch_size):
+        if error:
+            failed += 1
+            print(f"vlfuse caption: error: {error}", file=sys.stderr)
+            continue
+        if args.json:
+            print(json.dumps({"image": path, "caption": result.caption, "score": round(result.score, 4)},
+                             ensure_ascii=False), flush=True)
+        else:
+            print(f"{path}\t{result.caption}", flush=True)
+    if args.attention_map and paths and failed < len(paths):
+        from ..visualize import save_attention_figure
+
+        first_ok = next(p for p in paths if p.exists())
+        words, att = captioner.attention_map(first_ok, decode)
+        if att is None:
+            print("vlfuse caption: this model's fusion module has no spatial attention to draw", file=sys.stderr)
+        else:
+            save_attention_figure(first_ok, words, att, args.attention_map)
+            print(f"attention map written to {args.attention_map}", file=sys.stderr)
+    if not paths:
+        print("vlfuse caption: error: no image files found", file=sys.stderr)
+        return 2
+    return 2 if failed else 0

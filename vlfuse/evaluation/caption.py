@@ -1,0 +1,52 @@
+"""Evaluate a caption model on a dataset split: COCO-format results + pycocoevalcap metrics."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Dict
+
+from tqdm.auto import tqdm
+
+from ..config import save_json
+from ..data.captions import read_captions
+from ..decoding import DecodeConfig
+from .caption_metrics import score_captions
+
+
+def evaluate_captioner(captioner, data_path: str, split: str, decode: DecodeConfig, fmt: str = "auto",
+                       limit: int = 0, batch_size: int = 32, results_path: str | None = None,
+                       progress: bool = True, **reader_kwargs) -> Dict:
+    data = read_captions(data_path, split=split, fmt=fmt, **reader_kwargs)
+    if limit:
+        data = data.subset(limit)
+    refs, hyps, failed = {}, {}, []
+    t0 = time.time()
+    bar = tqdm(total=len(data), desc=f"captioning {split}", unit="img", disable=not progress, dynamic_ncols=True)
+    by_path = {str(p): caps for p, caps in zip(data.images, data.captions)}
+    for path, result, error in captioner.caption_files(data.images, decode, batch_size=batch_size):
+        bar.update(1)
+        if error:
+            failed.append(error)
+            continue
+        key = Path(path).name
+        refs[key], hyps[key] = by_path[path], result.caption
+    bar.close()
+    seconds = time.time() - t0
+    metrics = score_captions(refs, hyps)
+    metrics.update({"split": split, "failed_images": len(failed), "decode": decode.__dict__,
+                    "seconds_per_image": seconds / max(1, len(data))})
+    if results_path:
+        save_json([{"image_id": k, "caption": v} for k, v in hyps.items()], results_path)
+    return metrics
+
+
+def evaluate(args) -> Dict:
+    from ..cli.caption import decode_config
+    from ..models.captioner import Captioner
+
+    captioner = Captioner.from_pretrained(args.model, device=args.device)
+    results = args.results or (str(Path(args.out).with_suffix("")) + ".captions.json" if args.out else None)
+    metrics = evaluate_captioner(captioner, args.data, args.split, decode_config(args), fmt=args.format,
+                                 limit=args.limit, batch_size=args.batch_size, results_path=results)
+    metrics["model"] = str(args.model)
+    return metrics

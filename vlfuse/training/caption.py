@@ -1,0 +1,145 @@
+"""Caption training on cached image features: ``train(experiment)`` builds every part from a typed config."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import from_dict, save_json, to_dict
+from ..data.captions import CaptionSet, read_captions
+from ..data.features import FeatureCache
+from ..data.tokenizer import PAD, Tokenizer
+from ..decoding import DecodeConfig
+from ..errors import DataError
+from ..models.captioner import CaptionModel, CaptionModelConfig, Captioner
+from ..models.vision import ImageFeatures
+from .trainer import TrainConfig, Trainer
+
+
+@dataclasses.dataclass
+class CaptionDataConfig:
+    path: str = "../shared/data/flickr8k"
+    format: str = "auto"
+    train_split: str = "train"
+    val_split: str = "val"
+    captions_file: str = ""        # Flickr layout only: e.g. captions_zh.txt (default captions.txt)
+    min_count: int = 5             # words seen fewer times in training captions map to <unk>
+    segmenter: str = "english"
+    cache_dir: str = "cache/features"
+    train_limit: int = 0           # use only the first N training images (0 = all)
+    val_limit: int = 0             # validate on the first N val images (0 = all)
+
+
+@dataclasses.dataclass
+class CaptionExperiment:
+    task: str = "caption"
+    data: CaptionDataConfig = dataclasses.field(default_factory=CaptionDataConfig)
+    model: CaptionModelConfig = dataclasses.field(default_factory=CaptionModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    val_decode: DecodeConfig = dataclasses.field(default_factory=lambda: DecodeConfig(strategy="greedy"))
+
+
+def load_split(cfg: CaptionDataConfig, split: str, limit: int) -> CaptionSet:
+    extra = {"captions_file": cfg.captions_file} if cfg.captions_file else {}
+    data = read_captions(cfg.path, split=split, fmt=cfg.format, **extra)
+    return data.subset(limit) if limit else data
+
+
+def cached_features(cache: FeatureCache, data: CaptionSet, progress: bool) -> Tuple[torch.Tensor, CaptionSet, List]:
+    """Build/load features for ``data``; images that fail are dropped (and returned as failures)."""
+    digests, failures = cache.build(data.images, progress=progress, desc=f"features {data.name}")
+    keep = [i for i, d in enumerate(digests) if d is not None]
+    if not keep:
+        raise DataError(f"none of the {len(data)} images in {data.name} could be read")
+    kept = CaptionSet([data.images[i] for i in keep], [data.captions[i] for i in keep], data.name)
+    return cache.load([digests[i] for i in keep]), kept, failures
+
+
+def encode_pairs(data: CaptionSet, tokenizer: Tokenizer, max_len: int) -> List[Tuple[int, torch.Tensor]]:
+    return [(i, torch.tensor(tokenizer.encode(c, max_len))) for i, c in data.pairs()]
+
+
+def make_collate(features: torch.Tensor):
+    def collate(items: List[Tuple[int, torch.Tensor]]):
+        idx = torch.tensor([i for i, _ in items])
+        tokens = torch.nn.utils.rnn.pad_sequence([t for _, t in items], batch_first=True, padding_value=PAD)
+        return features[idx].float(), tokens
+    return collate
+
+
+@torch.no_grad()
+def generate_captions(model: CaptionModel, tokenizer: Tokenizer, features: torch.Tensor, decode: DecodeConfig,
+                      batch_size: int = 100, progress: bool = False) -> List[str]:
+    """Captions for cached stem activations (M, ...) in order."""
+    device = next(model.parameters()).device
+    out: List[str] = []
+    for s in tqdm(range(0, len(features), batch_size), desc="generating", unit="batch", disable=not progress,
+                  dynamic_ncols=True):
+        feats: ImageFeatures = model.vision.tail(features[s:s + batch_size].float().to(device))
+        out += [tokenizer.decode(ids) for ids, _ in model.generate(feats, decode)]
+    return out
+
+
+def references_and_hypotheses(data: CaptionSet, captions: List[str]) -> Tuple[Dict[str, List[str]], Dict[str, str]]:
+    refs = {str(p.name): caps for p, caps in zip(data.images, data.captions)}
+    hyps = {str(p.name): c for p, c in zip(data.images, captions)}
+    return refs, hyps
+
+
+def train(raw_config: dict, resume: bool = False) -> Dict:
+    """Train a caption model from a config mapping (see CaptionExperiment); returns a summary."""
+    from ..evaluation.caption_metrics import score_captions
+
+    exp = from_dict(CaptionExperiment, raw_config)
+    t_start = time.time()
+    train_set = load_split(exp.data, exp.data.train_split, exp.data.train_limit)
+    val_set = load_split(exp.data, exp.data.val_split, exp.data.val_limit)
+    out = Path(exp.train.out_dir)
+    if resume and (out / "vocab.json").is_file():
+        tokenizer = Tokenizer.load(out)
+    else:
+        tokenizer = Tokenizer.build((c for caps in train_set.captions for c in caps), exp.data.min_count,
+                                    segmenter=exp.data.segmenter)
+    model = CaptionModel(exp.model, len(tokenizer))
+    cache = FeatureCache(exp.data.cache_dir, model.vision)
+    train_feats, train_set, bad_train = cached_features(cache, train_set, exp.train.progress)
+    val_feats, val_set, bad_val = cached_features(cache, val_set, exp.train.progress)
+    for path, err in bad_train + bad_val:
+        tqdm.write(f"skipped image: {err}")
+    cache_minutes = (time.time() - t_start) / 60
+    items = encode_pairs(train_set, tokenizer, exp.model.max_len)
+    resolved = to_dict(exp)
+    if out and not resume:
+        out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out)
+    save_json(resolved, out / "config.resolved.json")
+
+    def evaluate(m: CaptionModel) -> Dict[str, float]:
+        caps = generate_captions(m, tokenizer, val_feats, exp.val_decode)
+        refs, hyps = references_and_hypotheses(val_set, caps)
+        scores = score_captions(refs, hyps, metrics=("BLEU", "CIDEr"), tokenizer="simple")
+        return {k: v for k, v in scores.items() if isinstance(v, float)}
+
+    def save_best(m: CaptionModel, directory: Path) -> None:
+        Captioner(m, tokenizer).save_pretrained(directory, training=resolved)
+
+    trainer = Trainer(model, items, make_collate(train_feats), lambda net, b: net(*b), evaluate, save_best,
+                      exp.train)
+    if resume and trainer.resume():
+        tqdm.write(f"resumed from {trainer.last_path} at epoch {trainer.state['epoch'] + 1}, "
+                   f"step {trainer.state['global_step']}")
+    result = trainer.fit()
+    summary = {"best_" + exp.train.select_metric: result["best"], "best_epoch": result["best_epoch"],
+               "train_images": len(train_set), "train_captions": len(items), "vocab_size": len(tokenizer),
+               "skipped_images": len(bad_train) + len(bad_val),
+               "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+               "feature_cache_minutes": cache_minutes, "total_minutes": (time.time() - t_start) / 60,
+               "best_dir": str(out / "best")}
+    save_json(summary, out / "summary.json")
+    return summary
