@@ -94,7 +94,7 @@ class TransformerDecoder(nn.Module):
         self.max_len = max_len
 
     def init_state(self, image: ImageFeatures) -> State:
-        return {"grid": image.grid, "pooled": image.pooled}
+        return {"grid": image.grid, "pooled": image.pooled, **self.fusion.init_cache(image)}
 
     def forward(self, image: ImageFeatures, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 need_weights: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -108,7 +108,11 @@ class TransformerDecoder(nn.Module):
         return self.out(self.norm(x)), fused.attention  # (B, T, V)
 
     def step(self, tokens: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
-        # Recomputes the whole prefix: captions are short (<= 20 tokens), so this costs little and keeps
-        # the state a plain dict that beam search can reorder.
-        logits, _ = self.forward(_image_from_state(state), tokens)
-        return F.log_softmax(logits[:, -1], -1), state
+        """Incremental: only the newest token is computed; earlier keys/values are cached in ``state``."""
+        t = tokens.shape[1] - 1
+        x = self.embed(tokens[:, -1:]) * self.embed.embedding_dim ** 0.5 + self.pos[t:t + 1]  # (B, 1, D)
+        state = dict(state)
+        x = self.fusion_out(self.fusion.step(_image_from_state(state), x, state))
+        for i, block in enumerate(self.blocks):
+            x = block.step(x, state, f"d{i}s")
+        return F.log_softmax(self.out(self.norm(x))[:, -1], -1), state

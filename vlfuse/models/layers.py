@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,13 +27,17 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, allow: Optional[torch.Tensor] = None,
-                need_weights: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """x (B, T, D) attends to memory (B, S, D); ``allow`` broadcasts to (B, 1, T, S), True = may attend."""
+    def keys_values(self, memory: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """memory (B, S, D) -> keys, values (B, H, S, hd); computed once and cached when decoding."""
+        b, s, _ = memory.shape
+        k, v = self.kv(memory).view(b, s, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow: Optional[torch.Tensor] = None,
+               need_weights: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x (B, T, D) attends to precomputed keys/values (B, H, S, hd)."""
         b, t, d = x.shape
-        s = memory.shape[1]
         q = self.q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k, v = self.kv(memory).view(b, s, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, S, hd)
         if not need_weights:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allow,
                                                dropout_p=self.dropout if self.training else 0.0)
@@ -47,6 +51,12 @@ class MultiHeadAttention(nn.Module):
             y = F.dropout(attn, self.dropout, self.training) @ v
         y = y.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
         return self.out(y), weights
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, allow: Optional[torch.Tensor] = None,
+                need_weights: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x (B, T, D) attends to memory (B, S, D); ``allow`` broadcasts to (B, 1, T, S), True = may attend."""
+        k, v = self.keys_values(memory)
+        return self.attend(x, k, v, allow, need_weights)
 
 
 class TransformerBlock(nn.Module):
@@ -77,6 +87,27 @@ class TransformerBlock(nn.Module):
             x = x + self.drop(a)
         x = x + self.drop(self.mlp(self.ln2(x)))
         return x, w
+
+
+    def step(self, x: torch.Tensor, cache: Dict[str, torch.Tensor], prefix: str,
+             memory_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+             prefix_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """Incremental decoding of one new position x (B, 1, D). Self-attention keys/values of earlier
+        positions live in ``cache[prefix + 'k'/'v']`` (B, H, t, hd) and are extended in place of the dict;
+        ``prefix_kv`` are extra always-visible keys/values (the image cells of a joint model)."""
+        h = self.ln1(x)
+        k_new, v_new = self.self_attn.keys_values(h)
+        if prefix + "k" in cache:
+            k_new = torch.cat([cache[prefix + "k"], k_new], 2)
+            v_new = torch.cat([cache[prefix + "v"], v_new], 2)
+        cache[prefix + "k"], cache[prefix + "v"] = k_new, v_new
+        k, v = k_new, v_new
+        if prefix_kv is not None:
+            k, v = torch.cat([prefix_kv[0], k], 2), torch.cat([prefix_kv[1], v], 2)
+        x = x + self.self_attn.attend(h, k, v)[0]
+        if self.cross:
+            x = x + self.cross_attn.attend(self.ln_c(x), *memory_kv)[0]
+        return x + self.mlp(self.ln2(x))
 
 
 def text_allow(mask: Optional[torch.Tensor], t: int, causal: bool, device) -> Optional[torch.Tensor]:

@@ -12,7 +12,7 @@ A fusion module combines image features with a sequence of text-side query vecto
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -35,6 +35,15 @@ class Fusion(nn.Module):
     def forward(self, image: ImageFeatures, text: torch.Tensor, text_mask: Optional[torch.Tensor] = None,
                 causal: bool = False, need_weights: bool = False) -> FusionOutput:
         raise NotImplementedError
+
+    def init_cache(self, image: ImageFeatures) -> Dict[str, torch.Tensor]:
+        """Per-sequence state for incremental decoding (batch-first tensors); empty for stateless modules."""
+        return {}
+
+    def step(self, image: ImageFeatures, x: torch.Tensor, cache: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Fuse one new causal position x (B, 1, text_dim) given the cache (updated in place) -> (B, 1, out_dim).
+        Modules that treat positions independently need no cache: the default runs ``forward``."""
+        return self.forward(image, x).states
 
     def regularizer(self, attention: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Extra loss from the attention over a whole caption (B, T, N); zero unless a module defines one."""

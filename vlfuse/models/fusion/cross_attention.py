@@ -1,5 +1,5 @@
 """Cross-attention fusion: Transformer blocks whose text tokens attend to image grid tokens."""
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -36,3 +36,16 @@ class CrossAttentionFusion(Fusion):
             x, w = block(x, allow, memory, None, need_weights and last)
             weights = w if last else weights
         return FusionOutput(self.norm(x), weights)
+
+    def init_cache(self, image: ImageFeatures) -> Dict[str, torch.Tensor]:
+        memory = self.grid(image.grid)
+        cache = {}
+        for i, block in enumerate(self.blocks):
+            cache[f"x{i}mk"], cache[f"x{i}mv"] = block.cross_attn.keys_values(memory)
+        return cache
+
+    def step(self, image: ImageFeatures, x: torch.Tensor, cache: Dict[str, torch.Tensor]) -> torch.Tensor:
+        x = self.text_in(x)
+        for i, block in enumerate(self.blocks):
+            x = block.step(x, cache, f"x{i}s", memory_kv=(cache[f"x{i}mk"], cache[f"x{i}mv"]))
+        return self.norm(x)

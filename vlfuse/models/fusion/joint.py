@@ -1,5 +1,5 @@
 """Joint fusion: image tokens and text tokens in one self-attention stack (the "[x; y]" prefix model)."""
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -55,3 +55,18 @@ class JointFusion(Fusion):
                 weights = w[:, n:, :n]  # text -> image part, (B, T, N)
                 weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
         return FusionOutput(self.norm(x[:, n:]), weights)
+
+    def init_cache(self, image: ImageFeatures) -> Dict[str, torch.Tensor]:
+        # Image cells never attend to text, so their keys/values at every layer depend on the image alone.
+        x = self.grid(image.grid) + self.type_embed[0]  # (B, N, dim)
+        cache = {}
+        for i, block in enumerate(self.blocks):
+            cache[f"j{i}ik"], cache[f"j{i}iv"] = block.self_attn.keys_values(block.ln1(x))
+            x, _ = block(x)
+        return cache
+
+    def step(self, image: ImageFeatures, x: torch.Tensor, cache: Dict[str, torch.Tensor]) -> torch.Tensor:
+        x = self.text_in(x) + self.type_embed[1]
+        for i, block in enumerate(self.blocks):
+            x = block.step(x, cache, f"j{i}t", prefix_kv=(cache[f"j{i}ik"], cache[f"j{i}iv"]))
+        return self.norm(x)

@@ -1,0 +1,109 @@
+"""Caption speed on this CPU, in one run: encoder-only ms/image (batch 1), end-to-end caption ms/image at
+batch 1 (greedy and beam 3), batched throughput, and `vlfuse caption one.jpg` from a cold process.
+
+    python benchmarks/caption_speed.py [--model flickr8k-caption] [--images DIR] [--n 40]
+Writes benchmarks/results/caption_speed.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sample_images(directory: str, n: int):
+    d = Path(directory)
+    if (d / "val.txt").is_file():
+        names = (d / "val.txt").read_text().split()[:n]
+        return [d / "images" / x for x in names]
+    return sorted(p for p in d.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:n]
+
+
+def per_image_ms(fn, items, repeats: int = 1) -> float:
+    fn(items[0])  # warm-up
+    times = []
+    for _ in range(repeats):
+        for it in items:
+            t = time.perf_counter()
+            fn(it)
+            times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="flickr8k-caption")
+    ap.add_argument("--images", default=str(ROOT.parent / "shared/data/flickr8k"))
+    ap.add_argument("--n", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/caption_speed.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from vlfuse.data.images import load_image
+    from vlfuse.decoding import DecodeConfig
+    from vlfuse.models.captioner import Captioner
+
+    cap = Captioner.from_pretrained(args.model)
+    paths = sample_images(args.images, args.n)
+    pixels = [cap.preprocess([p]) for p in paths]
+    greedy, beam3 = DecodeConfig(strategy="greedy"), DecodeConfig(strategy="beam", beam_size=3)
+
+    enc_ms = per_image_ms(lambda x: cap.encode(x), pixels, repeats=2)
+    greedy_ms = per_image_ms(lambda p: cap.caption_features(cap.encode(cap.preprocess([p])), greedy), paths)
+    beam_ms = per_image_ms(lambda p: cap.caption_features(cap.encode(cap.preprocess([p])), beam3), paths)
+    decode_only_greedy = per_image_ms(lambda x: cap.caption_features(cap.encode(x), greedy), pixels) - enc_ms
+
+    def throughput(decode) -> float:
+        imgs = [load_image(p) for p in paths]  # decoded in memory so the figure is the model's speed
+        list(cap.caption_features(cap.encode(cap.preprocess(imgs[: args.batch_size])), decode))  # warm-up
+        t = time.perf_counter()
+        for s in range(0, len(imgs), args.batch_size):
+            cap.caption_features(cap.encode(cap.preprocess(imgs[s:s + args.batch_size])), decode)
+        return len(imgs) / (time.perf_counter() - t)
+
+    thr_greedy, thr_beam = throughput(greedy), throughput(beam3)
+
+    cold = []
+    for _ in range(3):
+        t = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "vlfuse", "caption", str(paths[0]), "--model", args.model],
+                           capture_output=True, text=True)
+        cold.append(time.perf_counter() - t)
+        assert r.returncode == 0, r.stderr
+    result = {
+        "model": args.model,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "images": len(paths),
+        "encoder_ms_per_image_batch1": round(enc_ms, 2),
+        "caption_greedy_ms_per_image_batch1": round(greedy_ms, 2),
+        "caption_beam3_ms_per_image_batch1": round(beam_ms, 2),
+        "decode_only_greedy_ms_batch1": round(decode_only_greedy, 2),
+        "greedy_over_encoder": round(greedy_ms / enc_ms, 2),
+        f"throughput_images_per_s_batch{args.batch_size}_greedy": round(thr_greedy, 1),
+        f"throughput_images_per_s_batch{args.batch_size}_beam3": round(thr_beam, 1),
+        "cold_cli_seconds_median": round(statistics.median(cold), 2),
+        "targets": {"greedy_over_encoder_max": 2.0, "throughput_min": 50, "cold_cli_seconds_max": 5.0},
+    }
+    result["meets_targets"] = {
+        "greedy_le_2x_encoder": result["greedy_over_encoder"] <= 2.0,
+        "throughput_ge_50": thr_greedy >= 50,
+        "cold_cli_lt_5s": result["cold_cli_seconds_median"] < 5.0,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
