@@ -29,7 +29,8 @@ def decode_config(args) -> DecodeConfig:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("caption", help="caption images or folders of images")
-    p.add_argument("paths", nargs="+", help="image files and/or folders")
+    p.add_argument("paths", nargs="*", help="image files and/or folders")
+    p.add_argument("--samples", action="store_true", help="also caption scikit-image's bundled sample photos")
     p.add_argument("--model", default="flickr8k-caption", help="built-in model name or checkpoint directory")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of 'path<TAB>caption'")
     p.add_argument("--batch-size", type=int, default=16)
@@ -45,6 +46,10 @@ def run(args) -> int:
     decode = decode_config(args)
     captioner = Captioner.from_pretrained(args.model, device=args.device)
     paths = list_images(args.paths)
+    if args.samples:
+        from ..data.samples import sample_photos
+
+        paths += sample_photos()
     failed = 0
     for path, result, error in captioner.caption_files(paths, decode, batch_size=args.batch_size):
         if error:

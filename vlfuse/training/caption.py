@@ -130,7 +130,7 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
         Captioner(m, tokenizer).save_pretrained(directory, training=resolved)
 
     trainer = Trainer(model, items, make_collate(train_feats), lambda net, b: net(*b), evaluate, save_best,
-                      exp.train)
+                      exp.train, lengths=[len(t) for _, t in items])
     if resume and trainer.resume():
         tqdm.write(f"resumed from {trainer.last_path} at epoch {trainer.state['epoch'] + 1}, "
                    f"step {trainer.state['global_step']}")

@@ -82,7 +82,8 @@ class Trainer:
     def __init__(self, model: nn.Module, train_items: Sequence[Any], collate: Callable[[List[Any]], Any],
                  loss_fn: Callable[[nn.Module, Any], Dict[str, torch.Tensor]],
                  evaluate_fn: Callable[[nn.Module], Dict[str, float]],
-                 save_best_fn: Callable[[nn.Module, Path], None], config: TrainConfig):
+                 save_best_fn: Callable[[nn.Module, Path], None], config: TrainConfig,
+                 lengths: Optional[Sequence[int]] = None):
         self.cfg = config
         self.device = resolve_device(config.device)
         if config.threads:
@@ -90,6 +91,7 @@ class Trainer:
         seed_everything(config.seed)
         self.model = model.to(self.device)
         self.items, self.collate = train_items, collate
+        self.lengths = lengths  # if given, batches hold items of similar length (less padding)
         self.loss_fn, self.evaluate_fn, self.save_best_fn = loss_fn, evaluate_fn, save_best_fn
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -137,9 +139,22 @@ class Trainer:
 
     # -- loop -------------------------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> List[int]:
+        """A seeded shuffle (so a resumed run replays the same order); with ``lengths``, items are sorted
+        by length inside pools of 50 batches and the batches shuffled again: similar lengths, less padding."""
         g = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
         order = torch.randperm(len(self.items), generator=g).tolist()
-        return order[self.rank::self.world]  # each rank takes its own shard
+        order = order[self.rank::self.world]  # each rank takes its own shard
+        if self.lengths is None:
+            return order
+        bs = self.cfg.batch_size
+        pool = 50 * bs
+        batches = []
+        for s in range(0, len(order), pool):
+            chunk = sorted(order[s:s + pool], key=lambda i: self.lengths[i])
+            batches += [chunk[b:b + bs] for b in range(0, len(chunk), bs)]
+        batches = [b for b in batches if len(b) == bs]  # a partial batch would misalign the ones after it
+        perm = torch.randperm(len(batches), generator=g).tolist()
+        return [i for p in perm for i in batches[p]]
 
     def _log(self, record: Dict[str, Any]) -> None:
         if not _is_main():
