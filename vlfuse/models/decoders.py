@@ -43,15 +43,18 @@ class LSTMDecoder(nn.Module):
         self.text_dim = hidden_dim
 
     def init_state(self, image: ImageFeatures) -> State:
-        return {"grid": image.grid, "pooled": image.pooled,
+        return {"grid": image.grid, "pooled": image.pooled, **self.fusion.init_cache(image),
                 "h": torch.tanh(self.init_h(image.pooled)), "c": torch.tanh(self.init_c(image.pooled))}
 
-    def _advance(self, word: torch.Tensor, state: State, need_weights: bool = False):
-        fused = self.fusion(_image_from_state(state), state["h"][:, None], need_weights=need_weights)
-        x = torch.cat([self.embed(word), fused.states[:, 0]], -1)  # (B, E + F)
+    def _advance(self, word: torch.Tensor, state: State):
+        state = dict(state)  # fusion.step extends its cache entries in the dict it is given
+        query = state["h"][:, None]  # (B, 1, H): the previous hidden state asks where to look
+        fused = self.fusion.step(_image_from_state(state), query, state)
+        context, att = fused.states, fused.attention
+        x = torch.cat([self.embed(word), context[:, 0]], -1)  # (B, E + F)
         h, c = self.cell(x, (state["h"], state["c"]))
         new = dict(state, h=h, c=c)
-        att = fused.attention[:, 0] if fused.attention is not None else None  # (B, N)
+        att = att[:, 0] if att is not None else None  # (B, N)
         return self.out(self.drop(h)), new, att
 
     def forward(self, image: ImageFeatures, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None,
@@ -59,7 +62,7 @@ class LSTMDecoder(nn.Module):
         state = self.init_state(image)
         logits, atts = [], []
         for t in range(tokens.shape[1]):
-            lg, state, att = self._advance(tokens[:, t], state, need_weights)
+            lg, state, att = self._advance(tokens[:, t], state)  # attention comes whenever the fusion attends
             logits.append(lg)
             atts.append(att)
         attention = torch.stack(atts, 1) if atts and atts[0] is not None else None  # (B, T, N)
@@ -112,7 +115,7 @@ class TransformerDecoder(nn.Module):
         t = tokens.shape[1] - 1
         x = self.embed(tokens[:, -1:]) * self.embed.embedding_dim ** 0.5 + self.pos[t:t + 1]  # (B, 1, D)
         state = dict(state)
-        x = self.fusion_out(self.fusion.step(_image_from_state(state), x, state))
+        x = self.fusion_out(self.fusion.step(_image_from_state(state), x, state).states)
         for i, block in enumerate(self.blocks):
             x = block.step(x, state, f"d{i}s")
         return F.log_softmax(self.out(self.norm(x))[:, -1], -1), state

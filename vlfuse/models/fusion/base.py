@@ -40,10 +40,10 @@ class Fusion(nn.Module):
         """Per-sequence state for incremental decoding (batch-first tensors); empty for stateless modules."""
         return {}
 
-    def step(self, image: ImageFeatures, x: torch.Tensor, cache: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def step(self, image: ImageFeatures, x: torch.Tensor, cache: Dict[str, torch.Tensor]) -> FusionOutput:
         """Fuse one new causal position x (B, 1, text_dim) given the cache (updated in place) -> (B, 1, out_dim).
         Modules that treat positions independently need no cache: the default runs ``forward``."""
-        return self.forward(image, x).states
+        return self.forward(image, x)
 
     def regularizer(self, attention: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Extra loss from the attention over a whole caption (B, T, N); zero unless a module defines one."""

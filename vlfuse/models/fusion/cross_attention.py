@@ -44,8 +44,8 @@ class CrossAttentionFusion(Fusion):
             cache[f"x{i}mk"], cache[f"x{i}mv"] = block.cross_attn.keys_values(memory)
         return cache
 
-    def step(self, image: ImageFeatures, x: torch.Tensor, cache: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def step(self, image: ImageFeatures, x: torch.Tensor, cache: Dict[str, torch.Tensor]) -> FusionOutput:
         x = self.text_in(x)
         for i, block in enumerate(self.blocks):
             x = block.step(x, cache, f"x{i}s", memory_kv=(cache[f"x{i}mk"], cache[f"x{i}mv"]))
-        return self.norm(x)
+        return FusionOutput(self.norm(x))

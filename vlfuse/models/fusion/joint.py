@@ -65,8 +65,8 @@ class JointFusion(Fusion):
             x, _ = block(x)
         return cache
 
-    def step(self, image: ImageFeatures, x: torch.Tensor, cache: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def step(self, image: ImageFeatures, x: torch.Tensor, cache: Dict[str, torch.Tensor]) -> FusionOutput:
         x = self.text_in(x) + self.type_embed[1]
         for i, block in enumerate(self.blocks):
             x = block.step(x, cache, f"j{i}t", prefix_kv=(cache[f"j{i}ik"], cache[f"j{i}iv"]))
-        return self.norm(x)
+        return FusionOutput(self.norm(x))

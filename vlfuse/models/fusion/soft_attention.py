@@ -1,5 +1,5 @@
 """Soft (additive) attention over the image grid, as in Show, Attend and Tell (Xu et al. 2015)."""
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -27,18 +27,28 @@ class SoftAttentionFusion(Fusion):
         self.text_key = nn.Linear(text_dim, attn_dim)
         self.score = nn.Linear(attn_dim, 1)
         self.gate = nn.Linear(text_dim, dim) if gate else None
-        self.value = nn.Sequential(nn.Linear(image_dim, dim), nn.Dropout(dropout))
+        self.value = nn.Linear(image_dim, dim)
+        self.drop = nn.Dropout(dropout)
         self.doubly_stochastic = doubly_stochastic
 
-    def forward(self, image: ImageFeatures, text: torch.Tensor, text_mask: Optional[torch.Tensor] = None,
-                causal: bool = False, need_weights: bool = False) -> FusionOutput:
-        keys = self.image_key(image.grid)[:, None]  # (B, 1, N, A)
-        queries = self.text_key(text)[:, :, None]  # (B, T, 1, A)
-        alpha = self.score(torch.tanh(keys + queries)).squeeze(-1).softmax(-1)  # (B, T, N)
-        context = self.value(alpha @ image.grid)  # (B, T, dim)
+    def init_cache(self, image: ImageFeatures) -> Dict[str, torch.Tensor]:
+        # Keys and values of the grid do not depend on the query: project them once per image.
+        return {"sa_keys": self.image_key(image.grid), "sa_values": self.value(image.grid)}  # (B, N, A), (B, N, dim)
+
+    def attend(self, text: torch.Tensor, cache: Dict[str, torch.Tensor]) -> FusionOutput:
+        scores = self.score(torch.tanh(cache["sa_keys"][:, None] + self.text_key(text)[:, :, None]))  # (B, T, N, 1)
+        alpha = scores.squeeze(-1).softmax(-1)  # (B, T, N)
+        context = self.drop(alpha @ cache["sa_values"])  # (B, T, dim); = value(alpha @ grid) since sum(alpha) = 1
         if self.gate is not None:
             context = torch.sigmoid(self.gate(text)) * context
         return FusionOutput(context, alpha)
+
+    def forward(self, image: ImageFeatures, text: torch.Tensor, text_mask: Optional[torch.Tensor] = None,
+                causal: bool = False, need_weights: bool = False) -> FusionOutput:
+        return self.attend(text, self.init_cache(image))
+
+    def step(self, image: ImageFeatures, x: torch.Tensor, cache: Dict[str, torch.Tensor]) -> FusionOutput:
+        return self.attend(x, cache)
 
     def regularizer(self, attention: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         if not self.doubly_stochastic:
