@@ -18,6 +18,7 @@ from ..decoding import DecodeConfig
 from ..errors import DataError
 from ..models.captioner import CaptionModel, CaptionModelConfig, Captioner
 from ..models.vision import ImageFeatures
+from .scst import SCSTConfig, make_scst_loss
 from .trainer import TrainConfig, Trainer
 
 
@@ -42,6 +43,7 @@ class CaptionExperiment:
     model: CaptionModelConfig = dataclasses.field(default_factory=CaptionModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     val_decode: DecodeConfig = dataclasses.field(default_factory=lambda: DecodeConfig(strategy="greedy"))
+    scst: SCSTConfig = dataclasses.field(default_factory=SCSTConfig)  # optional second phase: CIDEr reward
 
 
 def load_split(cfg: CaptionDataConfig, split: str, limit: int) -> CaptionSet:
@@ -135,11 +137,41 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
         tqdm.write(f"resumed from {trainer.last_path} at epoch {trainer.state['epoch'] + 1}, "
                    f"step {trainer.state['global_step']}")
     result = trainer.fit()
+    best_dir = out / "best"
+    if exp.scst.epochs:
+        result, best_dir = _scst_phase(exp, model, tokenizer, train_set, train_feats, evaluate, save_best,
+                                       result, resume)
     summary = {"best_" + exp.train.select_metric: result["best"], "best_epoch": result["best_epoch"],
                "train_images": len(train_set), "train_captions": len(items), "vocab_size": len(tokenizer),
                "skipped_images": len(bad_train) + len(bad_val),
                "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                "feature_cache_minutes": cache_minutes, "total_minutes": (time.time() - t_start) / 60,
-               "best_dir": str(out / "best")}
+               "best_dir": str(best_dir)}
     save_json(summary, out / "summary.json")
     return summary
+
+
+def _scst_phase(exp: CaptionExperiment, model: CaptionModel, tokenizer: Tokenizer, train_set: CaptionSet,
+                train_feats: torch.Tensor, evaluate, save_best, xe_result: Dict, resume: bool):
+    """Fine-tune the best cross-entropy model with self-critical training; keep it only if val improves."""
+    from ..models.checkpoint import load_weights
+
+    out = Path(exp.train.out_dir)
+    load_weights(out / "best", model, allowed_missing_prefixes=model.persistent_prefixes())
+    cfg = dataclasses.replace(exp.train, epochs=exp.scst.epochs, batch_size=exp.scst.batch_images,
+                              lr=exp.scst.lr, warmup_steps=exp.scst.warmup_steps, patience=0,
+                              out_dir=str(out / "scst"), min_lr_ratio=0.5)
+    rows = list(range(len(train_set)))
+
+    def collate(items: List[int]):
+        return train_feats[torch.tensor(items)].float(), torch.tensor(items)
+
+    trainer = Trainer(model, rows, collate, make_scst_loss(model, tokenizer, train_set.captions, exp.scst),
+                      evaluate, save_best, cfg)
+    if resume and trainer.resume():
+        tqdm.write(f"resumed SCST from {trainer.last_path}")
+    result = trainer.fit()
+    if result["best"] > xe_result["best"]:
+        return result, out / "scst" / "best"
+    tqdm.write("SCST did not beat the cross-entropy model on val; keeping the cross-entropy model")
+    return xe_result, out / "best"

@@ -1,0 +1,71 @@
+"""Self-critical sequence training (Rennie et al. 2017) for caption models, after cross-entropy training.
+
+Each image gets ``samples`` captions sampled from the model (through the one decoding module); the reward
+is each sample's CIDEr-D against the image's references (pycocoevalcap's scorer, idf over the batch) minus
+the mean reward of the other samples of the same image (the "new self-critical" baseline, no greedy pass).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..data.tokenizer import BOS, EOS, PAD, Tokenizer
+from ..decoding import DecodeConfig
+from ..errors import ConfigError
+from ..models.captioner import CaptionModel
+from ..models.vision import ImageFeatures
+
+
+@dataclasses.dataclass
+class SCSTConfig:
+    epochs: int = 0          # 0 = no SCST phase
+    samples: int = 5         # captions sampled per image
+    lr: float = 2e-5
+    batch_images: int = 32
+    max_len: int = 16
+    warmup_steps: int = 20
+
+
+def make_scst_loss(model: CaptionModel, tokenizer: Tokenizer, references: List[List[str]], cfg: SCSTConfig):
+    """loss_fn(net, (acts, image_rows)) for the shared Trainer."""
+    from pycocoevalcap.cider.cider import Cider
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise ConfigError("scst runs in a single process; start it without torchrun")
+    refs_simple = [[" ".join(tokenizer.tokenize(r)) for r in refs] for refs in references]
+    scorer = Cider()
+    sample_cfg = DecodeConfig(strategy="sample", top_p=1.0, max_len=cfg.max_len, no_repeat_ngram=0)
+
+    def loss_fn(net, batch) -> Dict[str, torch.Tensor]:
+        acts, rows = batch
+        k = cfg.samples
+        feats = model.vision.tail(acts)
+        expanded = ImageFeatures(feats.grid.repeat_interleave(k, 0), feats.pooled.repeat_interleave(k, 0))
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            sampled = [ids for ids, _ in model.generate(
+                ImageFeatures(expanded.grid.detach(), expanded.pooled.detach()), sample_cfg)]
+        model.train(was_training)
+        hyps = {str(i): [" ".join(tokenizer.vocab[t] for t in ids) or "<empty>"] for i, ids in enumerate(sampled)}
+        refs = {str(i): refs_simple[int(rows[i // k])] for i in range(len(sampled))}
+        _, scores = scorer.compute_score(refs, hyps)
+        reward = torch.tensor(scores, dtype=torch.float32).view(-1, k)  # (B, K)
+        baseline = (reward.sum(1, keepdim=True) - reward) / (k - 1)
+        advantage = (reward - baseline).view(-1).to(acts.device)
+        seqs = [[BOS] + ids + [EOS] for ids in sampled]
+        tokens = torch.nn.utils.rnn.pad_sequence([torch.tensor(s) for s in seqs], batch_first=True,
+                                                 padding_value=PAD).to(acts.device)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        logits, _ = model.decoder(expanded, inputs, inputs != PAD)
+        logp = F.log_softmax(logits, -1).gather(2, targets[..., None]).squeeze(-1)  # (B*K, T)
+        mask = (targets != PAD).float()
+        seq_logp = (logp * mask).sum(1) / mask.sum(1)
+        loss = -(advantage * seq_logp).mean()
+        return {"loss": loss, "reward": reward.mean()}
+
+    return loss_fn
