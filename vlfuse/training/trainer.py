@@ -193,7 +193,8 @@ class Trainer:
                 self.state["step_in_epoch"] = step + 1
                 seen += len(batch_idx)
                 for k, v in losses.items():
-                    running[k] = 0.98 * running.get(k, float(v)) + 0.02 * float(v)
+                    v = float(v.detach())
+                    running[k] = 0.98 * running.get(k, v) + 0.02 * v
                 bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()} | {"ex/s": f"{seen * self.world / (time.time() - t0):.0f}"})
                 bar.update(1)
                 if cfg.checkpoint_every and self.state["global_step"] % cfg.checkpoint_every == 0:
