@@ -1,0 +1,39 @@
+"""Quality of a caption model on Flickr8k val (beam 3): BLEU-1..4, METEOR, ROUGE-L, CIDEr vs the targets.
+
+    python benchmarks/caption_quality.py [--model flickr8k-caption] [--beam 3]
+Writes benchmarks/results/caption_quality.json and the generated captions next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="flickr8k-caption")
+    ap.add_argument("--data", default=str(ROOT.parent / "shared/data/flickr8k"))
+    ap.add_argument("--beam", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/caption_quality.json"))
+    args = ap.parse_args()
+    from vlfuse.decoding import DecodeConfig
+    from vlfuse.evaluation.caption import evaluate_captioner
+    from vlfuse.models.captioner import Captioner
+
+    cap = Captioner.from_pretrained(args.model)
+    decode = DecodeConfig(strategy="beam" if args.beam > 1 else "greedy", beam_size=args.beam)
+    results = str(Path(args.out).with_suffix("")) + ".captions.json"
+    m = evaluate_captioner(cap, args.data, "val", decode, results_path=results)
+    m["model"] = args.model
+    m["targets"] = {"BLEU-4": 0.22, "CIDEr": 0.55}
+    m["meets_targets"] = {"BLEU-4": m["BLEU-4"] >= 0.22, "CIDEr": m["CIDEr"] >= 0.55}
+    m["training"] = cap.extra_config.get("training", {}).get("model")
+    Path(args.out).write_text(json.dumps(m, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in m.items() if k != "training"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
