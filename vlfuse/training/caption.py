@@ -28,6 +28,7 @@ class CaptionDataConfig:
     train_split: str = "train"
     val_split: str = "val"
     captions_file: str = ""        # Flickr layout only: e.g. captions_zh.txt (default captions.txt)
+    image_root: str = ""           # Karpathy/COCO only: folder the image paths are relative to (default: the JSON's)
     min_count: int = 5             # words seen fewer times in training captions map to <unk>
     segmenter: str = "english"
     cache_dir: str = "cache/features"
@@ -45,7 +46,7 @@ class CaptionExperiment:
 
 
 def load_split(cfg: CaptionDataConfig, split: str, limit: int) -> CaptionSet:
-    extra = {"captions_file": cfg.captions_file} if cfg.captions_file else {}
+    extra = {k: v for k, v in (("captions_file", cfg.captions_file), ("image_root", cfg.image_root)) if v}
     data = read_captions(cfg.path, split=split, fmt=cfg.format, **extra)
     return data.subset(limit) if limit else data
 

@@ -178,7 +178,8 @@ class Trainer:
                 self.state["step_in_epoch"] = step + 1
                 seen += len(batch_idx)
                 for k, v in losses.items():
-                    running[k] = 0.98 * running.get(k, float(v)) + 0.02 * float(v)
+                    v = float(v.detach())
+                    running[k] = 0.98 * running.get(k, v) + 0.02 * v
                 bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()} | {"ex/s": f"{seen * self.world / (time.time() - t0):.0f}"})
                 bar.update(1)
                 if cfg.checkpoint_every and self.state["global_step"] % cfg.checkpoint_every == 0:
@@ -221,7 +222,8 @@ class Trainer:
             stop = bool(cfg.patience) and self.state["bad_epochs"] >= cfg.patience
             if stop:
                 tqdm.write(f"early stop: no {cfg.select_metric} improvement for {cfg.patience} epochs")
-        self.state.update(epoch=epoch + 1, step_in_epoch=0)
+        if self.state["step_in_epoch"] >= self.steps_per_epoch:  # a max_steps stop mid-epoch resumes mid-epoch
+            self.state.update(epoch=epoch + 1, step_in_epoch=0)
         self.save_last()
         if dist.is_initialized():
             flag = torch.tensor([int(stop)], device=self.device if self.device.type == "cuda" else "cpu")
