@@ -18,7 +18,7 @@ from ..decoding import DecodeConfig
 from ..errors import DataError
 from ..models.captioner import CaptionModel, CaptionModelConfig, Captioner
 from ..models.vision import ImageFeatures
-from .trainer import TrainConfig, Trainer
+from .trainer import TrainConfig, Trainer, seed_everything
 
 
 @dataclasses.dataclass
@@ -106,6 +106,7 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     else:
         tokenizer = Tokenizer.build((c for caps in train_set.captions for c in caps), exp.data.min_count,
                                     segmenter=exp.data.segmenter)
+    seed_everything(exp.train.seed)  # initial weights too, not only the training order, follow train.seed
     model = CaptionModel(exp.model, len(tokenizer))
     cache = FeatureCache(exp.data.cache_dir, model.vision)
     train_feats, train_set, bad_train = cached_features(cache, train_set, exp.train.progress)
