@@ -127,3 +127,13 @@ def test_train_config_typo_names_the_key(tmp_path, capsys):
     cfg = write_config(tmp_path / "task.json", {"task": "captioning"})
     assert main(["train", "--config", str(cfg)]) == 2
     assert "config key 'task' is 'captioning'" in capsys.readouterr().err
+
+
+def test_attention_map_uses_the_first_good_image(trained_run, mixed_folder, tmp_path, capsys):
+    _, good, bad = mixed_folder
+    out_png = tmp_path / "att.png"
+    code = main(["caption", str(bad["truncated"]), good[0], "--model", str(trained_run / "best"),
+                 "--attention-map", str(out_png)])
+    err = capsys.readouterr().err
+    assert code == 2 and "truncated.jpg" in err and "Traceback" not in err
+    assert Image.open(out_png).size[0] > 160
