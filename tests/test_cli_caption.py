@@ -81,7 +81,7 @@ def test_caption_cli_process_reports_bad_files_without_traceback(trained_run, mi
     folder, good, bad = mixed_folder
     env = dict(os.environ, PYTHONPATH=str(REPO), VLFUSE_THREADS="2")
     proc = subprocess.run([sys.executable, "-m", "vlfuse", "caption", str(folder), "--model", str(trained_run / "best")],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2
     assert len(proc.stdout.splitlines()) == len(good)
     assert len(proc.stderr.splitlines()) == len(bad) and "Traceback" not in proc.stderr
