@@ -1,6 +1,7 @@
 """``vlfuse caption`` on good and bad files, checkpoints round trip, bad configs, unknown models."""
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -32,10 +33,12 @@ EXPECTED_PROBLEM = {"empty": "file is empty", "truncated": "truncated or corrupt
 def test_load_image_rejects_huge_png_from_the_header(tmp_path):
     path = huge_png(tmp_path / "bomb.png")
     assert path.stat().st_size < 200
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
     t0 = time.perf_counter()
     with pytest.raises(ImageError, match=r"bomb.png: image is 30000x30000 = 900,000,000 pixels, over the limit"):
         load_image(path)
     assert time.perf_counter() - t0 < 0.2  # never decoded (decoding would allocate 2.7 GB)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 100_000
     with pytest.raises(ImageError, match="over the limit"):
         load_image(path.read_bytes())
 
