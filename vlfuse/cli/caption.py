@@ -50,21 +50,21 @@ def run(args) -> int:
         from ..data.samples import sample_photos
 
         paths += sample_photos()
-    failed = 0
+    failed, first_ok = 0, None
     for path, result, error in captioner.caption_files(paths, decode, batch_size=args.batch_size):
         if error:
             failed += 1
             print(f"vlfuse caption: error: {error}", file=sys.stderr)
             continue
+        first_ok = first_ok or path
         if args.json:
             print(json.dumps({"image": path, "caption": result.caption, "score": round(result.score, 4)},
                              ensure_ascii=False), flush=True)
         else:
             print(f"{path}\t{result.caption}", flush=True)
-    if args.attention_map and paths and failed < len(paths):
+    if args.attention_map and first_ok:
         from ..visualize import save_attention_figure
 
-        first_ok = next(p for p in paths if p.exists())
         words, att = captioner.attention_map(first_ok, decode)
         if att is None:
             print("vlfuse caption: this model's fusion module has no spatial attention to draw", file=sys.stderr)

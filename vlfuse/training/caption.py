@@ -19,7 +19,7 @@ from ..errors import DataError
 from ..models.captioner import CaptionModel, CaptionModelConfig, Captioner
 from ..models.vision import ImageFeatures
 from .scst import SCSTConfig, make_scst_loss
-from .trainer import TrainConfig, Trainer
+from .trainer import TrainConfig, Trainer, seed_everything
 
 
 @dataclasses.dataclass
@@ -29,6 +29,7 @@ class CaptionDataConfig:
     train_split: str = "train"
     val_split: str = "val"
     captions_file: str = ""        # Flickr layout only: e.g. captions_zh.txt (default captions.txt)
+    image_root: str = ""           # Karpathy/COCO only: folder the image paths are relative to (default: the JSON's)
     min_count: int = 5             # words seen fewer times in training captions map to <unk>
     segmenter: str = "english"
     cache_dir: str = "cache/features"
@@ -47,7 +48,7 @@ class CaptionExperiment:
 
 
 def load_split(cfg: CaptionDataConfig, split: str, limit: int) -> CaptionSet:
-    extra = {"captions_file": cfg.captions_file} if cfg.captions_file else {}
+    extra = {k: v for k, v in (("captions_file", cfg.captions_file), ("image_root", cfg.image_root)) if v}
     data = read_captions(cfg.path, split=split, fmt=cfg.format, **extra)
     return data.subset(limit) if limit else data
 
@@ -107,6 +108,7 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     else:
         tokenizer = Tokenizer.build((c for caps in train_set.captions for c in caps), exp.data.min_count,
                                     segmenter=exp.data.segmenter)
+    seed_everything(exp.train.seed)  # initial weights too, not only the training order, follow train.seed
     model = CaptionModel(exp.model, len(tokenizer))
     cache = FeatureCache(exp.data.cache_dir, model.vision)
     train_feats, train_set, bad_train = cached_features(cache, train_set, exp.train.progress)

@@ -237,7 +237,8 @@ class Trainer:
             stop = bool(cfg.patience) and self.state["bad_epochs"] >= cfg.patience
             if stop:
                 tqdm.write(f"early stop: no {cfg.select_metric} improvement for {cfg.patience} epochs")
-        self.state.update(epoch=epoch + 1, step_in_epoch=0)
+        if self.state["step_in_epoch"] >= self.steps_per_epoch:  # a max_steps stop mid-epoch resumes mid-epoch
+            self.state.update(epoch=epoch + 1, step_in_epoch=0)
         self.save_last()
         if dist.is_initialized():
             flag = torch.tensor([int(stop)], device=self.device if self.device.type == "cuda" else "cpu")

@@ -1,0 +1,142 @@
+"""``vlfuse caption`` on good and bad files, checkpoints round trip, bad configs, unknown models."""
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import FLICKR, REPO, bad_images, huge_png, photo, write_config
+from vlfuse.cli.main import main
+from vlfuse.data.images import load_image
+from vlfuse.errors import ImageError
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mixed")
+    names = (FLICKR / "val.txt").read_text().split()[:2]
+    good = [shutil.copy(FLICKR / "images" / n, folder / n) for n in names]
+    good.append(str(photo(folder / "synthetic.png", seed=3)))
+    return folder, sorted(str(g) for g in good), bad_images(folder)
+
+
+EXPECTED_PROBLEM = {"empty": "file is empty", "truncated": "truncated or corrupt", "text": "not a recognised image",
+                    "huge": "30000x30000"}
+
+
+def test_load_image_rejects_huge_png_from_the_header(tmp_path):
+    path = huge_png(tmp_path / "bomb.png")
+    assert path.stat().st_size < 200
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    t0 = time.perf_counter()
+    with pytest.raises(ImageError, match=r"bomb.png: image is 30000x30000 = 900,000,000 pixels, over the limit"):
+        load_image(path)
+    assert time.perf_counter() - t0 < 0.2  # never decoded (decoding would allocate 2.7 GB)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 100_000
+    with pytest.raises(ImageError, match="over the limit"):
+        load_image(path.read_bytes())
+
+
+def test_load_image_inputs(tmp_path):
+    p = photo(tmp_path / "a.jpg")
+    img = load_image(p)
+    assert img.mode == "RGB" and img.size == (96, 80)
+    assert load_image(p.read_bytes()).size == (96, 80)
+    assert load_image(np.zeros((5, 7), np.uint8)).size == (7, 5)
+    assert load_image(Image.new("L", (3, 4))).mode == "RGB"
+    with pytest.raises(ImageError, match="missing.jpg: file does not exist"):
+        load_image(tmp_path / "missing.jpg")
+    with pytest.raises(ImageError, match="is a directory"):
+        load_image(tmp_path)
+
+
+def test_caption_folder_with_bad_files(trained_run, mixed_folder, capsys):
+    folder, good, bad = mixed_folder
+    code = main(["caption", str(folder), "--model", str(trained_run / "best"), "--json", "--beam", "2"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert sorted(r["image"] for r in rows) == good
+    assert all(r["caption"].strip() and isinstance(r["score"], float) for r in rows)
+    lines = err.splitlines()
+    assert len(lines) == len(bad), err
+    for kind, path in bad.items():
+        mine = [ln for ln in lines if str(path) in ln]
+        assert len(mine) == 1, (kind, err)
+        assert mine[0].startswith("vlfuse caption: error: ") and EXPECTED_PROBLEM[kind] in mine[0]
+    assert "Traceback" not in err
+
+
+def test_caption_good_files_exit_0(trained_run, mixed_folder, capsys):
+    _, good, _ = mixed_folder
+    assert main(["caption", *good, "--model", str(trained_run / "best"), "--beam", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert [ln.split("\t")[0] for ln in out.splitlines()] == good and err == ""
+
+
+def test_caption_cli_process_reports_bad_files_without_traceback(trained_run, mixed_folder):
+    folder, good, bad = mixed_folder
+    env = dict(os.environ, PYTHONPATH=str(REPO), VLFUSE_THREADS="2")
+    proc = subprocess.run([sys.executable, "-m", "vlfuse", "caption", str(folder), "--model", str(trained_run / "best")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    assert len(proc.stdout.splitlines()) == len(good)
+    assert len(proc.stderr.splitlines()) == len(bad) and "Traceback" not in proc.stderr
+
+
+def test_unknown_model_and_missing_input(capsys, tmp_path):
+    assert main(["caption", str(photo(tmp_path / "a.jpg")), "--model", "no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vlfuse caption: error: unknown model 'no-such-model'") and len(err.splitlines()) == 1
+    assert main(["caption", str(tmp_path / "empty_dir_does_not_exist.jpg"), "--model", str(tmp_path)]) == 2
+    assert "not a vlfuse checkpoint directory" in capsys.readouterr().err
+
+
+def test_checkpoint_round_trip_gives_identical_captions(trained_run, mixed_folder, tmp_path):
+    from vlfuse.models.captioner import Captioner
+
+    _, good, _ = mixed_folder
+    cap = Captioner.from_pretrained(trained_run / "best")
+    pil = Image.open(good[0])
+    first = cap([*good, pil], beam_size=2)
+    assert first[0] == first[-1]  # a path and the same image as a PIL object caption alike
+    for half in (False, True):
+        out = cap.save_pretrained(tmp_path / f"copy{half}", half=half)
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "vocab.json"]
+        again = Captioner.from_pretrained(out)
+        assert again([*good, pil], beam_size=2) == first
+    full = {k: v for k, v in cap.model.state_dict().items()}
+    reloaded = Captioner.from_pretrained(tmp_path / "copyFalse").model.state_dict()
+    assert all((full[k] == reloaded[k]).all() for k in full)
+    # the frozen pretrained stem is rebuilt from its package, not stored: the checkpoint stays small
+    assert (tmp_path / "copyTrue" / "model.safetensors").stat().st_size < 1_000_000
+
+
+def test_train_config_typo_names_the_key(tmp_path, capsys):
+    cfg = write_config(tmp_path / "bad.json", {"task": "caption", "train": {"epochs": 1, "bacth_size": 8}})
+    assert main(["train", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()]
+    assert "unknown config key 'train.bacth_size'" in err and "Did you mean 'train.batch_size'" in err
+    assert main(["train", "--config", str(cfg), "train.bacth_size=1", "model.fusion.nme=x"]) == 2
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file" in capsys.readouterr().err
+    cfg = write_config(tmp_path / "task.json", {"task": "captioning"})
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "config key 'task' is 'captioning'" in capsys.readouterr().err
+
+
+def test_attention_map_uses_the_first_good_image(trained_run, mixed_folder, tmp_path, capsys):
+    _, good, bad = mixed_folder
+    out_png = tmp_path / "att.png"
+    code = main(["caption", str(bad["truncated"]), good[0], "--model", str(trained_run / "best"),
+                 "--attention-map", str(out_png)])
+    err = capsys.readouterr().err
+    assert code == 2 and "truncated.jpg" in err and "Traceback" not in err
+    assert Image.open(out_png).size[0] > 160

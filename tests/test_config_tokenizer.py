@@ -1,0 +1,82 @@
+"""Typed configs (unknown keys, overrides, types) and the word tokenizer."""
+import pytest
+
+from vlfuse.config import apply_overrides, from_dict, read_config_file, to_dict
+from vlfuse.data.tokenizer import BOS, EOS, PAD, UNK, Tokenizer
+from vlfuse.errors import ConfigError
+from vlfuse.training.caption import CaptionExperiment
+
+
+def test_unknown_key_is_named_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.epochz'\. Did you mean 'train.epochs'\?"):
+        from_dict(CaptionExperiment, {"train": {"epochz": 3}})
+    with pytest.raises(ConfigError, match=r"unknown config key 'data.pth'.*Did you mean 'data.path'"):
+        from_dict(CaptionExperiment, {"data": {"pth": "x"}})
+
+
+def test_overrides_and_round_trip():
+    raw = apply_overrides({"train": {"epochs": 2}}, ["train.epochs=5", "train.lr=1e-3", "model.fusion.name=concat",
+                                                     "model.fusion.dim=64", "train.amp=false", "data.path=/d"])
+    exp = from_dict(CaptionExperiment, raw)
+    assert exp.train.epochs == 5 and exp.train.lr == pytest.approx(1e-3) and exp.train.amp is False
+    assert exp.model.fusion.name == "concat" and exp.model.fusion.kwargs == {"dim": 64}
+    assert exp.data.path == "/d"
+    assert to_dict(from_dict(CaptionExperiment, to_dict(exp))) == to_dict(exp)
+    with pytest.raises(ConfigError, match="must look like key.sub=value"):
+        apply_overrides({}, ["train.epochs"])
+
+
+@pytest.mark.parametrize("section,value,match", [
+    ({"train": {"epochs": "many"}}, None, r"'train.epochs' must be a number, got 'many'"),
+    ({"train": {"amp": "maybe"}}, None, r"'train.amp' must be true or false"),
+    ({"train": {"lr": -1}}, None, r"train.lr must be positive"),
+    ({"train": 5}, None, r"section 'train' must be a mapping"),
+    ({"model": {"fusion": {"dim": 3}}}, None, r"'model.fusion' must be a part name or a mapping with a 'name' key"),
+])
+def test_type_errors(section, value, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(CaptionExperiment, section)
+
+
+def test_bad_part_option_is_named():
+    from vlfuse.models.captioner import CaptionModel, CaptionModelConfig
+
+    cfg = from_dict(CaptionModelConfig, {"vision": {"name": "small-cnn", "image_size": 32},
+                                         "fusion": {"name": "concat", "dimm": 8}})
+    with pytest.raises(ConfigError, match=r"fusion module 'concat' has no option 'dimm'.*Did you mean 'dim'"):
+        CaptionModel(cfg, 20)
+    with pytest.raises(ConfigError, match=r"unknown fusion module 'cross-atention'.*Did you mean 'cross-attention'"):
+        CaptionModel(from_dict(CaptionModelConfig, {"vision": "small-cnn", "fusion": "cross-atention"}), 20)
+
+
+def test_config_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("train:\n  epochs: 3\n")
+    assert read_config_file(tmp_path / "a.yaml") == {"train": {"epochs": 3}}
+    (tmp_path / "b.yaml").write_text("train: [epochs: 3\n")
+    with pytest.raises(ConfigError, match="could not be parsed"):
+        read_config_file(tmp_path / "b.yaml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_config_file(tmp_path / "none.yaml")
+
+
+def test_tokenizer_build_encode_decode_save(tmp_path):
+    tok = Tokenizer.build(["A dog runs.", "a dog sits", "A cat's toy!", "the dog"], min_count=2)
+    assert tok.vocab[:4] == ["<pad>", "<bos>", "<eos>", "<unk>"]
+    assert tok.vocab[4:] == ["a", "dog"]  # by count, ties alphabetical; words seen once are dropped (min_count 2)
+    ids = tok.encode("A DOG, flies", max_len=0)
+    assert ids == [BOS, tok.index["a"], tok.index["dog"], UNK, EOS]
+    assert tok.encode("a dog a dog a dog", max_len=3) == [BOS, tok.index["a"], tok.index["dog"], tok.index["a"], EOS]
+    assert tok.decode(ids) == "a dog"  # <unk> and specials are dropped
+    assert tok.decode([tok.index["dog"], EOS, tok.index["a"]]) == "dog"  # stops at <eos>
+    assert PAD == 0
+    tok.save(tmp_path)
+    back = Tokenizer.load(tmp_path)
+    assert back.vocab == tok.vocab and back.encode("a dog") == tok.encode("a dog")
+    with pytest.raises(ConfigError, match="no vocab.json"):
+        Tokenizer.load(tmp_path / "missing")
+
+
+def test_chinese_segmenter():
+    tok = Tokenizer.build(["一只狗在跑。", "一只猫"], min_count=1, segmenter="chinese-char")
+    assert tok.decode(tok.encode("一只狗")) == "一只狗"
+    assert tok.tokenize("两只dog!") == ["两", "只", "dog"]

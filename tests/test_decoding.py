@@ -1,0 +1,127 @@
+"""Decoding (vlfuse.decoding): greedy == beam 1, batched == unbatched, n-gram blocking, max_len, top-p."""
+import math
+
+import pytest
+import torch
+
+from vlfuse.decoding import DecodeConfig, generate
+from vlfuse.errors import ConfigError
+
+PAD, BOS, EOS = 0, 1, 2
+V = 10  # 0 pad, 1 bos, 2 eos, 3 unk, 4..9 words
+
+
+def table_step(table):
+    """A toy model: next-token probabilities depend only on the last token (``table[last] -> {token: p}``)."""
+    def step(tokens, state):
+        rows = []
+        for last in tokens[:, -1].tolist():
+            p = torch.full((V,), 1e-6)
+            for tok, prob in table.get(last, table.get("default", {})).items():
+                p[tok] = prob
+            rows.append((p / p.sum()).log())
+        return torch.stack(rows), state
+    return step
+
+
+def state_for(batch):
+    return {"x": torch.zeros(batch, 1)}
+
+
+def test_beam_finds_a_better_sequence_than_greedy():
+    # greedy takes the likelier first word (4) and is then stuck with a flat continuation;
+    # beam 2 keeps word 5, which ends the caption with probability 0.9
+    table = {BOS: {4: 0.6, 5: 0.4},
+             4: {EOS: 0.25, 6: 0.15, 7: 0.15, 8: 0.15, 9: 0.15, 3: 0.15},
+             5: {EOS: 0.9, 6: 0.1},
+             "default": {EOS: 1.0}}
+    step = table_step(table)
+    (g_ids, g_score), = generate(step, state_for(1), 1, DecodeConfig(strategy="greedy", no_repeat_ngram=0))
+    (b_ids, b_score), = generate(step, state_for(1), 1, DecodeConfig(strategy="beam", beam_size=2, no_repeat_ngram=0))
+    assert g_ids == [4] and g_score == pytest.approx(math.log(0.6) + math.log(0.25), abs=1e-4)
+    assert b_ids == [5] and b_score == pytest.approx(math.log(0.4) + math.log(0.9), abs=1e-4)
+    assert b_score > g_score
+    (b1_ids, b1_score), = generate(step, state_for(1), 1, DecodeConfig(strategy="beam", beam_size=1, no_repeat_ngram=0))
+    assert (b1_ids, b1_score) == (g_ids, pytest.approx(g_score, abs=1e-6))
+
+
+def test_max_len_is_respected_by_every_strategy():
+    step = table_step({"default": {4: 0.5, 5: 0.3, EOS: 0.01}})  # never wants to stop
+    for cfg in [DecodeConfig(strategy="greedy", max_len=5, no_repeat_ngram=0),
+                DecodeConfig(strategy="beam", beam_size=3, max_len=5, no_repeat_ngram=0),
+                DecodeConfig(strategy="sample", max_len=5, seed=1, no_repeat_ngram=0, top_p=1.0)]:
+        out = generate(step, state_for(4), 4, cfg)
+        assert [len(ids) for ids, _ in out] == [5] * 4, cfg.strategy
+    assert generate(step, state_for(1), 1, DecodeConfig(strategy="greedy", max_len=5, no_repeat_ngram=0))[0][0] == [4] * 5
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+def test_ngram_blocking_really_blocks(strategy):
+    # the toy model loves the loop 4 5 4 5 ...; with no_repeat_ngram=2 no bigram may occur twice
+    step = table_step({BOS: {4: 0.9, 6: 0.1}, 4: {5: 0.9, 6: 0.1}, 5: {4: 0.9, 7: 0.1},
+                       "default": {4: 0.4, 5: 0.3, 8: 0.2, 9: 0.1}})
+    base = dict(strategy=strategy, max_len=10, seed=0, top_p=0.5)
+    free, = generate(step, state_for(1), 1, DecodeConfig(no_repeat_ngram=0, **base))
+    assert free[0][:6] == [4, 5, 4, 5, 4, 5]
+    for n in (2, 3):
+        ids, _ = generate(step, state_for(1), 1, DecodeConfig(no_repeat_ngram=n, **base))[0]
+        grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+        assert len(grams) == len(set(grams)), (n, ids)
+        assert len(ids) >= 3  # blocking changes the continuation, it does not just stop decoding
+
+
+def test_top_p_is_reproducible_and_stays_in_the_nucleus():
+    # words 4..7 with p = .5 .3 .15 .05: top_p 0.7 keeps {4, 5}; top_p 0.85 keeps {4, 5, 6}
+    step = table_step({BOS: {4: 0.5, 5: 0.3, 6: 0.15, 7: 0.05}, "default": {EOS: 1.0}})
+    cfg = DecodeConfig(strategy="sample", top_p=0.7, max_len=1, seed=123, no_repeat_ngram=0)
+    first = [ids[0] for ids, _ in generate(step, state_for(400), 400, cfg)]
+    again = [ids[0] for ids, _ in generate(step, state_for(400), 400, cfg)]
+    assert first == again
+    assert set(first) == {4, 5}
+    assert 0.55 < first.count(4) / 400 < 0.70  # renormalised nucleus: 0.5 / 0.8 = 0.625
+    other_seed = [ids[0] for ids, _ in generate(step, state_for(400), 400, DecodeConfig(**{**cfg.__dict__, "seed": 7}))]
+    assert other_seed != first
+    wider = DecodeConfig(strategy="sample", top_p=0.85, max_len=1, seed=1, no_repeat_ngram=0)
+    assert set(ids[0] for ids, _ in generate(step, state_for(400), 400, wider)) == {4, 5, 6}
+
+
+def test_decode_config_rejects_bad_values():
+    for bad in [dict(strategy="nucleus"), dict(beam_size=0), dict(max_len=0), dict(top_p=0.0), dict(temperature=0)]:
+        with pytest.raises(ConfigError):
+            DecodeConfig(**bad)
+
+
+# -- on a real (tiny, trained) caption model ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_and_features(trained_run):
+    from conftest import FLICKR
+
+    from vlfuse.models.captioner import Captioner
+
+    cap = Captioner.from_pretrained(trained_run / "best")
+    names = (FLICKR / "val.txt").read_text().split()[:5]
+    feats = cap.encode(cap.preprocess([FLICKR / "images" / n for n in names]))
+    return cap, feats
+
+
+@pytest.mark.parametrize("ngram", [0, 3])
+def test_greedy_equals_beam_width_1_on_a_real_model(model_and_features, ngram):
+    cap, feats = model_and_features
+    greedy = cap.model.generate(feats, DecodeConfig(strategy="greedy", no_repeat_ngram=ngram))
+    beam1 = cap.model.generate(feats, DecodeConfig(strategy="beam", beam_size=1, no_repeat_ngram=ngram))
+    assert [ids for ids, _ in greedy] == [ids for ids, _ in beam1]
+    assert [s for _, s in greedy] == pytest.approx([s for _, s in beam1], abs=1e-4)
+    assert all(len(ids) >= 1 for ids, _ in greedy)
+
+
+def test_batched_beam_search_equals_unbatched(model_and_features):
+    cap, feats = model_and_features
+    cfg = DecodeConfig(strategy="beam", beam_size=3)
+    batched = cap.model.generate(feats, cfg)
+    single = [cap.model.generate(feats.index_select(torch.tensor([i])), cfg)[0] for i in range(len(batched))]
+    assert [ids for ids, _ in batched] == [ids for ids, _ in single]
+    assert [s for _, s in batched] == pytest.approx([s for _, s in single], abs=1e-4)
+    # and beam search never scores below greedy on the same model
+    greedy = cap.model.generate(feats, DecodeConfig(strategy="greedy"))
+    assert all(b >= g - 1e-4 for (_, b), (_, g) in zip(batched, greedy))

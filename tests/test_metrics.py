@@ -1,0 +1,52 @@
+"""Caption metrics through pycocoevalcap: keys, sane values, SPICE reported unavailable."""
+import shutil
+
+import pytest
+
+from vlfuse.evaluation.caption_metrics import score_captions
+
+REFS = {
+    "1.jpg": ["a black dog runs across the green grass", "a dog is running on the grass",
+              "the black dog runs through a field"],
+    "2.jpg": ["two children play with a ball on the beach", "kids playing ball at the beach",
+              "two young kids play on the sand with a ball"],
+    "3.jpg": ["a man rides a bicycle down the street", "a cyclist on a city street",
+              "a person riding a bike on the road"],
+}
+KEYS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
+
+
+UNRELATED = {"1.jpg": "a plate of food on a wooden table", "2.jpg": "an old clock tower at night",
+             "3.jpg": "three cats sleeping in a box"}
+
+
+def test_all_keys_with_the_standard_ptb_tokenizer():
+    # one full COCO evaluation (METEOR starts a JVM that loads its paraphrase table: the slow part)
+    if shutil.which("java") is None:
+        pytest.skip("the PTB tokenizer and METEOR need Java")
+    same = score_captions(REFS, {k: v[0] for k, v in REFS.items()})
+    assert [k for k in KEYS if isinstance(same.get(k), float)] == KEYS, same
+    assert same["images"] == 3
+    assert "SPICE" in same["unavailable"] and "unavailable" in same["unavailable"]["SPICE"]
+    assert "SPICE" not in same or not isinstance(same["SPICE"], float)
+    assert same["BLEU-1"] > 0.95 and same["BLEU-4"] > 0.9 and same["ROUGE-L"] > 0.9 and same["METEOR"] > 0.5
+    assert same["CIDEr"] > 2.0  # pycocoevalcap's scale (x10 tf-idf): a copy of a reference scores high
+
+
+def test_identical_hypotheses_score_high_and_unrelated_low():
+    metrics = ("BLEU", "ROUGE-L", "CIDEr")
+    same = score_captions(REFS, {k: v[0] for k, v in REFS.items()}, metrics=metrics, tokenizer="simple")
+    other = score_captions(REFS, UNRELATED, metrics=metrics, tokenizer="simple")
+    keys = [k for k in KEYS if k != "METEOR"]
+    assert same["BLEU-1"] > 0.95 and same["BLEU-4"] > 0.9 and same["ROUGE-L"] > 0.9 and same["CIDEr"] > 2.0
+    assert other["BLEU-4"] < 0.01 and other["CIDEr"] < 0.1 and other["ROUGE-L"] < 0.35
+    for k in keys:
+        assert 0.0 <= other[k] < same[k]
+    assert "SPICE" in other["unavailable"]
+
+
+def test_metric_subset_and_unmatched_keys():
+    scores = score_captions(REFS, {"1.jpg": "a dog runs on the grass", "missing.jpg": "x"}, metrics=("BLEU", "CIDEr"),
+                            tokenizer="simple")
+    assert scores["images"] == 1 and "METEOR" not in scores and "ROUGE-L" not in scores
+    assert 0.5 < scores["BLEU-1"] <= 1.0

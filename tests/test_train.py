@@ -1,0 +1,88 @@
+"""Caption training through ``vlfuse.cli.main.main``: best checkpoint, resume after a stop, bad images,
+and 2-process data-parallel training (gloo on CPU)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+
+from conftest import FLICKR, REPO, bad_images, tiny_config, write_config
+from vlfuse.cli.main import main
+from vlfuse.models.captioner import Captioner
+
+
+def records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_writes_a_loadable_best_checkpoint(trained_run):
+    assert sorted(p.name for p in (trained_run / "best").iterdir()) == ["config.json", "model.safetensors", "vocab.json"]
+    hist = records(trained_run)
+    assert [h["epoch"] for h in hist] == [1, 2] and [h["step"] for h in hist] == [7, 14]  # 120 captions / 16
+    assert hist[1]["train_loss"] < hist[0]["train_loss"]
+    assert all(0 <= h["val_CIDEr"] for h in hist) and sum(h["best"] for h in hist) >= 1
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert summary["train_images"] == 24 and summary["train_captions"] == 120 and summary["skipped_images"] == 0
+    assert summary["best_CIDEr"] == max(h["val_CIDEr"] for h in hist)
+    config = json.loads((trained_run / "best" / "config.json").read_text())
+    assert config["task"] == "caption" and config["training"]["data"]["train_limit"] == 24
+    cap = Captioner.from_pretrained(trained_run / "best")
+    text = cap(str(FLICKR / "images" / (FLICKR / "val.txt").read_text().split()[0]), strategy="greedy")
+    assert isinstance(text, str) and text.strip() and all(w in cap.tokenizer.index for w in text.split())
+    assert (trained_run / "last.pt").is_file() and (trained_run / "curves.png").stat().st_size > 1000
+
+
+def test_resume_continues_from_last_checkpoint(tmp_path, feature_cache, trained_run):
+    cfg = write_config(tmp_path / "c.json", tiny_config(tmp_path, feature_cache))
+    assert main(["train", "--config", str(cfg), "train.max_steps=3"]) == 0  # stopped ("killed") mid-epoch 1
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["state"]
+    assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == (3, 0, 3)
+    assert main(["train", "--config", str(cfg), "--resume"]) == 0
+    hist = records(tmp_path / "run")
+    assert [h["step"] for h in hist] == [3, 7, 14]  # continued at step 4, not from scratch
+    # same data order, RNG, optimizer state and schedule: the same weights as the uninterrupted run
+    resumed = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
+    straight = torch.load(trained_run / "last.pt", weights_only=False)["model"]
+    assert all(torch.allclose(resumed[k], straight[k], atol=1e-5) for k in straight)
+
+
+def test_training_skips_and_counts_bad_images(tmp_path, feature_cache):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    names = (FLICKR / "train.txt").read_text().split()[:10]
+    for n in names:
+        shutil.copy(FLICKR / "images" / n, data / "images" / n)
+    bad = bad_images(tmp_path / "bad")
+    for kind in ("empty", "truncated", "text"):
+        shutil.copy(bad[kind], data / "images" / f"{kind}.jpg")
+    extra = ["empty.jpg", "truncated.jpg", "text.jpg", "missing.jpg"]
+    lines = [f"{n}\ta photo of something number {i}" for i, n in enumerate(names + extra) for _ in range(2)]
+    (data / "captions.txt").write_text("\n".join(lines) + "\n")
+    (data / "train.txt").write_text("\n".join(names[:8] + extra) + "\n")
+    (data / "val.txt").write_text("\n".join(names[8:] + ["missing.jpg"]) + "\n")
+    config = tiny_config(tmp_path, feature_cache, epochs=1)
+    config["data"].update(path=str(data), train_limit=0, val_limit=0)
+    cfg = write_config(tmp_path / "c.json", config)
+    assert main(["train", "--config", str(cfg)]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["skipped_images"] == 5 and summary["train_images"] == 8 and summary["train_captions"] == 16
+    assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
+
+
+def test_two_process_data_parallel_training(tmp_path, feature_cache):
+    cfg = write_config(tmp_path / "c.json", tiny_config(tmp_path, feature_cache, threads=1))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "vlfuse", "train", "--config", str(cfg)],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    hist = records(run)
+    assert [h["epoch"] for h in hist] == [1, 2]  # rank 0 alone logs and checkpoints
+    assert [h["step"] for h in hist] == [3, 6]  # 120 captions / (16 x 2 processes)
+    assert proc.stdout.count('"best_dir"') == 1  # one summary, from rank 0
+    assert sorted(p.name for p in run.iterdir()) == ["best", "config.resolved.json", "curves.png", "last.pt",
+                                                     "metrics.jsonl", "summary.json", "vocab.json"]
+    Captioner.from_pretrained(run / "best")
