@@ -134,7 +134,7 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
         Captioner(m, tokenizer).save_pretrained(directory, training=resolved)
 
     trainer = Trainer(model, items, make_collate(train_feats), lambda net, b: net(*b), evaluate, save_best,
-                      exp.train, lengths=[len(t) for _, t in items])
+                      exp.train, lengths=[len(t) for _, t in items], frozen_prefixes=model.persistent_prefixes())
     if resume and trainer.resume():
         tqdm.write(f"resumed from {trainer.last_path} at epoch {trainer.state['epoch'] + 1}, "
                    f"step {trainer.state['global_step']}")
@@ -169,7 +169,7 @@ def _scst_phase(exp: CaptionExperiment, model: CaptionModel, tokenizer: Tokenize
         return train_feats[torch.tensor(items)].float(), torch.tensor(items)
 
     trainer = Trainer(model, rows, collate, make_scst_loss(model, tokenizer, train_set.captions, exp.scst),
-                      evaluate, save_best, cfg)
+                      evaluate, save_best, cfg, frozen_prefixes=model.persistent_prefixes())
     if resume and trainer.resume():
         tqdm.write(f"resumed SCST from {trainer.last_path}")
     result = trainer.fit()

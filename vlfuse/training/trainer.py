@@ -83,7 +83,7 @@ class Trainer:
                  loss_fn: Callable[[nn.Module, Any], Dict[str, torch.Tensor]],
                  evaluate_fn: Callable[[nn.Module], Dict[str, float]],
                  save_best_fn: Callable[[nn.Module, Path], None], config: TrainConfig,
-                 lengths: Optional[Sequence[int]] = None):
+                 lengths: Optional[Sequence[int]] = None, frozen_prefixes: Sequence[str] = ()):
         self.cfg = config
         self.device = resolve_device(config.device)
         if config.threads:
@@ -92,6 +92,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.items, self.collate = train_items, collate
         self.lengths = lengths  # if given, batches hold items of similar length (less padding)
+        self.frozen_prefixes = tuple(frozen_prefixes)  # weights the model rebuilds itself: not in last.pt
         self.loss_fn, self.evaluate_fn, self.save_best_fn = loss_fn, evaluate_fn, save_best_fn
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -122,16 +123,26 @@ class Trainer:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         tmp = self.last_path.with_suffix(".pt.tmp")
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        torch.save({"model": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
                     "state": self.state, "torch_rng": torch.get_rng_state()}, tmp)
         tmp.replace(self.last_path)  # atomic: a kill leaves the previous checkpoint intact
+
+    def _trainable_state(self) -> Dict[str, torch.Tensor]:
+        return {k: v for k, v in self.model.state_dict().items()
+                if not (self.frozen_prefixes and k.startswith(self.frozen_prefixes))}
 
     def resume(self) -> bool:
         """Load ``last.pt`` from out_dir if present; returns whether training resumes."""
         if not self.last_path.is_file():
             return False
         ckpt = torch.load(self.last_path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(ckpt["model"])
+        state = {k: v for k, v in ckpt["model"].items()
+                 if not (self.frozen_prefixes and k.startswith(self.frozen_prefixes))}
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not (self.frozen_prefixes and k.startswith(self.frozen_prefixes))]
+        if missing or unexpected:
+            raise ConfigError(f"{self.last_path} does not match this model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}); use another train.out_dir or delete it")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = ckpt["state"]
         torch.set_rng_state(ckpt["torch_rng"].cpu())
@@ -168,8 +179,8 @@ class Trainer:
         net = self.ddp or self.model
         amp = cfg.amp and self.device.type == "cuda"
         start_epoch = self.state["epoch"]
-        stop = False
-        for epoch in range(start_epoch, cfg.epochs):
+        stop = bool(self.state.get("stopped"))  # a resumed run that had stopped early stays stopped
+        for epoch in range(start_epoch, cfg.epochs if not stop else start_epoch):
             self.model.train()
             order = self._epoch_order(epoch)
             skip = self.state["step_in_epoch"]
@@ -237,6 +248,7 @@ class Trainer:
             stop = bool(cfg.patience) and self.state["bad_epochs"] >= cfg.patience
             if stop:
                 tqdm.write(f"early stop: no {cfg.select_metric} improvement for {cfg.patience} epochs")
+                self.state["stopped"] = True
         if self.state["step_in_epoch"] >= self.steps_per_epoch:  # a max_steps stop mid-epoch resumes mid-epoch
             self.state.update(epoch=epoch + 1, step_in_epoch=0)
         self.save_last()
