@@ -38,9 +38,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     try:
-        import uvicorn
-
         from ..serving.app import create_app
+        from ..serving.server import run_server
     except ImportError as exc:  # fastapi/uvicorn are the optional "serve" extra
         print(f"vlfuse serve: error: {exc.name} is not installed; pip install 'vlfuse[serve]'", file=sys.stderr)
         return 2
@@ -66,8 +65,10 @@ def run(args) -> int:
     auth = f"{len(keys)} API key(s)" if keys.enabled else "no API keys (loopback only)"
     print(f"vlfuse serve: {', '.join(loaded)} loaded; {auth}; http://{args.host}:{args.port}/", file=sys.stderr,
           flush=True)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=int(settings.request_timeout_s) + 5, access_log=False)
-    server = uvicorn.Server(config)
-    server.run()
-    return 0 if server.started else 2
+    started = run_server(app, args.host, args.port, grace_s=settings.request_timeout_s + 5,
+                         log_level=args.log_level)
+    if not started:
+        print(f"vlfuse serve: error: could not listen on {args.host}:{args.port} (is the port in use?)",
+              file=sys.stderr)
+        return 2
+    return 0
