@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
-from starlette.concurrency import run_in_threadpool
+import anyio
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -212,8 +212,9 @@ def sniff_image_type(data: bytes) -> Optional[str]:
     return None
 
 
-async def read_image_upload(upload: Any, settings: ServeSettings, field: str = "image"):
-    """An uploaded file -> decoded RGB PIL image, or ServiceError 400/413/415."""
+async def read_image_upload(upload: Any, settings: ServeSettings, offload, field: str = "image"):
+    """An uploaded file -> decoded RGB PIL image (decoded by ``offload``, off the event loop), or ServiceError
+    400/413/415."""
     if not isinstance(upload, StarletteUploadFile):
         raise ServiceError(422, "invalid_parameter", f"{field}: must be an uploaded file (multipart/form-data)")
     data = await upload.read(settings.max_upload_bytes + 1)
@@ -228,7 +229,7 @@ async def read_image_upload(upload: Any, settings: ServeSettings, field: str = "
                            f"{name}: not a supported image type (content-type {upload.content_type or 'unknown'}); "
                            f"send {ACCEPTED_TYPES}")
     try:
-        return await run_in_threadpool(load_image, data, settings.max_pixels)
+        return await offload(load_image, data, settings.max_pixels)
     except ImageError as exc:  # name the upload, not "<N bytes>"
         raise _library_error(type(exc)(str(exc).replace(f"<{len(data)} bytes>", name))) from None
 
@@ -292,7 +293,12 @@ def create_app(models: ServiceModels, settings: Optional[ServeSettings] = None,
     metrics = ServiceMetrics()
     for task, ok in models.loaded().items():
         metrics.model_loaded.set(1.0 if ok else 0.0, model=task)
-    state: Dict[str, Any] = {"ready": False, "batchers": {}}
+    state: Dict[str, Any] = {"ready": False, "batchers": {}, "limiter": None}
+
+    async def offload(fn, *args):
+        """Run CPU work (image decoding, preprocessing, thumbnails) in a worker thread; a few at a time, so
+        bursts of uploads neither oversubscribe the cores nor multiply memory."""
+        return await anyio.to_thread.run_sync(fn, *args, limiter=state["limiter"])
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -315,6 +321,7 @@ def create_app(models: ServiceModels, settings: Optional[ServeSettings] = None,
         for b in batchers.values():
             b.start()
         state["batchers"] = batchers
+        state["limiter"] = anyio.CapacityLimiter(settings.image_workers)
         state["ready"] = True
         try:
             yield
@@ -390,10 +397,10 @@ def create_app(models: ServiceModels, settings: Optional[ServeSettings] = None,
                       beam: int = Form(3, ge=1, le=settings.max_beam, description="beam width (1 = greedy)"),
                       max_len: int = Form(20, ge=1, le=50, description="at most this many words")):
         b = batcher("caption")
-        picture = await read_image_upload(image, settings)
+        picture = await read_image_upload(image, settings, offload)
 
         async def work():
-            pixels = await run_in_threadpool(models.caption_pixels, picture)
+            pixels = await offload(models.caption_pixels, picture)
             return await b.submit(pixels, key=(beam, max_len))
 
         result = await within_timeout(work())
@@ -413,7 +420,7 @@ def create_app(models: ServiceModels, settings: Optional[ServeSettings] = None,
         if len(question) > settings.max_question_chars:
             raise ServiceError(422, "invalid_parameter", f"question: is {len(question)} characters long, over the "
                                f"limit of {settings.max_question_chars}")
-        picture = await read_image_upload(image, settings)
+        picture = await read_image_upload(image, settings, offload)
         ans = await within_timeout(b.submit((picture, question), key=top_k))
         return {"question": question, "answer": ans.answer, "probability": float(ans.probability),
                 "top": [{"answer": a, "probability": float(p)} for a, p in ans.top],
@@ -453,7 +460,7 @@ def create_app(models: ServiceModels, settings: Optional[ServeSettings] = None,
             if "image" not in form:
                 raise ServiceError(422, "invalid_parameter", "image: this field is required")
             k = _check_k(form.get("k", 5), settings)
-            query = await read_image_upload(form["image"], settings)
+            query = await read_image_upload(form["image"], settings, offload)
             kind, echo = "image", {"image": getattr(form["image"], "filename", None) or "image", "k": k}
         else:
             raise ServiceError(415, "unsupported_media_type", "send application/json {\"text\": ..., \"k\": ...} "
@@ -471,7 +478,7 @@ def create_app(models: ServiceModels, settings: Optional[ServeSettings] = None,
         if not models.in_index(path):
             raise ServiceError(404, "not_found", "no such image in the index (thumbnails are served only for "
                                "indexed images)")
-        data = await run_in_threadpool(models.thumbnail, path)
+        data = await offload(models.thumbnail, path)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     return app

@@ -30,10 +30,11 @@ class ServeSettings:
     batch_wait_ms: float = 5.0                 # how long the first request of a batch waits for company
     max_batch_size: int = 16
     thumbnail_size: int = 192
+    image_workers: int = 2                     # threads decoding/preprocessing uploads at once
 
     def __post_init__(self):
         for name in ("max_upload_bytes", "max_pixels", "max_question_chars", "max_query_chars", "max_k",
-                     "max_beam", "max_top_k", "max_batch_size", "thumbnail_size"):
+                     "max_beam", "max_top_k", "max_batch_size", "thumbnail_size", "image_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.request_timeout_s <= 0:
