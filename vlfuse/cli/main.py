@@ -16,6 +16,7 @@ COMMANDS = {
     "train": "train",
     "evaluate": "evaluate",
     "models": "models",
+    "vqa": "vqa",
 }
 
 
