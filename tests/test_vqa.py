@@ -171,7 +171,8 @@ def test_score_answers_splits_yes_no_and_other(tmp_path):
 
 
 # -- user-facing API ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("question,match", [("", "empty"), ("   \n", "empty"), ("why " * 300, "over the limit of 1,000")])
+@pytest.mark.parametrize("question,match", [("", "empty"), ("   \n", "empty"), ("why " * 300, "over the limit of 1,000")],
+                         ids=["empty", "whitespace", "too-long"])
 def test_bad_questions_raise_input_error(question, match):
     with pytest.raises(InputError, match=match):
         tiny_model()(shape_image(), question)

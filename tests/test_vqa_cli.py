@@ -55,7 +55,7 @@ def test_cli_json(capsys, test_sample):
     ("", "question is empty"),
     ("   ", "question is empty"),
     ("x" * 1001, "over the limit of 1,000"),
-])
+], ids=["empty", "whitespace", "too-long"])
 def test_cli_bad_question_exit_2_one_line(capsys, tmp_path, question, message):
     img = tmp_path / "a.png"
     Image.new("RGB", (64, 64), "white").save(img)
