@@ -22,6 +22,15 @@ ANSWERS = ["yes", "no", "red", "circle", "blue"]
 QUESTIONS = ["is there a red circle?", "what color is the shape?", "what shape is it?"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread: on a shared, busy CPU two OpenMP threads spin and run several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_config(fusion: str = "mul", text: str = "gru", question_input: str = "pooled", **vision) -> VQAModelConfig:
     text_kwargs = {"embed_dim": 8, "hidden_dim": 8} if text in ("gru", "lstm") else {"embed_dim": 8} \
         if text == "embedding" else {}
@@ -72,6 +81,7 @@ def test_minilm_question_encoder_uses_its_own_tokenizer(tmp_path):
     from vlfuse.models.vqa import make_question_tokenizer
 
     config = tiny_config(text="minilm")
+    config.text.kwargs["pretrained"] = False  # same architecture and tokenizer, no weight loading
     net = VQANetwork(config)
     model = VQAModel(net, make_question_tokenizer(config), ANSWERS)
     assert model(shape_image(), "is there a red circle?").answer in ANSWERS
