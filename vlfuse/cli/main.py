@@ -17,6 +17,7 @@ COMMANDS = {
     "evaluate": "evaluate",
     "models": "models",
     "serve": "serve",
+    "vqa": "vqa",
 }
 
 
