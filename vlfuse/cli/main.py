@@ -16,6 +16,8 @@ COMMANDS = {
     "train": "train",
     "evaluate": "evaluate",
     "models": "models",
+    "index": "index",
+    "search": "search",
 }
 
 
