@@ -18,6 +18,8 @@ COMMANDS = {
     "models": "models",
     "serve": "serve",
     "vqa": "vqa",
+    "index": "index",
+    "search": "search",
 }
 
 

@@ -11,6 +11,7 @@ from ..errors import ConfigError
 
 TASK_MODULES = {"caption": "vlfuse.training.caption"}
 TASK_MODULES["vqa"] = "vlfuse.training.vqa"
+TASK_MODULES["retrieval"] = "vlfuse.training.retrieval"
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
