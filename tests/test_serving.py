@@ -400,3 +400,17 @@ def test_service_models_load_subset_and_errors(caption_dir):
     with pytest.raises(ModelNotFoundError, match="needs a retrieval model"):
         ServiceModels.load(ModelChoice(str(caption_dir)), ModelChoice("none"), ModelChoice("none"), index="x.idx")
     json.dumps(models.describe())
+
+
+def test_vqa_endpoint_equals_shipped_easyvqa_model(captioner):
+    vqa_module = pytest.importorskip("vlfuse.models.vqa")  # merged from the vqa branch
+    model = vqa_module.VQAModel.from_pretrained("easyvqa")
+    data = image_bytes("red", (64, 64))
+    with client_for(build_models(captioner, model)) as client:
+        resp = post_image(client, "/v1/vqa", data, question="what color is the shape?", top_k=2)
+        assert_error(post_image(client, "/v1/vqa", data, question="?" * 201), 422, "invalid_parameter", "200")
+    assert resp.status_code == 200, resp.text
+    expected = model.predict([Image.open(io.BytesIO(data))], ["what color is the shape?"], top_k=2)[0]
+    body = resp.json()
+    assert body["answer"] == expected.answer and abs(body["probability"] - expected.probability) < 1e-6
+    assert [t["answer"] for t in body["top"]] == [a for a, _ in expected.top]
