@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODELS = {"caption": "flickr8k-caption", "vqa": "easyvqa", "retrieval": "flickr8k-retrieval"}
 DISABLED = "none"
-ENCODE_CHUNK = 8  # images per vision-encoder call inside one batch
+ENCODE_CHUNK = 4  # images per vision-encoder call inside one batch
 
 
 @dataclasses.dataclass
