@@ -13,6 +13,10 @@ class ImageError(VlfuseError):
     """An image file could not be used (missing, empty, corrupt, not an image, too large)."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image has more pixels than allowed (e.g. a decompression bomb)."""
+
+
 class DataError(VlfuseError):
     """A dataset file or directory is missing or malformed."""
 

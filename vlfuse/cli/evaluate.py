@@ -9,6 +9,8 @@ from ..errors import ConfigError
 
 # task -> (module, default model); each module defines evaluate(args) -> metrics dict
 TASK_MODULES = {"caption": ("vlfuse.evaluation.caption", "flickr8k-caption")}
+TASK_MODULES["vqa"] = ("vlfuse.evaluation.vqa", "easyvqa")
+TASK_MODULES["retrieval"] = ("vlfuse.evaluation.retrieval", "flickr8k-retrieval")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -16,6 +16,10 @@ COMMANDS = {
     "train": "train",
     "evaluate": "evaluate",
     "models": "models",
+    "serve": "serve",
+    "vqa": "vqa",
+    "index": "index",
+    "search": "search",
 }
 
 

@@ -10,6 +10,8 @@ from ..config import apply_overrides, read_config_file
 from ..errors import ConfigError
 
 TASK_MODULES = {"caption": "vlfuse.training.caption"}
+TASK_MODULES["vqa"] = "vlfuse.training.vqa"
+TASK_MODULES["retrieval"] = "vlfuse.training.retrieval"
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import ImageError
+from ..errors import ImageError, ImageTooLargeError
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -69,7 +69,7 @@ def load_image(source: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
                 img = Image.open(io.BytesIO(data))
                 width, height = img.size
                 if width * height > max_pixels:
-                    raise ImageError(
+                    raise ImageTooLargeError(
                         f"{name}: image is {width}x{height} = {width * height:,} pixels, "
                         f"over the limit of {max_pixels:,}; resize it first"
                     )

@@ -1,0 +1,240 @@
+"""VQA: every fusion module in the VQA network, data readers, metrics, input checks, save/load, training."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vlfuse.models  # noqa: F401  (registers parts)
+from vlfuse.config import Part
+from vlfuse.data.tokenizer import Tokenizer
+from vlfuse.data.vqa import answer_accuracy, build_answer_vocab, read_easy_vqa, read_jsonl, soft_scores, split_images
+from vlfuse.errors import DataError, ImageError, InputError
+from vlfuse.evaluation.vqa import score_answers
+from vlfuse.models.text import pad_batch
+from vlfuse.models.vqa import VQAAnswer, VQAModel, VQAModelConfig, VQANetwork, soft_cross_entropy
+from vlfuse.registry import FUSIONS, HEADS
+
+ANSWERS = ["yes", "no", "red", "circle", "blue"]
+QUESTIONS = ["is there a red circle?", "what color is the shape?", "what shape is it?"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread: on a shared, busy CPU two OpenMP threads spin and run several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(fusion: str = "mul", text: str = "gru", question_input: str = "pooled", **vision) -> VQAModelConfig:
+    text_kwargs = {"embed_dim": 8, "hidden_dim": 8} if text in ("gru", "lstm") else {"embed_dim": 8} \
+        if text == "embedding" else {}
+    return VQAModelConfig(vision=Part(vision.pop("name", "small-cnn"), vision or {"channels": 8, "num_layers": 2}),
+                          text=Part(text, text_kwargs), fusion=Part(fusion, {"dim": 16}),
+                          head=Part("classifier", {"hidden_dim": 16}), question_input=question_input,
+                          num_answers=len(ANSWERS), vocab_size=20)
+
+
+def tiny_model(fusion: str = "mul", **kw) -> VQAModel:
+    torch.manual_seed(0)
+    tokenizer = Tokenizer.build(QUESTIONS, min_count=1)
+    config = tiny_config(fusion, **kw)
+    config.vocab_size = len(tokenizer)
+    return VQAModel(VQANetwork(config), tokenizer, ANSWERS)
+
+
+def shape_image(color=(255, 0, 0)) -> Image.Image:
+    arr = np.full((64, 64, 3), 255, np.uint8)
+    arr[16:48, 16:48] = color
+    return Image.fromarray(arr)
+
+
+@pytest.mark.parametrize("question_input", ["pooled", "tokens"])
+@pytest.mark.parametrize("fusion", FUSIONS.names())
+def test_every_fusion_forward_backward(fusion, question_input):
+    net = VQANetwork(tiny_config(fusion, question_input=question_input))
+    pixels = torch.randn(2, 3, 32, 32)  # two images ...
+    ids, mask = pad_batch([[1, 5, 6, 2], [1, 7, 2], [1, 5, 2]])  # ... three questions about them
+    image_index = torch.tensor([0, 1, 1])
+    logits = net(net.vision.stem(pixels), image_index, ids, mask)
+    assert logits.shape == (3, len(ANSWERS)) and torch.isfinite(logits).all()
+    loss = soft_cross_entropy(logits, torch.eye(len(ANSWERS))[[0, 2, 3]])
+    loss.backward()
+    for part in (net.vision, net.text, net.fusion, net.head):
+        grads = [p.grad.abs().sum().item() for p in part.parameters() if p.grad is not None]
+        assert grads and sum(grads) > 0, f"no gradient reached {type(part).__name__}"
+
+
+@pytest.mark.parametrize("text", ["gru", "lstm", "embedding"])
+def test_question_encoders(text):
+    model = tiny_model(text=text)
+    out = model.predict([shape_image()] * 2, QUESTIONS[:2])
+    assert len(out) == 2 and all(a.answer in ANSWERS for a in out)
+
+
+def test_minilm_question_encoder_uses_its_own_tokenizer(tmp_path):
+    from vlfuse.models.vqa import make_question_tokenizer
+
+    config = tiny_config(text="minilm")
+    config.text.kwargs["pretrained"] = False  # same architecture and tokenizer, no weight loading
+    net = VQANetwork(config)
+    model = VQAModel(net, make_question_tokenizer(config), ANSWERS)
+    assert model(shape_image(), "is there a red circle?").answer in ANSWERS
+    model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "tokenizer_config.json").is_file()
+
+
+def test_efficientnet_lite0_is_selectable():
+    net = VQANetwork(tiny_config(name="efficientnet-lite0", image_size=64))
+    model = VQAModel(net, Tokenizer.build(QUESTIONS, 1), ANSWERS)
+    answer = model(shape_image(), "what color is the shape?")
+    assert answer.answer in ANSWERS and net.vision.out_dim == 1280
+    assert "vision.stem_layers." in net.persistent_prefixes()
+
+
+def test_classifier_head_registered():
+    head = HEADS.build("classifier", in_dim=4, num_answers=3, hidden_dim=8)
+    assert head(torch.zeros(2, 4)).shape == (2, 3)
+
+
+def test_soft_cross_entropy_matches_cross_entropy_and_skips_unknown_answers():
+    logits = torch.randn(3, 5)
+    onehot = torch.eye(5)[[1, 4, 0]]
+    assert torch.allclose(soft_cross_entropy(logits, onehot), torch.nn.functional.cross_entropy(logits, torch.tensor([1, 4, 0])))
+    partial = onehot.clone()
+    partial[2] = 0  # answer outside the vocabulary: left out of the loss
+    assert torch.allclose(soft_cross_entropy(logits, partial),
+                          torch.nn.functional.cross_entropy(logits[:2], torch.tensor([1, 4])))
+
+
+def test_vqa_accuracy_and_soft_scores():
+    humans = ["2"] * 2 + ["two"] * 7 + ["3"]
+    assert soft_scores(humans) == {"2": pytest.approx(2 / 3), "two": 1.0, "3": pytest.approx(1 / 3)}
+    assert answer_accuracy("Two", humans) == 1.0
+    assert answer_accuracy("2", humans) == pytest.approx(2 / 3)
+    assert answer_accuracy("4", humans) == 0.0
+    assert answer_accuracy("red", ["red"]) == 1.0  # one reference: plain accuracy
+
+
+# -- data -----------------------------------------------------------------------------------------------
+def write_jsonl(tmp_path):
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "b.png")
+    lines = [
+        json.dumps({"image": "a.png", "question": "what color?", "answer": "Red"}),
+        "{not json",
+        json.dumps({"image": "missing.png", "question": "what color?", "answer": "red"}),
+        json.dumps({"image": "b.png", "question": "what color?", "answers": [{"answer": "blue"}] * 9 + ["navy"]}),
+        json.dumps({"image": "b.png", "question": "   ", "answer": "blue"}),
+        json.dumps({"image": "a.png", "question": "is it red?"}),
+        "",
+        json.dumps(["a.png", "q", "a"]),
+        json.dumps({"image": "a.png", "question": "is it red?", "answer": "yes"}),
+    ]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_jsonl_reader_skips_bad_lines_with_line_numbers(tmp_path):
+    data = read_jsonl(write_jsonl(tmp_path))
+    assert [q.question for q in data.questions] == ["what color?", "what color?", "is it red?"]
+    assert data.questions[0].answers == ["red"]
+    assert data.questions[1].answers == ["blue"] * 9 + ["navy"]
+    assert len(data.images) == 2
+    assert [s.split(":")[0] for s in data.skipped] == ["line 2", "line 3", "line 5", "line 6", "line 8"]
+    assert "missing.png" in data.skipped[1] and "does not exist" in data.skipped[1]
+    assert build_answer_vocab(data)[:1] == ["blue"] or set(build_answer_vocab(data)) == {"red", "blue", "navy", "yes"}
+
+
+def test_jsonl_reader_errors_name_the_problem(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        read_jsonl(tmp_path / "nope.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n")
+    with pytest.raises(DataError, match="no usable questions.*line 1"):
+        read_jsonl(bad)
+
+
+def test_easy_vqa_reader_and_image_split():
+    train = read_easy_vqa("train")
+    assert len(train.images) == 4000 and len(train) == 38575
+    assert len({a for q in train.questions for a in q.answers}) == 13
+    tr, val = split_images(train, 0.1)
+    assert len(val.images) == 400 and len(tr.images) == 3600
+    assert set(tr.images).isdisjoint(val.images)  # no image leaks from train into val
+    assert len(tr) + len(val) == len(train)
+
+
+def test_score_answers_splits_yes_no_and_other(tmp_path):
+    data = read_jsonl(write_jsonl(tmp_path))
+    metrics = score_answers(data, ["red", "navy", "no"])
+    assert metrics["questions"] == 3 and metrics["yes_no_questions"] == 1 and metrics["other_questions"] == 2
+    assert metrics["other_accuracy"] == pytest.approx((1 + 1 / 3) / 2)
+    assert metrics["yes_no_accuracy"] == 0.0
+    assert metrics["accuracy"] == pytest.approx((1 + 1 / 3) / 3)
+
+
+# -- user-facing API ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("question,match", [("", "empty"), ("   \n", "empty"), ("why " * 300, "over the limit of 1,000")],
+                         ids=["empty", "whitespace", "too-long"])
+def test_bad_questions_raise_input_error(question, match):
+    with pytest.raises(InputError, match=match):
+        tiny_model()(shape_image(), question)
+
+
+def test_bad_image_raises_image_error(tmp_path):
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ImageError, match="x.png"):
+        tiny_model()(bad, "what color?")
+    with pytest.raises(ImageError, match="does not exist"):
+        tiny_model()(tmp_path / "missing.png", "what color?")
+
+
+def test_unknown_words_still_get_an_answer_and_probabilities_sum_to_one():
+    model = tiny_model()
+    answer = model(shape_image(), "zxqv blorp frobnicate?", top_k=10)
+    assert isinstance(answer, VQAAnswer) and answer.answer == answer.top[0][0]
+    assert len(answer.top) == len(ANSWERS)  # top_k is capped at the answer vocabulary
+    assert sum(p for _, p in answer.top) == pytest.approx(1.0, abs=1e-5)
+    assert [p for _, p in answer.top] == sorted((p for _, p in answer.top), reverse=True)
+
+
+def test_predict_checks_lengths_and_top_k():
+    model = tiny_model()
+    with pytest.raises(InputError, match="2 images but 1 questions"):
+        model.predict([shape_image(), shape_image()], ["what?"])
+    with pytest.raises(InputError, match="top_k"):
+        model.predict([shape_image()], ["what?"], top_k=0)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = tiny_model("soft-attention")
+    images = [shape_image(), shape_image((0, 0, 255))]
+    before = model.predict(images, QUESTIONS[:2], top_k=3)
+    directory = model.save_pretrained(tmp_path / "vqa")
+    config = json.loads((directory / "config.json").read_text())
+    assert config["task"] == "vqa" and config["model"]["fusion"]["name"] == "soft-attention"
+    assert json.loads((directory / "answers.json").read_text()) == ANSWERS
+    assert (directory / "vocab.json").is_file()
+    loaded = VQAModel.from_pretrained(directory)
+    after = loaded.predict(images, QUESTIONS[:2], top_k=3)
+    for a, b in zip(before, after):
+        assert a.answer == b.answer
+        assert a.probability == pytest.approx(b.probability, abs=2e-3)  # weights stored as fp16
+
+
+def test_from_pretrained_rejects_other_tasks(tmp_path):
+    from vlfuse.errors import ModelNotFoundError
+
+    d = tmp_path / "cap"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"task": "caption", "model": {}}))
+    with pytest.raises(ModelNotFoundError, match="not a VQA model"):
+        VQAModel.from_pretrained(d)

@@ -1,0 +1,133 @@
+"""``vlfuse vqa`` / ``vlfuse evaluate --task vqa`` / ``vlfuse train`` (task vqa), and the shipped ``easyvqa`` model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from vlfuse.cli.main import main
+from vlfuse.data.vqa import read_easy_vqa
+from vlfuse.models.vqa import VQAModel
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread: on a shared, busy CPU two OpenMP threads spin and run several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def easyvqa():
+    return VQAModel.from_pretrained("easyvqa")
+
+
+@pytest.fixture(scope="module")
+def test_sample():
+    """A fixed sample of easy-VQA *test* questions: every 40th, about 240 questions over ~240 images."""
+    data = read_easy_vqa("test")
+    return data, data.questions[::40]
+
+
+def test_shipped_model_answers_real_test_questions(easyvqa, test_sample):
+    data, questions = test_sample
+    answers = easyvqa.predict([data.images[q.image] for q in questions], [q.question for q in questions])
+    correct = sum(a.answer == q.answers[0] for a, q in zip(answers, questions))
+    assert len(questions) >= 200
+    assert correct / len(questions) >= 0.97, f"{correct}/{len(questions)} correct"
+
+
+def test_cli_answers_with_top_k(capsys, test_sample):
+    data, questions = test_sample
+    q = questions[0]
+    assert main(["vqa", data.images[q.image], q.question]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == q.answers[0]
+    assert len(lines) == 4  # the answer, then the top 3 with probabilities
+    probs = [float(line.split()[-1]) for line in lines[1:]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+
+
+def test_cli_json(capsys, test_sample):
+    data, questions = test_sample
+    q = questions[1]
+    assert main(["vqa", "--json", "--top-k", "5", data.images[q.image], q.question]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["answer"] == q.answers[0] and len(out["top"]) == 5
+    assert out["top"][0] == {"answer": out["answer"], "probability": out["probability"]}
+
+
+@pytest.mark.parametrize("question,message", [
+    ("", "question is empty"),
+    ("   ", "question is empty"),
+    ("x" * 1001, "over the limit of 1,000"),
+], ids=["empty", "whitespace", "too-long"])
+def test_cli_bad_question_exit_2_one_line(capsys, tmp_path, question, message):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (64, 64), "white").save(img)
+    assert main(["vqa", str(img), question]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vlfuse vqa: error:") and message in err[0]
+
+
+def test_cli_bad_image_exit_2(capsys, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG not really")
+    assert main(["vqa", str(bad), "what color is the shape?"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.png" in err[0] and "Traceback" not in err[0]
+    assert main(["vqa", str(tmp_path / "nope.png"), "what color is the shape?"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_unknown_model_exit_2(capsys, tmp_path):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (64, 64), "white").save(img)
+    assert main(["vqa", "--model", "no-such-model", str(img), "what?"]) == 2
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+
+
+def test_evaluate_cli(tmp_path, capsys):
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "--task", "vqa", "--data", "easy-vqa", "--split", "test", "--limit", "150",
+                 "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["questions"] == 150 and metrics["model"] == "easyvqa"
+    assert metrics["yes_no_questions"] + metrics["other_questions"] == 150
+    assert metrics["accuracy"] >= 0.95
+    answers = json.loads((tmp_path / "m.answers.json").read_text())
+    assert len(answers) == 150 and {"question", "answer", "references"} <= set(answers[0])
+
+
+def test_train_cli_on_jsonl_with_bad_lines(tmp_path, capsys):
+    """Training runs end to end from `vlfuse train` on a tiny JSONL set; bad lines are skipped and counted."""
+    colors = {"red": (255, 0, 0), "blue": (0, 0, 255)}
+    lines = []
+    for i in range(12):
+        name = "red" if i % 2 else "blue"
+        Image.new("RGB", (32, 32), colors[name]).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "question": "what color is it?", "answer": name}))
+        lines.append(json.dumps({"image": f"{i}.png", "question": "is it red?", "answers": ["yes" if i % 2 else "no"] * 3}))
+    lines.insert(3, "{broken")
+    lines.insert(7, json.dumps({"image": "gone.png", "question": "what?", "answer": "red"}))
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    config = {"task": "vqa",
+              "data": {"path": str(tmp_path / "train.jsonl"), "val_fraction": 0.25, "test_split": ""},
+              "model": {"vision": {"name": "small-cnn", "channels": 8, "num_layers": 2, "image_size": 32},
+                        "text": {"name": "embedding", "embed_dim": 8}, "fusion": {"name": "concat", "dim": 16},
+                        "head": {"name": "classifier", "hidden_dim": 16}},
+              "train": {"epochs": 2, "batch_size": 4, "warmup_steps": 1, "out_dir": str(tmp_path / "run"),
+                        "progress": False, "threads": 1}}
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    assert main(["train", "--config", str(tmp_path / "cfg.json")]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out[captured.out.index("{\n"):])
+    assert summary["skipped_lines"] == 2 and summary["answers"] == 4
+    assert summary["train_questions"] + summary["val_questions"] == 24
+    assert "line 4" in captured.err and "line 8" in captured.err
+    model = VQAModel.from_pretrained(tmp_path / "run" / "best")
+    assert model(tmp_path / "0.png", "what color is it?").answer in {"red", "blue", "yes", "no"}

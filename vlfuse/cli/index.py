@@ -1,0 +1,67 @@
+"""``vlfuse index build DIR... --out photos.idx`` and ``vlfuse index add photos.idx DIR...``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..data.images import list_images
+from ..errors import InputError
+
+DEFAULT_MODEL = "flickr8k-retrieval"
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("index", help="build or update an image search index")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    b = actions.add_parser("build", help="embed every image under the given folders/files into a new index")
+    b.add_argument("paths", nargs="+", help="image folders and/or files")
+    b.add_argument("--out", required=True, help="index file to write (e.g. photos.idx)")
+    b.add_argument("--model", default=DEFAULT_MODEL, help="retrieval model: built-in name or checkpoint directory")
+    a = actions.add_parser("add", help="add new or changed images to an index; drop files that are gone")
+    a.add_argument("index", help="index file to update")
+    a.add_argument("paths", nargs="+", help="image folders and/or files")
+    a.add_argument("--model", default=None, help="retrieval model (default: the one that built the index)")
+    for q in (b, a):
+        q.add_argument("--batch-size", type=int, default=32)
+        q.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
+        q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def model_for(index, requested):
+    """The retriever to use with ``index``: ``requested`` or the model named in the index."""
+    return requested or index.model_id.split("@")[0]
+
+
+def print_report(report, index, out) -> None:
+    print(f"{out}: {len(index)} images (embedded {report.embedded}, unchanged {report.unchanged}, "
+          f"removed {report.removed}, skipped {len(report.failed)})", file=sys.stderr)
+    if report.failed:
+        print(f"skipped {len(report.failed)} file(s) that could not be used:", file=sys.stderr)
+        for _, error in report.failed:
+            print(f"  {error}", file=sys.stderr)
+
+
+def run(args) -> int:
+    from ..index import ImageIndex
+    from ..models.retrieval import Retriever
+
+    paths = list_images(args.paths)
+    if args.action == "build":
+        if not paths:
+            raise InputError(f"no image files found in {', '.join(args.paths)}")
+        retriever = Retriever.from_pretrained(args.model, device=args.device)
+        index = ImageIndex.build(retriever, paths, progress=not args.no_progress, batch_size=args.batch_size)
+        out = args.out
+    else:
+        index = ImageIndex.load(args.index)
+        retriever = Retriever.from_pretrained(model_for(index, args.model), device=args.device)
+        index.add(retriever, paths, progress=not args.no_progress, batch_size=args.batch_size)
+        out = args.index
+    if len(index) == 0:
+        print_report(index.last_report, index, out)
+        raise InputError("none of the images could be read; no index written")
+    index.save(out)
+    print_report(index.last_report, index, out)
+    return 0

@@ -1,0 +1,74 @@
+"""``vlfuse serve``: the HTTP service and web page (FastAPI + uvicorn) over the loaded models."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("serve", help="run the HTTP API and web page",
+                       description="Serve captioning, VQA and image search over HTTP. Models load once at start; "
+                                   "any of them may be missing (its endpoints answer 503). Give a model as "
+                                   "'none' to leave it out.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other "
+                                                       "address needs API keys)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-keys-file", metavar="FILE",
+                   help="file with one API key per line (also $VLFUSE_API_KEYS_FILE; $VLFUSE_API_KEYS adds "
+                        "comma-separated keys)")
+    p.add_argument("--index", metavar="FILE", help="image index to search (built with `vlfuse index`)")
+    p.add_argument("--caption-model", metavar="M", help="caption model name or directory (default flickr8k-caption "
+                                                        "if installed)")
+    p.add_argument("--vqa-model", metavar="M", help="VQA model name or directory (default easyvqa if installed)")
+    p.add_argument("--retrieval-model", metavar="M", help="retrieval model name or directory (default "
+                                                          "flickr8k-retrieval if installed)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10 MB)")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest decoded image, width*height")
+    p.add_argument("--max-question-chars", type=int, default=200)
+    p.add_argument("--max-k", type=int, default=50, help="most search hits per request")
+    p.add_argument("--request-timeout", type=float, default=30.0, help="seconds before a request is abandoned (504)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long a request waits for others to share its batch (default 5 ms)")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def run(args) -> int:
+    try:
+        from ..serving.app import create_app
+        from ..serving.server import run_server
+    except ImportError as exc:  # fastapi/uvicorn are the optional "serve" extra
+        print(f"vlfuse serve: error: {exc.name} is not installed; pip install 'vlfuse[serve]'", file=sys.stderr)
+        return 2
+    from ..serving.runtime import ModelChoice, ServiceModels
+    from ..serving.settings import ServeSettings, check_bind_allowed, load_api_keys
+
+    keys = load_api_keys(args.api_keys_file)
+    check_bind_allowed(args.host, keys)  # before loading anything: fail fast
+    settings = ServeSettings(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
+                             max_question_chars=args.max_question_chars, max_k=args.max_k,
+                             request_timeout_s=args.request_timeout, batch_wait_ms=args.batch_wait_ms,
+                             max_batch_size=args.max_batch_size)
+    logging.getLogger("vlfuse").setLevel(args.log_level.upper())
+    models = ServiceModels.load(ModelChoice(args.caption_model), ModelChoice(args.vqa_model),
+                                ModelChoice(args.retrieval_model), index=args.index, device=args.device,
+                                thumbnail_size=settings.thumbnail_size)
+    loaded = [task for task, ok in models.loaded().items() if ok]
+    if not loaded:
+        reasons = "; ".join(f"{t}: {why}" for t, why in models.problems.items())
+        print(f"vlfuse serve: error: no model could be loaded ({reasons})", file=sys.stderr)
+        return 2
+    app = create_app(models, settings, keys)
+    auth = f"{len(keys)} API key(s)" if keys.enabled else "no API keys (loopback only)"
+    print(f"vlfuse serve: {', '.join(loaded)} loaded; {auth}; http://{args.host}:{args.port}/", file=sys.stderr,
+          flush=True)
+    started = run_server(app, args.host, args.port, grace_s=settings.request_timeout_s + 5,
+                         log_level=args.log_level)
+    if not started:
+        print(f"vlfuse serve: error: could not listen on {args.host}:{args.port} (is the port in use?)",
+              file=sys.stderr)
+        return 2
+    return 0

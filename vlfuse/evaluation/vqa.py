@@ -1,0 +1,80 @@
+"""Evaluate a VQA model: overall, yes/no and other accuracy (VQA accuracy for multi-answer data)."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import save_json
+from ..data.vqa import VQASet, answer_accuracy, load_pixels, read_vqa
+
+
+def predict_set(model, data: VQASet, acts: torch.Tensor, batch_size: int = 512, top_k: int = 1,
+                progress: bool = False) -> List:
+    """Answers for every question of ``data``; ``acts`` holds the stem activations of ``data.images``.
+    Each image goes through the vision tail once per batch, however many questions it has."""
+    out = []
+    for s in tqdm(range(0, len(data), batch_size), desc=f"answering {data.name}", unit="batch",
+                  disable=not progress, dynamic_ncols=True):
+        qs = data.questions[s:s + batch_size]
+        used = sorted({q.image for q in qs})
+        remap = {old: new for new, old in enumerate(used)}
+        out += model.answer_acts(acts[used], [remap[q.image] for q in qs], [q.question for q in qs], top_k)
+    return out
+
+
+def score_answers(data: VQASet, predictions: Sequence[str]) -> Dict:
+    """accuracy overall, on yes/no questions and on the rest, with counts (as fractions in [0, 1])."""
+    sums = {"all": 0.0, "yes/no": 0.0, "other": 0.0}
+    counts = {"all": 0, "yes/no": 0, "other": 0}
+    multi = any(len(q.answers) > 1 for q in data.questions)
+    for q, pred in zip(data.questions, predictions):
+        acc = answer_accuracy(pred, q.answers)
+        for key in ("all", q.answer_type):
+            sums[key] += acc
+            counts[key] += 1
+    mean = {k: (sums[k] / counts[k] if counts[k] else 0.0) for k in sums}
+    return {"accuracy": mean["all"], "yes_no_accuracy": mean["yes/no"], "other_accuracy": mean["other"],
+            "questions": counts["all"], "yes_no_questions": counts["yes/no"], "other_questions": counts["other"],
+            "metric": "vqa-accuracy min(#humans/3, 1)" if multi else "exact match"}
+
+
+def evaluate_model(model, data: VQASet, batch_size: int = 512, progress: bool = True,
+                   results_path: str | None = None) -> Dict:
+    """Score ``model`` on every question of ``data``; questions about unreadable images are counted as failed."""
+    t0 = time.time()
+    pixels, kept, errors = load_pixels(data.images, model.transform, progress=progress, desc=f"images {data.name}")
+    for err in errors:
+        tqdm.write(f"skipped image: {err}", file=sys.stderr)
+    usable = data.subset_images(kept) if errors else data
+    acts = model.network.stem_activations(pixels, progress=progress)
+    answers = predict_set(model, usable, acts, batch_size, progress=progress)
+    metrics = score_answers(usable, [a.answer for a in answers])
+    metrics.update({"data": data.name, "images": len(usable.images), "failed_images": len(errors),
+                    "failed_questions": len(data) - len(usable), "skipped_lines": len(data.skipped),
+                    "seconds": time.time() - t0})
+    if results_path:
+        save_json([{"image": usable.images[q.image], "question": q.question, "answer": a.answer,
+                    "probability": round(a.probability, 4), "references": q.answers}
+                   for q, a in zip(usable.questions, answers)], results_path)
+    return metrics
+
+
+def evaluate(args) -> Dict:
+    """``vlfuse evaluate --task vqa --model M --data easy-vqa|file.jsonl --split test [--limit N] [--out m.json]``."""
+    from ..models.vqa import VQAModel
+
+    model = VQAModel.from_pretrained(args.model, device=args.device)
+    data_arg = "easy-vqa" if args.data in ("../shared/data/flickr8k", None) else args.data
+    split = args.split
+    data = read_vqa(data_arg, split).limit_questions(args.limit)
+    for line in data.skipped:
+        tqdm.write(f"skipped {line}", file=sys.stderr)
+    results = args.results or (str(Path(args.out).with_suffix("")) + ".answers.json" if args.out else None)
+    metrics = evaluate_model(model, data, batch_size=max(64, args.batch_size), results_path=results)
+    metrics.update({"model": str(args.model), "split": split})
+    return metrics

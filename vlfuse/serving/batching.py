@@ -1,0 +1,121 @@
+"""Dynamic batching: concurrent requests for one model are gathered for a short window and run as one batch.
+
+Requests carry a ``key`` (e.g. the decoding settings): only requests with equal keys share a batch. Batches run
+in an executor (off the event loop); while one runs, new requests queue up, so batches grow with load.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+
+from ..errors import VlfuseError
+from .metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+BatchFn = Callable[[Hashable, Sequence[Any]], List[Any]]  # (key, items) -> one result per item
+
+
+class Batcher:
+    """Gather ``submit``-ted items into batches of at most ``max_batch_size`` and run ``fn`` on each."""
+
+    def __init__(self, name: str, fn: BatchFn, executor: concurrent.futures.Executor, max_batch_size: int,
+                 wait_s: float, metrics: Optional[ServiceMetrics] = None):
+        self.name, self.fn, self.executor = name, fn, executor
+        self.max_batch_size, self.wait_s, self.metrics = max_batch_size, wait_s, metrics
+        self._queue: Optional[asyncio.Queue] = None
+        self._worker: Optional[asyncio.Task] = None
+
+    def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
+
+    async def stop(self) -> None:
+        """Finish what is queued, then stop."""
+        if self._worker is None:
+            return
+        await self._queue.join()
+        self._worker.cancel()
+        try:
+            await self._worker
+        except asyncio.CancelledError:
+            pass
+        self._worker = None
+
+    async def submit(self, item: Any, key: Hashable = None) -> Any:
+        """Queue one item and wait for its result (or the exception its batch raised)."""
+        if self._worker is None:
+            raise RuntimeError(f"batcher {self.name} is not running")
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((key, item, future))
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._queue.get()
+            pending: List[Tuple[Hashable, Any, asyncio.Future]] = [first]
+            deadline = loop.time() + self.wait_s
+            # gather company until the window closes or a full batch of the first request's kind is ready
+            while sum(1 for p in pending if p[0] == first[0]) < self.max_batch_size:
+                timeout = deadline - loop.time()
+                if timeout <= 0 and self._queue.empty():
+                    break
+                try:
+                    pending.append(await asyncio.wait_for(self._queue.get(), max(timeout, 0)) if timeout > 0
+                                   else self._queue.get_nowait())
+                except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                    break
+            try:
+                for key, group in _group(pending, self.max_batch_size):
+                    await self._run_batch(key, group)
+            finally:
+                for _ in pending:
+                    self._queue.task_done()
+
+    async def _run_batch(self, key: Hashable, group: List[Tuple[Any, asyncio.Future]]) -> None:
+        live = [(item, fut) for item, fut in group if not fut.done()]  # timed-out requests are dropped
+        if not live:
+            return
+        items = [item for item, _ in live]
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self.executor, self._call, key, items)
+        except Exception as exc:  # noqa: BLE001 — handed to every waiting request
+            results = [exc] * len(items)
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(items), model=self.name)
+            self.metrics.batch_latency.observe(time.perf_counter() - start, model=self.name)
+        for (_, fut), res in zip(live, results):
+            if fut.done():
+                continue
+            if isinstance(res, BaseException):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
+
+    def _call(self, key: Hashable, items: List[Any]) -> List[Any]:
+        """Run one batch; if it fails on bad input, run the items one by one so only the bad one fails."""
+        try:
+            results = self.fn(key, items)
+        except VlfuseError as exc:
+            if len(items) == 1:
+                return [exc]
+            return [r for item in items for r in self._call(key, [item])]
+        if len(results) != len(items):
+            raise RuntimeError(f"batch function of {self.name} returned {len(results)} results for {len(items)} items")
+        return list(results)
+
+
+def _group(pending: List[Tuple[Hashable, Any, asyncio.Future]], max_size: int):
+    """(key, [(item, future), ...]) chunks of at most ``max_size``, keys in order of first arrival."""
+    groups: Dict[Hashable, List[Tuple[Any, asyncio.Future]]] = {}
+    for key, item, fut in pending:
+        groups.setdefault(key, []).append((item, fut))
+    for key, members in groups.items():
+        for i in range(0, len(members), max_size):
+            yield key, members[i:i + max_size]

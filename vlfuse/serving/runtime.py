@@ -1,0 +1,187 @@
+"""The models behind the service, loaded once at start, and the batch functions the batchers call.
+
+Every function here is a thin call into the library's own API (``Captioner``, ``VQAModel``, ``Retriever``,
+``ImageIndex``); nothing is re-implemented. Any subset of the models may be loaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from ..data.images import load_image
+from ..decoding import DecodeConfig
+from ..errors import ModelNotFoundError, VlfuseError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODELS = {"caption": "flickr8k-caption", "vqa": "easyvqa", "retrieval": "flickr8k-retrieval"}
+DISABLED = "none"
+ENCODE_CHUNK = 4  # images per vision-encoder call inside one batch
+
+
+@dataclasses.dataclass
+class ModelChoice:
+    """Which model to load for a task: ``name`` (built-in name or checkpoint dir) or None for the default.
+    The default is loaded only if it is installed; an explicitly named model must load or startup fails."""
+
+    name: Optional[str] = None
+
+    @property
+    def disabled(self) -> bool:
+        return self.name is not None and self.name.lower() == DISABLED
+
+    @property
+    def explicit(self) -> bool:
+        return self.name is not None
+
+
+def _device_kw(device: Optional[str]) -> dict:
+    return {"device": device} if device else {}
+
+
+def _load_captioner(name: str, device: Optional[str]):
+    from ..models.captioner import Captioner
+
+    return Captioner.from_pretrained(name, device=device)
+
+
+def _load_vqa(name: str, device: Optional[str]):
+    try:
+        from ..models.vqa import VQAModel
+    except ImportError as exc:
+        raise ModelNotFoundError(f"VQA is not available in this vlfuse build ({exc})") from None
+    return VQAModel.from_pretrained(name, **_device_kw(device))
+
+
+def _load_retriever(name: str, device: Optional[str]):
+    try:
+        from ..models.retrieval import Retriever
+    except ImportError as exc:
+        raise ModelNotFoundError(f"retrieval is not available in this vlfuse build ({exc})") from None
+    return Retriever.from_pretrained(name, **_device_kw(device))
+
+
+def _load_index(path: str, retriever):
+    from ..index import ImageIndex
+
+    index = ImageIndex.load(path)
+    index.check_compatible(retriever)
+    return index
+
+
+LOADERS = {"caption": _load_captioner, "vqa": _load_vqa, "retrieval": _load_retriever}
+
+
+class ServiceModels:
+    """Loaded models (any of them may be None) and the batch functions over them."""
+
+    def __init__(self, captioner=None, vqa=None, retriever=None, index=None, names: Optional[Dict[str, str]] = None,
+                 problems: Optional[Dict[str, str]] = None, thumbnail_size: int = 192):
+        self.captioner, self.vqa, self.retriever, self.index = captioner, vqa, retriever, index
+        self.names = dict(names or {})
+        self.problems = dict(problems or {})  # task -> why it is not loaded
+        self.thumbnail_size = thumbnail_size
+        self._index_paths = frozenset(index.paths) if index is not None else frozenset()
+
+    # -- loading --------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, caption: ModelChoice = ModelChoice(), vqa: ModelChoice = ModelChoice(),
+             retrieval: ModelChoice = ModelChoice(), index: Optional[str] = None, device: Optional[str] = None,
+             thumbnail_size: int = 192) -> "ServiceModels":
+        """Load the chosen models. Raises VlfuseError if an explicitly chosen model or the index fails."""
+        loaded: Dict[str, Any] = {}
+        names: Dict[str, str] = {}
+        problems: Dict[str, str] = {}
+        for task, choice in (("caption", caption), ("vqa", vqa), ("retrieval", retrieval)):
+            if choice.disabled:
+                problems[task] = "disabled at startup"
+                continue
+            name = choice.name or DEFAULT_MODELS[task]
+            try:
+                loaded[task] = LOADERS[task](name, device)
+                names[task] = str(name)
+            except VlfuseError as exc:
+                if choice.explicit:
+                    raise
+                problems[task] = str(exc)
+                log.warning("%s model not loaded: %s", task, exc)
+        idx = None
+        if index is not None:
+            if "retrieval" not in loaded:
+                raise ModelNotFoundError(f"--index {index} needs a retrieval model, but none is loaded "
+                                         f"({problems.get('retrieval', '')})")
+            idx = _load_index(index, loaded["retrieval"])
+            names["index"] = str(index)
+        elif "retrieval" in loaded:
+            problems["retrieval"] = "no image index given (start with --index FILE)"
+            loaded.pop("retrieval")
+            names.pop("retrieval")
+        return cls(loaded.get("caption"), loaded.get("vqa"), loaded.get("retrieval"), idx, names, problems,
+                   thumbnail_size)
+
+    # -- status ---------------------------------------------------------------------------------------
+    def loaded(self) -> Dict[str, bool]:
+        return {"caption": self.captioner is not None, "vqa": self.vqa is not None,
+                "retrieval": self.retriever is not None and self.index is not None}
+
+    def describe(self) -> Dict[str, dict]:
+        out = {}
+        for task, ok in self.loaded().items():
+            entry: Dict[str, Any] = {"loaded": ok}
+            if ok:
+                entry["model"] = self.names.get(task)
+            else:
+                entry["reason"] = self.problems.get(task, "not loaded")
+            out[task] = entry
+        if out["retrieval"]["loaded"]:
+            out["retrieval"]["index"] = {"path": self.names.get("index"), "images": len(self.index.paths)}
+        return out
+
+    # -- captioning -----------------------------------------------------------------------------------
+    def caption_pixels(self, image) -> Any:
+        """Decoded PIL image -> the captioner's (1, 3, H, W) input (runs in the request's worker thread)."""
+        return self.captioner.preprocess([image])
+
+    def caption_batch(self, decode: DecodeConfig, pixels: Sequence[Any]) -> List[Any]:
+        """Encode in chunks (the CNN's activations dominate peak memory, and it gains little from large
+        batches), then decode the whole batch at once (where batching pays: one step loop for all)."""
+        import torch
+
+        from ..models.vision import ImageFeatures
+
+        chunks = [self.captioner.encode(torch.cat(list(pixels[i:i + ENCODE_CHUNK])))  # (b, 3, H, W) -> features
+                  for i in range(0, len(pixels), ENCODE_CHUNK)]
+        feats = ImageFeatures(torch.cat([c.grid for c in chunks]), torch.cat([c.pooled for c in chunks]))
+        return self.captioner.caption_features(feats, decode)
+
+    # -- VQA ------------------------------------------------------------------------------------------
+    def vqa_batch(self, top_k: int, items: Sequence[Tuple[Any, str]]) -> List[Any]:
+        return self.vqa.predict([im for im, _ in items], [q for _, q in items], top_k=top_k)
+
+    # -- retrieval ------------------------------------------------------------------------------------
+    def search_batch(self, kind: str, items: Sequence[Tuple[Any, int]]) -> List[List[Any]]:
+        """kind 'text' (items: (query, k)) or 'image' (items: (PIL image, k)) -> hits per item."""
+        queries = [q for q, _ in items]
+        vectors = self.retriever.embed_texts(queries) if kind == "text" else self.retriever.embed_images(queries)
+        k_max = min(max(k for _, k in items), len(self.index.paths))
+        hits = self.index.search(vectors, k_max)
+        return [h[:k] for h, (_, k) in zip(hits, items)]
+
+    def in_index(self, path: str) -> bool:
+        return path in self._index_paths
+
+    def thumbnail(self, path: str) -> bytes:
+        """JPEG thumbnail of an indexed image (callers check ``in_index`` first)."""
+        return self._thumbnail_cached(path)
+
+    @functools.lru_cache(maxsize=1024)
+    def _thumbnail_cached(self, path: str) -> bytes:
+        image = load_image(Path(path))
+        image.thumbnail((self.thumbnail_size, self.thumbnail_size))
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=85)
+        return buf.getvalue()

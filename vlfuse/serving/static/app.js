@@ -1,0 +1,173 @@
+// vlfuse web page: plain JavaScript, no external assets. Talks to the same /v1 API as any other client.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let photo = null;            // the picked File
+const thumbUrls = [];        // object URLs to revoke on the next search
+
+const keyInput = $("api-key");
+keyInput.value = localStorage.getItem("vlfuse-api-key") || "";
+keyInput.addEventListener("change", () => { localStorage.setItem("vlfuse-api-key", keyInput.value.trim()); loadModels(); });
+
+function authHeaders() {
+  const key = keyInput.value.trim();
+  return key ? { "Authorization": "Bearer " + key } : {};
+}
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+// fetch + JSON, turning the service's {"error": {code, message}} into a thrown Error
+async function api(path, options = {}) {
+  const resp = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
+  const body = await resp.json().catch(() => ({}));
+  if (!resp.ok) {
+    const err = body.error || {};
+    throw new Error(`${resp.status} ${err.code || "error"}: ${err.message || resp.statusText}`);
+  }
+  return body;
+}
+
+async function loadModels() {
+  try {
+    const info = await api("/v1/models");
+    const parts = Object.entries(info.models).map(([task, m]) => `${task}: ${m.loaded ? "ready" : "not loaded"}`);
+    $("models-status").textContent = parts.join(" · ");
+    showError("");
+  } catch (e) {
+    $("models-status").textContent = "";
+    showError(e.message);
+  }
+}
+
+// -- photo: pick or drop --------------------------------------------------------------------------
+function setPhoto(file) {
+  if (!file) return;
+  photo = file;
+  const preview = $("preview");
+  if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.src = URL.createObjectURL(file);
+  preview.hidden = false;
+  $("caption-btn").disabled = false;
+  $("ask-btn").disabled = false;
+  $("search-photo-btn").disabled = false;
+  $("answer").textContent = "";
+  captionPhoto();
+}
+
+$("file-input").addEventListener("change", (e) => setPhoto(e.target.files[0]));
+const zone = $("drop-zone");
+zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+zone.addEventListener("drop", (e) => {
+  e.preventDefault();
+  zone.classList.remove("over");
+  setPhoto(e.dataTransfer.files[0]);
+});
+zone.addEventListener("keydown", (e) => { if (e.key === "Enter") $("file-input").click(); });
+
+async function captionPhoto() {
+  if (!photo) return;
+  const form = new FormData();
+  form.append("image", photo);
+  form.append("beam", $("beam").value);
+  $("caption").textContent = "Captioning…";
+  try {
+    const r = await api("/v1/caption", { method: "POST", body: form });
+    $("caption").textContent = r.caption;
+    $("caption").title = `score ${r.score.toFixed(3)}, beam ${r.beam}`;
+    showError("");
+  } catch (e) {
+    $("caption").textContent = "";
+    showError(e.message);
+  }
+}
+$("caption-btn").addEventListener("click", captionPhoto);
+$("beam").addEventListener("change", captionPhoto);
+
+// -- question -------------------------------------------------------------------------------------
+async function askQuestion() {
+  const question = $("question").value.trim();
+  if (!photo || !question) return;
+  const form = new FormData();
+  form.append("image", photo);
+  form.append("question", question);
+  $("answer").textContent = "Thinking…";
+  try {
+    const r = await api("/v1/vqa", { method: "POST", body: form });
+    const answer = $("answer");
+    answer.textContent = "";
+    const main = document.createElement("strong");
+    main.className = "answer-text";
+    main.textContent = r.answer;
+    answer.append(main, ` (${(100 * r.probability).toFixed(1)}%)`);
+    const others = r.top.slice(1).map((t) => `${t.answer} ${(100 * t.probability).toFixed(1)}%`).join(", ");
+    if (others) {
+      const small = document.createElement("span");
+      small.className = "others";
+      small.textContent = " — also: " + others;
+      answer.append(small);
+    }
+    showError("");
+  } catch (e) {
+    $("answer").textContent = "";
+    showError(e.message);
+  }
+}
+$("ask-btn").addEventListener("click", askQuestion);
+$("question").addEventListener("keydown", (e) => { if (e.key === "Enter") askQuestion(); });
+
+// -- search ---------------------------------------------------------------------------------------
+async function showHits(result) {
+  thumbUrls.splice(0).forEach((u) => URL.revokeObjectURL(u));
+  const grid = $("hits");
+  grid.textContent = "";
+  $("search-status").textContent = `${result.hits.length} hit(s)`;
+  for (const hit of result.hits) {
+    const fig = document.createElement("figure");
+    fig.className = "hit";
+    const img = document.createElement("img");
+    img.alt = hit.path;
+    img.title = hit.path;
+    const cap = document.createElement("figcaption");
+    cap.textContent = hit.score.toFixed(3);
+    fig.append(img, cap);
+    grid.append(fig);
+    // thumbnails need the API key, so fetch them and show them as object URLs
+    fetch(hit.thumbnail, { headers: authHeaders() })
+      .then((r) => (r.ok ? r.blob() : Promise.reject(new Error(r.status))))
+      .then((blob) => { const u = URL.createObjectURL(blob); thumbUrls.push(u); img.src = u; })
+      .catch(() => { img.alt = "(no thumbnail)"; });
+  }
+}
+
+async function search(body, headers) {
+  $("search-status").textContent = "Searching…";
+  try {
+    showHits(await api("/v1/search", { method: "POST", body, headers }));
+    showError("");
+  } catch (e) {
+    $("search-status").textContent = "";
+    $("hits").textContent = "";
+    showError(e.message);
+  }
+}
+
+$("search-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const text = $("search-text").value.trim();
+  if (!text) return;
+  search(JSON.stringify({ text, k: Number($("search-k").value) }), { "Content-Type": "application/json" });
+});
+$("search-photo-btn").addEventListener("click", () => {
+  if (!photo) return;
+  const form = new FormData();
+  form.append("image", photo);
+  form.append("k", $("search-k").value);
+  search(form, {});
+});
+
+loadModels();

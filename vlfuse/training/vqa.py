@@ -1,0 +1,184 @@
+"""VQA training: ``train(raw_config)`` builds every part from a typed config and runs the shared Trainer.
+
+Images are decoded and transformed once into an in-memory tensor (and a frozen stem, if any, is run once);
+a training item is one image with all of its questions, so the vision encoder sees each image once per step
+however many questions are asked about it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import from_dict, save_json, to_dict
+from ..data.tokenizer import Tokenizer
+from ..data.vqa import EASY_VQA, EASY_VQA_VAL_FRACTION, VQASet, build_answer_vocab, load_pixels, read_vqa, \
+    soft_scores, split_images
+from ..errors import DataError
+from ..evaluation.vqa import predict_set, score_answers
+from ..models.vqa import VQAModel, VQAModelConfig, VQANetwork, make_question_tokenizer, soft_cross_entropy
+from .trainer import TrainConfig, Trainer
+
+
+@dataclasses.dataclass
+class VQADataConfig:
+    path: str = EASY_VQA             # 'easy-vqa', a JSONL file, or a folder with <split>.jsonl files
+    train_split: str = "train"
+    val_split: str = ""              # empty: hold out val_fraction of the training images instead
+    val_fraction: float = EASY_VQA_VAL_FRACTION
+    test_split: str = "test"         # scored with the best checkpoint after training (empty: skip)
+    min_count: int = 1               # question words seen fewer times map to <unk>
+    max_answers: int = 1000          # answer vocabulary: the most frequent training answers
+    train_limit: int = 0             # use only the first N training questions (0 = all)
+    val_limit: int = 0
+    flip: bool = False               # random horizontal flips (safe when no question mentions left/right)
+
+
+# VQA's own training defaults (a batch is 32 images with all their questions); keys a config sets win
+TRAIN_DEFAULTS = {"select_metric": "accuracy", "out_dir": "runs/vqa", "lr": 2e-3, "batch_size": 32,
+                  "warmup_steps": 100, "epochs": 12, "patience": 4, "checkpoint_every": 0}
+
+
+@dataclasses.dataclass
+class VQAExperiment:
+    task: str = "vqa"
+    data: VQADataConfig = dataclasses.field(default_factory=VQADataConfig)
+    model: VQAModelConfig = dataclasses.field(default_factory=VQAModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(**TRAIN_DEFAULTS))
+
+
+def parse_experiment(raw_config: dict) -> VQAExperiment:
+    """Typed experiment from a mapping, with VQA's training defaults under whatever the mapping sets."""
+    raw = dict(raw_config)
+    raw["train"] = {**TRAIN_DEFAULTS, **(raw.get("train") or {})}
+    return from_dict(VQAExperiment, raw)
+
+
+def load_splits(cfg: VQADataConfig) -> Tuple[VQASet, VQASet]:
+    train = read_vqa(cfg.path, cfg.train_split).limit_questions(cfg.train_limit)
+    if cfg.val_split:
+        val = read_vqa(cfg.path, cfg.val_split)
+    else:
+        train, val = split_images(train, cfg.val_fraction, seed=0)
+    return train, val.limit_questions(cfg.val_limit)
+
+
+def encode_items(data: VQASet, tokenizer, answers: List[str], max_len: int) -> List[Tuple[int, list]]:
+    """One item per image: (image index, [(question ids, {answer index: score}), ...])."""
+    index = {a: i for i, a in enumerate(answers)}
+    per_image: Dict[int, list] = {}
+    for q in data.questions:
+        targets = {index[a]: s for a, s in soft_scores(q.answers).items() if a in index}
+        per_image.setdefault(q.image, []).append((torch.tensor(tokenizer.encode(q.question, max_len)), targets))
+    return sorted(per_image.items())
+
+
+def make_collate(acts: torch.Tensor, num_answers: int, pad_id: int, flip: bool):
+    def collate(items):
+        images = torch.tensor([i for i, _ in items])
+        batch_acts = acts[images].float()  # (M, ...)
+        if flip:
+            mirror = torch.rand(len(items)) < 0.5
+            batch_acts[mirror] = batch_acts[mirror].flip(-1)
+        image_index, seqs, targets = [], [], []
+        for m, (_, questions) in enumerate(items):
+            for ids, scores in questions:
+                image_index.append(m)
+                seqs.append(ids)
+                row = torch.zeros(num_answers)
+                for a, s in scores.items():
+                    row[a] = s
+                targets.append(row)
+        ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=pad_id)
+        return batch_acts, torch.tensor(image_index), ids, ids != pad_id, torch.stack(targets)
+    return collate
+
+
+def vqa_loss(net, batch) -> Dict[str, torch.Tensor]:
+    acts, image_index, ids, mask, targets = batch
+    logits = net(acts, image_index, ids, mask)  # (Q, A)
+    loss = soft_cross_entropy(logits, targets)
+    acc = targets.gather(1, logits.argmax(-1, keepdim=True)).clamp(max=1).mean()
+    return {"loss": loss, "acc": acc.detach()}
+
+
+def prepare_images(network: VQANetwork, data: VQASet, progress: bool) -> Tuple[torch.Tensor, VQASet]:
+    """Decode + transform every image once, run the frozen stem once; drop questions about unreadable images."""
+    pixels, kept, errors = load_pixels(data.images, network.vision.transform, progress, desc=f"images {data.name}")
+    for err in errors:
+        tqdm.write(f"skipped image: {err}", file=sys.stderr)
+    if errors:
+        data = data.subset_images(kept)
+    return network.stem_activations(pixels, progress=progress and len(pixels) > 1000), data
+
+
+def train(raw_config: dict, resume: bool = False) -> Dict:
+    """Train a VQA model from a config mapping (see VQAExperiment); returns a summary (with test accuracy)."""
+    exp = parse_experiment(raw_config)
+    t_start = time.time()
+    train_set, val_set = load_splits(exp.data)
+    for line in train_set.skipped:
+        tqdm.write(f"skipped {line}", file=sys.stderr)
+    if train_set.skipped:
+        tqdm.write(f"{len(train_set.skipped)} bad lines skipped in {train_set.name}; training goes on", file=sys.stderr)
+    out = Path(exp.train.out_dir)
+    answers = build_answer_vocab(train_set, exp.data.max_answers)
+    if not answers:
+        raise DataError(f"no answers found in {train_set.name}")
+    tokenizer = _question_tokenizer(exp, train_set, out, resume)
+    model_cfg = dataclasses.replace(exp.model, num_answers=len(answers), vocab_size=len(tokenizer))
+    network = VQANetwork(model_cfg)
+    train_acts, train_set = prepare_images(network, train_set, exp.train.progress)
+    val_acts, val_set = prepare_images(network, val_set, exp.train.progress)
+    prep_minutes = (time.time() - t_start) / 60
+    items = encode_items(train_set, tokenizer, answers, model_cfg.max_question_len)
+    resolved = to_dict(dataclasses.replace(exp, model=model_cfg))
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out)
+    save_json(resolved, out / "config.resolved.json")
+
+    def evaluate(net: VQANetwork) -> Dict[str, float]:
+        preds = predict_set(VQAModel(net, tokenizer, answers), val_set, val_acts)
+        return {k: v for k, v in score_answers(val_set, [p.answer for p in preds]).items() if isinstance(v, float)}
+
+    def save_best(net: VQANetwork, directory: Path) -> None:
+        VQAModel(net, tokenizer, answers).save_pretrained(directory, training=resolved)
+
+    pad_id = getattr(tokenizer, "pad_id", 0)
+    trainer = Trainer(network, items, make_collate(train_acts, len(answers), pad_id, exp.data.flip), vqa_loss,
+                      evaluate, save_best, exp.train)
+    if resume and trainer.resume():
+        tqdm.write(f"resumed from {trainer.last_path} at epoch {trainer.state['epoch'] + 1}")
+    t_train = time.time()
+    result = trainer.fit()
+    train_minutes = (time.time() - t_train) / 60
+    summary = {"best_val_" + exp.train.select_metric: result["best"], "best_epoch": result["best_epoch"],
+               "epochs_run": len(result["history"]), "train_images": len(train_set.images),
+               "train_questions": len(train_set), "val_questions": len(val_set), "answers": len(answers),
+               "question_vocab": len(tokenizer), "skipped_lines": len(train_set.skipped),
+               "parameters": sum(p.numel() for p in network.parameters() if p.requires_grad),
+               "prepare_minutes": prep_minutes, "train_minutes": train_minutes, "best_dir": str(out / "best")}
+    if exp.data.test_split:
+        from ..evaluation.vqa import evaluate_model
+
+        best = VQAModel.from_pretrained(out / "best", device=str(trainer.device))
+        test = read_vqa(exp.data.path, exp.data.test_split)
+        summary["test"] = evaluate_model(best, test, progress=exp.train.progress)
+    summary["total_minutes"] = (time.time() - t_start) / 60
+    save_json(summary, out / "summary.json")
+    return summary
+
+
+def _question_tokenizer(exp: VQAExperiment, train_set: VQASet, out: Path, resume: bool):
+    from ..registry import TEXT_ENCODERS
+
+    if TEXT_ENCODERS.get(exp.model.text.name).own_tokenizer:
+        return make_question_tokenizer(exp.model)
+    if resume and (out / "vocab.json").is_file():
+        return Tokenizer.load(out)
+    return Tokenizer.build((q.question for q in train_set.questions), exp.data.min_count)
