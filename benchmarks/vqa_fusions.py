@@ -1,6 +1,7 @@
 """Compare every fusion module on easy-VQA with the same encoders and the same (small) training budget.
 
-    nice -n 10 python benchmarks/vqa_fusions.py --epochs 3            # all modules in FUSIONS
+    nice -n 10 python benchmarks/vqa_fusions.py --epochs 1 train.max_steps=56 train.warmup_steps=15   # the table
+    nice -n 10 python benchmarks/vqa_fusions.py --epochs 3            # all modules in FUSIONS, longer
     nice -n 10 python benchmarks/vqa_fusions.py --fusions mul concat   # a subset
 
 Each run trains ``configs/easyvqa_<fusion>.yaml`` for ``--epochs`` epochs, selects on the held-out val images and
@@ -39,7 +40,9 @@ def main(argv=None) -> int:
     results = json.loads(out.read_text()) if out.is_file() else {}
     results.setdefault("runs", {})
     results.update({"benchmark": "easy-VQA test accuracy per fusion module, same encoders and budget",
-                    "epochs": args.epochs, "machine": f"{platform.machine()} CPU, torch {torch.__version__}, "
+                    "epochs": args.epochs, "overrides": args.overrides,
+                    "command": "nice -n 10 python benchmarks/vqa_fusions.py " + " ".join(argv or sys.argv[1:]),
+                    "machine": f"{platform.machine()} CPU, torch {torch.__version__}, "
                     "1 training thread on a shared 2-core machine (other jobs running)"})
     for name in fusions:
         config_path = ROOT / f"configs/easyvqa_{name}.yaml"
