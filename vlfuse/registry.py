@@ -75,7 +75,6 @@ FUSIONS = Registry("fusion module")
 DECODERS = Registry("decoder")
 HEADS = Registry("task head")
 SEGMENTERS = Registry("text segmenter")
-TASKS = Registry("task")  # task name -> module with train(config_dict) and evaluate(...) entry points
 
 ALL_REGISTRIES = {
     "vision_encoders": VISION_ENCODERS,
