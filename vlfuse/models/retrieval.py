@@ -36,6 +36,7 @@ class RetrievalModelConfig:
     hidden_dim: int = 1024            # width of the projection MLPs
     pool_heads: int = 8
     dropout: float = 0.1
+    cell_dropout: float = 0.0         # training only: drop this fraction of grid cells (feature augmentation)
     init_temperature: float = 0.07
     hard_negative_weight: float = 0.0  # weight of the VSE++ max-violation hinge (0 = pure InfoNCE)
     hard_negative_margin: float = 0.2
@@ -50,21 +51,36 @@ class AttentionPool(nn.Module):
     Costs ~C*heads per cell instead of the C*C of a full key/value projection, which matters on a CPU.
     """
 
-    def __init__(self, in_dim: int, num_heads: int):
+    def __init__(self, in_dim: int, num_heads: int, cell_dropout: float = 0.0):
         super().__init__()
+        self.cell_dropout = cell_dropout
         if in_dim % num_heads:
             raise ConfigError(f"pool_heads ({num_heads}) must divide the image feature size {in_dim}")
         self.num_heads = num_heads
-        self.norm = nn.LayerNorm(in_dim)
+        # No affine part: the score and projection layers absorb it, and a parameter-free normalisation lets
+        # training precompute the normalised cells once (see ``normalize``).
+        self.norm = nn.LayerNorm(in_dim, elementwise_affine=False)
         self.score = nn.Linear(in_dim, num_heads)
 
-    def forward(self, grid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        x = self.norm(grid)  # (B, N, C)
+    def normalize(self, grid: torch.Tensor) -> torch.Tensor:
+        return self.norm(grid)
+
+    def forward(self, grid: torch.Tensor, normalized: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """grid (B, N, C) -> pooled (B, C) and the attention (B, N, heads)."""
+        x = grid if normalized else self.norm(grid)  # (B, N, C)
         b, n, c = x.shape
-        attn = self.score(x).softmax(1)  # (B, N, H)
+        scores = self.score(x)  # (B, N, H)
+        if self.training and self.cell_dropout > 0:
+            keep = torch.rand(b, n, 1, device=x.device) >= self.cell_dropout
+            keep[:, 0] |= ~keep.any(1)  # at least one cell survives
+            scores = scores.masked_fill(~keep, float("-inf"))
+            mean = (x * keep).sum(1) / keep.sum(1)
+        else:
+            mean = x.mean(1)
+        attn = scores.softmax(1)
         heads = x.view(b, n, self.num_heads, c // self.num_heads)  # (B, N, H, C/H)
         pooled = torch.einsum("bnh,bnhd->bhd", attn, heads).reshape(b, c)  # (B, C)
-        return pooled + x.mean(1), attn
+        return pooled + mean, attn
 
 
 class Projection(nn.Module):
@@ -91,7 +107,7 @@ class DualEncoder(nn.Module):
         if not self.text.own_tokenizer:
             raise ConfigError(f"retrieval needs a pretrained text encoder with its own tokenizer (minilm), "
                               f"not '{config.text.name}'")
-        self.pool = AttentionPool(self.vision.out_dim, config.pool_heads)
+        self.pool = AttentionPool(self.vision.out_dim, config.pool_heads, config.cell_dropout)
         self.image_proj = Projection(self.vision.out_dim, config.hidden_dim, config.embed_dim, config.dropout)
         self.text_proj = Projection(self.text.out_dim, config.hidden_dim, config.embed_dim, config.dropout)
         self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1.0 / config.init_temperature))))
@@ -103,8 +119,18 @@ class DualEncoder(nn.Module):
 
     # -- towers -----------------------------------------------------------------------------------
     def embed_grid(self, image: ImageFeatures) -> torch.Tensor:
-        pooled, _ = self.pool(image.grid)  # (B, hidden)
+        return self.embed_cells(image.grid)
+
+    def embed_cells(self, cells: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+        """Grid cells (B, N, C), raw or already ``pool.normalize``-d -> unit vectors (B, D)."""
+        pooled, _ = self.pool(cells, normalized)  # (B, C)
         return F.normalize(self.image_proj(pooled), dim=-1)  # (B, D)
+
+    @torch.no_grad()
+    def frozen_cells(self, acts: torch.Tensor) -> torch.Tensor:
+        """Cached stem activations -> normalised grid cells (B, N, C), the image tower's input when the
+        vision encoder is frozen; training precomputes these once."""
+        return self.pool.normalize(self.vision.tail(acts.float()).grid)
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> the text encoder's pooled output (B, text_dim), before projection."""
@@ -115,11 +141,12 @@ class DualEncoder(nn.Module):
         return F.normalize(self.text_proj(F.normalize(pooled.float(), dim=-1)), dim=-1)  # (B, D)
 
     # -- training ---------------------------------------------------------------------------------
-    def forward(self, acts: torch.Tensor, text: torch.Tensor, image_ids: torch.Tensor,
+    def forward(self, cells: torch.Tensor, text: torch.Tensor, image_ids: torch.Tensor,
                 mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """Cached stem activations + captions -> losses. ``text`` is either the cached pooled text
-        features (B, text_dim) or token ids (B, T) with ``mask``; ``image_ids`` (B,) marks captions of one image."""
-        img = self.embed_grid(self.vision.tail(acts))
+        """Training entry point. ``cells`` are precomputed ``frozen_cells`` (B, N, C); ``text`` is either the
+        cached pooled text features (B, text_dim) or token ids (B, T) with ``mask``; ``image_ids`` (B,) marks
+        captions of one image."""
+        img = self.embed_cells(cells.float(), normalized=True)
         pooled = self.encode_text(text, mask) if mask is not None else text
         return self.loss(img, self.embed_text_features(pooled), image_ids)
 

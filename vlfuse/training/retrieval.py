@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..config import from_dict, save_json, to_dict
 from ..data.captions import CaptionSet
 from ..data.features import FeatureCache
+from ..errors import ConfigError
 from ..evaluation.retrieval import recall_metrics
 from ..models.retrieval import DualEncoder, RetrievalModelConfig, Retriever
 from ..models.text import pad_batch
@@ -35,6 +36,7 @@ class RetrievalDataConfig:
     text_cache_dir: str = "cache/text"     # pooled frozen text-encoder outputs per caption
     train_limit: int = 0
     val_limit: int = 0
+    hflip: float = 0.0                     # probability of mirroring an image's feature grid (augmentation)
 
 
 @dataclasses.dataclass
@@ -76,19 +78,32 @@ def cached_text_features(model: DualEncoder, tokenizer, captions: Sequence[str],
     return feats
 
 
+@torch.no_grad()
+def frozen_cells(model: DualEncoder, acts: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Cached stem activations (M, ...) -> normalised grid cells (M, N, C) fp16, computed once."""
+    return torch.cat([model.frozen_cells(acts[s:s + batch_size]).half() for s in range(0, len(acts), batch_size)])
+
+
 def caption_rows(data: CaptionSet) -> Tuple[List[str], List[int]]:
     """All captions of ``data`` in order, and the image index of each."""
     pairs = data.pairs()
     return [c for _, c in pairs], [i for i, _ in pairs]
 
 
-def make_collate(image_feats: torch.Tensor, text_feats: torch.Tensor | None, tokens: List[List[int]] | None):
+def make_collate(image_feats: torch.Tensor, text_feats: torch.Tensor | None, tokens: List[List[int]] | None,
+                 hflip: float = 0.0):
     """Items are (image index, its caption rows); each batch pairs every image with one of its captions
     drawn at random, so an epoch visits every image once and no batch holds an image twice."""
     def collate(items):
         img = torch.tensor([i for i, _ in items])
         rows = [r[int(torch.randint(len(r), ()))] for _, r in items]
-        acts = image_feats[img].float()
+        acts = image_feats[img]  # (B, N, C) normalised cells of a square grid
+        if hflip > 0:
+            b, n, c = acts.shape
+            side = int(round(n ** 0.5))
+            flip = torch.rand(b) < hflip
+            acts = acts.clone()
+            acts[flip] = acts[flip].view(-1, side, side, c).flip(2).reshape(-1, n, c)  # mirror left-right
         if text_feats is not None:
             return acts, text_feats[torch.tensor(rows)].float(), img
         ids, mask = pad_batch([tokens[r] for r in rows])
@@ -101,7 +116,7 @@ def score_split(model: DualEncoder, image_feats: torch.Tensor, text: torch.Tenso
                 owner: Sequence[int], batch_size: int = 250) -> Dict[str, float]:
     """Recall metrics of ``model`` on cached image features and cached text features (or token id lists)."""
     model.eval()
-    imgs = torch.cat([model.embed_grid(model.vision.tail(image_feats[s:s + batch_size].float()))
+    imgs = torch.cat([model.embed_cells(image_feats[s:s + batch_size].float(), normalized=True)
                       for s in range(0, len(image_feats), batch_size)])
     txts = []
     for s in range(0, len(text), batch_size):
@@ -126,6 +141,10 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     val_feats, val_set, bad_val = cached_features(cache, val_set, exp.train.progress)
     for _, err in bad_train + bad_val:
         tqdm.write(f"skipped image: {err}")
+    if any(p.requires_grad for p in model.vision.parameters()):
+        raise ConfigError("retrieval training runs on cached features: keep the vision encoder frozen "
+                          "(trainable_blocks: 0)")
+    train_feats, val_feats = frozen_cells(model, train_feats), frozen_cells(model, val_feats)
     train_caps, train_owner = caption_rows(train_set)
     val_caps, val_owner = caption_rows(val_set)
     if model.text_frozen:
@@ -154,7 +173,7 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     def save_best(m: DualEncoder, directory: Path) -> None:
         Retriever(m, tokenizer, exp.name).save_pretrained(directory, training=resolved)
 
-    trainer = Trainer(model, items, make_collate(train_feats, train_text, train_tokens), lambda net, b: net(*b), evaluate,
+    trainer = Trainer(model, items, make_collate(train_feats, train_text, train_tokens, exp.data.hflip), lambda net, b: net(*b), evaluate,
                       save_best, exp.train)
     if resume and trainer.resume():
         tqdm.write(f"resumed from {trainer.last_path} at epoch {trainer.state['epoch'] + 1}")
