@@ -31,6 +31,12 @@ async function api(path, options = {}) {
   return body;
 }
 
+// Each panel shows only the answer to its latest request: a slower, older response (say the caption for the
+// previous photo, or for the old beam width) that arrives late is dropped instead of overwriting the new one.
+const latest = {};
+function startRequest(panel) { latest[panel] = (latest[panel] || 0) + 1; return latest[panel]; }
+function isStale(panel, ticket) { return latest[panel] !== ticket; }
+
 async function loadModels() {
   try {
     const info = await api("/v1/models");
@@ -75,12 +81,15 @@ async function captionPhoto() {
   form.append("image", photo);
   form.append("beam", $("beam").value);
   $("caption").textContent = "Captioning…";
+  const ticket = startRequest("caption");
   try {
     const r = await api("/v1/caption", { method: "POST", body: form });
+    if (isStale("caption", ticket)) return;
     $("caption").textContent = r.caption;
     $("caption").title = `score ${r.score.toFixed(3)}, beam ${r.beam}`;
     showError("");
   } catch (e) {
+    if (isStale("caption", ticket)) return;
     $("caption").textContent = "";
     showError(e.message);
   }
@@ -96,8 +105,10 @@ async function askQuestion() {
   form.append("image", photo);
   form.append("question", question);
   $("answer").textContent = "Thinking…";
+  const ticket = startRequest("answer");
   try {
     const r = await api("/v1/vqa", { method: "POST", body: form });
+    if (isStale("answer", ticket)) return;
     const answer = $("answer");
     answer.textContent = "";
     const main = document.createElement("strong");
@@ -113,6 +124,7 @@ async function askQuestion() {
     }
     showError("");
   } catch (e) {
+    if (isStale("answer", ticket)) return;
     $("answer").textContent = "";
     showError(e.message);
   }
@@ -146,10 +158,14 @@ async function showHits(result) {
 
 async function search(body, headers) {
   $("search-status").textContent = "Searching…";
+  const ticket = startRequest("search");
   try {
-    showHits(await api("/v1/search", { method: "POST", body, headers }));
+    const result = await api("/v1/search", { method: "POST", body, headers });
+    if (isStale("search", ticket)) return;
+    showHits(result);
     showError("");
   } catch (e) {
+    if (isStale("search", ticket)) return;
     $("search-status").textContent = "";
     $("hits").textContent = "";
     showError(e.message);
