@@ -86,3 +86,29 @@ def test_two_process_data_parallel_training(tmp_path, feature_cache):
     assert sorted(p.name for p in run.iterdir()) == ["best", "config.resolved.json", "curves.png", "last.pt",
                                                      "metrics.jsonl", "summary.json", "vocab.json"]
     Captioner.from_pretrained(run / "best")
+
+
+def test_scst_fine_tunes_a_trained_model(tmp_path, feature_cache, trained_run):
+    """scst.init_from: self-critical training starts from a trained model (no cross-entropy phase), samples
+    captions, logs the CIDEr reward, changes the weights, and keeps whichever model is better on val."""
+    from safetensors.torch import load_file
+
+    config = tiny_config(tmp_path, feature_cache)
+    config["scst"] = {"epochs": 1, "samples": 3, "batch_images": 8, "lr": 1e-3, "max_len": 8, "warmup_steps": 1,
+                      "init_from": str(trained_run / "best")}
+    cfg = write_config(tmp_path / "c.json", config)
+    assert main(["train", "--config", str(cfg)]) == 0
+    run = tmp_path / "run"
+    assert not (run / "metrics.jsonl").exists()  # no cross-entropy epochs were run
+    hist = records(run / "scst")
+    assert [h["step"] for h in hist] == [3]  # 24 images / 8 per step
+    assert 0 <= hist[0]["train_reward"] and "val_CIDEr" in hist[0]
+    start = load_file(str(trained_run / "best" / "model.safetensors"))
+    tuned = torch.load(run / "scst" / "last.pt", weights_only=False)["model"]
+    assert any(not torch.allclose(start[k].float(), tuned[k].float(), atol=1e-4) for k in start if k in tuned)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_dir"] in (str(run / "best"), str(run / "scst" / "best"))
+    assert (run / "vocab.json").read_text() == (trained_run / "best" / "vocab.json").read_text()
+
+    config["scst"]["epochs"] = 0  # init_from without an SCST phase is a config mistake, said plainly
+    assert main(["train", "--config", str(write_config(tmp_path / "bad.json", config))]) != 0

@@ -15,7 +15,7 @@ from ..data.captions import CaptionSet, read_captions
 from ..data.features import FeatureCache
 from ..data.tokenizer import PAD, Tokenizer
 from ..decoding import DecodeConfig
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..models.captioner import CaptionModel, CaptionModelConfig, Captioner
 from ..models.vision import ImageFeatures
 from .scst import SCSTConfig, make_scst_loss
@@ -103,13 +103,16 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     train_set = load_split(exp.data, exp.data.train_split, exp.data.train_limit)
     val_set = load_split(exp.data, exp.data.val_split, exp.data.val_limit)
     out = Path(exp.train.out_dir)
-    if resume and (out / "vocab.json").is_file():
+    init = _initial_model(exp)
+    if init is not None:
+        tokenizer = init.tokenizer
+    elif resume and (out / "vocab.json").is_file():
         tokenizer = Tokenizer.load(out)
     else:
         tokenizer = Tokenizer.build((c for caps in train_set.captions for c in caps), exp.data.min_count,
                                     segmenter=exp.data.segmenter)
     seed_everything(exp.train.seed)  # initial weights too, not only the training order, follow train.seed
-    model = CaptionModel(exp.model, len(tokenizer))
+    model = init.model.train() if init is not None else CaptionModel(exp.model, len(tokenizer))
     cache = FeatureCache(exp.data.cache_dir, model.vision)
     train_feats, train_set, bad_train = cached_features(cache, train_set, exp.train.progress)
     val_feats, val_set, bad_val = cached_features(cache, val_set, exp.train.progress)
@@ -133,12 +136,18 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     def save_best(m: CaptionModel, directory: Path) -> None:
         Captioner(m, tokenizer).save_pretrained(directory, training=resolved)
 
-    trainer = Trainer(model, items, make_collate(train_feats), lambda net, b: net(*b), evaluate, save_best,
-                      exp.train, lengths=[len(t) for _, t in items], frozen_prefixes=model.persistent_prefixes())
-    if resume and trainer.resume():
-        tqdm.write(f"resumed from {trainer.last_path} at epoch {trainer.state['epoch'] + 1}, "
-                   f"step {trainer.state['global_step']}")
-    result = trainer.fit()
+    if init is not None:  # SCST only: the given model stands in for the cross-entropy phase's best
+        if not (resume and (out / "best" / "model.safetensors").is_file()):
+            save_best(model, out / "best")
+        result = {"best": evaluate(model)[exp.train.select_metric], "best_epoch": 0}
+        tqdm.write(f"starting SCST from {exp.scst.init_from}: val {exp.train.select_metric} {result['best']:.4f}")
+    else:
+        trainer = Trainer(model, items, make_collate(train_feats), lambda net, b: net(*b), evaluate, save_best,
+                          exp.train, lengths=[len(t) for _, t in items], frozen_prefixes=model.persistent_prefixes())
+        if resume and trainer.resume():
+            tqdm.write(f"resumed from {trainer.last_path} at epoch {trainer.state['epoch'] + 1}, "
+                       f"step {trainer.state['global_step']}")
+        result = trainer.fit()
     best_dir = out / "best"
     if exp.scst.epochs:
         result, best_dir = _scst_phase(exp, model, tokenizer, train_set, train_feats, evaluate, save_best,
@@ -151,6 +160,19 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
                "best_dir": str(best_dir)}
     save_json(summary, out / "summary.json")
     return summary
+
+
+def _initial_model(exp: CaptionExperiment) -> Optional[Captioner]:
+    """The trained model named by ``scst.init_from`` (its own parts and vocabulary win over ``model:``)."""
+    if not exp.scst.init_from:
+        return None
+    if not exp.scst.epochs:
+        raise ConfigError("scst.init_from is set but scst.epochs is 0: nothing would be trained")
+    init = Captioner.from_pretrained(exp.scst.init_from, device="cpu")
+    if to_dict(init.model.config) != to_dict(exp.model):
+        tqdm.write(f"note: using the model parts of {exp.scst.init_from}, not the config's model section")
+        exp.model = init.model.config
+    return init
 
 
 def _scst_phase(exp: CaptionExperiment, model: CaptionModel, tokenizer: Tokenizer, train_set: CaptionSet,

@@ -28,6 +28,7 @@ class SCSTConfig:
     batch_images: int = 32
     max_len: int = 16
     warmup_steps: int = 20
+    init_from: str = ""      # a trained caption model (built-in name or directory): skip cross-entropy, start here
 
 
 def make_scst_loss(model: CaptionModel, tokenizer: Tokenizer, references: List[List[str]], cfg: SCSTConfig):
