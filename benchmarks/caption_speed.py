@@ -28,15 +28,18 @@ def sample_images(directory: str, n: int):
     return sorted(p for p in d.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:n]
 
 
-def per_image_ms(fn, items, repeats: int = 1) -> float:
-    fn(items[0])  # warm-up
-    times = []
+def interleaved_ms(fns, items, repeats: int = 2):
+    """Median ms per call of each fn, measured in turn on the same item (so machine noise hits all alike)."""
+    for fn in fns:
+        fn(items[0])  # warm-up
+    times = [[] for _ in fns]
     for _ in range(repeats):
         for it in items:
-            t = time.perf_counter()
-            fn(it)
-            times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
+            for fn, ts in zip(fns, times):
+                t = time.perf_counter()
+                fn(it)
+                ts.append((time.perf_counter() - t) * 1000)
+    return [statistics.median(ts) for ts in times]
 
 
 def main() -> None:
@@ -58,10 +61,15 @@ def main() -> None:
     pixels = [cap.preprocess([p]) for p in paths]
     greedy, beam3 = DecodeConfig(strategy="greedy"), DecodeConfig(strategy="beam", beam_size=3)
 
-    enc_ms = per_image_ms(lambda x: cap.encode(x), pixels, repeats=2)
-    greedy_ms = per_image_ms(lambda p: cap.caption_features(cap.encode(cap.preprocess([p])), greedy), paths)
-    beam_ms = per_image_ms(lambda p: cap.caption_features(cap.encode(cap.preprocess([p])), beam3), paths)
-    decode_only_greedy = per_image_ms(lambda x: cap.caption_features(cap.encode(x), greedy), pixels) - enc_ms
+    # one item = (path, pixels): encoder-only on ready pixels; end to end = load + preprocess + encode + decode
+    items = list(zip(paths, pixels))
+    enc_ms, greedy_ms, beam_ms, enc_greedy_ms = interleaved_ms([
+        lambda it: cap.encode(it[1]),
+        lambda it: cap.caption_features(cap.encode(cap.preprocess([it[0]])), greedy),
+        lambda it: cap.caption_features(cap.encode(cap.preprocess([it[0]])), beam3),
+        lambda it: cap.caption_features(cap.encode(it[1]), greedy),
+    ], items)
+    decode_only_greedy = enc_greedy_ms - enc_ms
 
     def throughput(decode) -> float:
         imgs = [load_image(p) for p in paths]  # decoded in memory so the figure is the model's speed

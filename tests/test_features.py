@@ -25,6 +25,9 @@ class CountingEncoder(torch.nn.Module):
         self.seen += len(pixels)
         return self.inner.stem(pixels)
 
+    def stem_chunked(self, pixels):
+        return torch.cat([self.stem(c) for c in pixels.split(self.inner.cpu_inference_chunk)])
+
 
 def encoder(size=32, **kw):
     return CountingEncoder(VISION_ENCODERS.build("small-cnn", image_size=size), **kw)

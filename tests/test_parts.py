@@ -44,3 +44,19 @@ def test_forward_backward_every_combination(fusion, decoder):
     # the vision tail and the word embeddings are trained through the same loss
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision.parameters())
     assert model.decoder.embed.weight.grad.abs().sum() > 0
+
+
+def test_vision_encoder_inference_chunks_match_one_batch():
+    """On CPU without gradients the encoder runs in chunks of ``cpu_inference_chunk`` (faster per image);
+    the result must not depend on it."""
+    from vlfuse.registry import VISION_ENCODERS
+
+    enc = VISION_ENCODERS.build("small-cnn", image_size=32).eval()
+    pixels = torch.randn(11, 3, 32, 32)
+    with torch.no_grad():
+        chunked = enc(pixels)
+        stem_chunked = enc.stem_chunked(pixels)
+        enc.cpu_inference_chunk = 64
+        whole = enc(pixels)
+    assert torch.allclose(chunked.grid, whole.grid, atol=1e-5) and torch.allclose(chunked.pooled, whole.pooled, atol=1e-5)
+    assert torch.allclose(stem_chunked, enc.stem(pixels), atol=1e-6) and chunked.grid.shape[0] == 11

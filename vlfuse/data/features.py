@@ -65,7 +65,7 @@ class FeatureCache:
                     failures.append((str(paths[i]), str(exc)))
                     digests[i] = None
             if pixels:
-                acts = self.encoder.stem(torch.stack(pixels).to(device)).float().cpu().numpy().astype(np.float16)
+                acts = self.encoder.stem_chunked(torch.stack(pixels).to(device)).float().cpu().numpy().astype(np.float16)
                 for d, a in zip(chunk, acts):
                     self._write(d, a)
             bar.update(len(todo[start:start + batch_size]))

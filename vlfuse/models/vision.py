@@ -40,11 +40,29 @@ class VisionEncoder(nn.Module):
         raise NotImplementedError
 
     def forward(self, images: torch.Tensor) -> ImageFeatures:
+        if self._chunked(images):
+            parts = [self._encode(c) for c in images.split(self.cpu_inference_chunk)]
+            return ImageFeatures(torch.cat([p.grid for p in parts]), torch.cat([p.pooled for p in parts]))
+        return self._encode(images)
+
+    def stem_chunked(self, images: torch.Tensor) -> torch.Tensor:
+        """``stem`` for feature caching: on CPU without gradients it runs in cache-friendly chunks."""
+        if self._chunked(images):
+            return torch.cat([self.stem(c) for c in images.split(self.cpu_inference_chunk)])
+        return self.stem(images)
+
+    def _chunked(self, images: torch.Tensor) -> bool:
+        return images.device.type == "cpu" and not torch.is_grad_enabled() and len(images) > self.cpu_inference_chunk
+
+    def _encode(self, images: torch.Tensor) -> ImageFeatures:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.stem_trainable):
             acts = self.stem(images)
         return self.tail(acts)
 
     stem_trainable = False
+    # Images per CNN call at inference on CPU. Small chunks keep the activations cache-resident: on the 2-core
+    # reference CPU, EfficientNet-Lite0 runs ~9 ms/image in chunks of 4 against ~18-21 ms/image at batch 32.
+    cpu_inference_chunk = 4
 
     @property
     def cache_key(self) -> str:

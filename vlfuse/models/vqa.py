@@ -112,7 +112,7 @@ class VQANetwork(nn.Module):
         chunks = []
         for s in tqdm(range(0, len(pixels), batch_size), desc="image stem", unit="batch", disable=not progress,
                       dynamic_ncols=True):
-            chunks.append(self.vision.stem(pixels[s:s + batch_size].float().to(device)).half().cpu())
+            chunks.append(self.vision.stem_chunked(pixels[s:s + batch_size].float().to(device)).half().cpu())
         return torch.cat(chunks)
 
     def persistent_prefixes(self) -> Tuple[str, ...]:

@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODELS = {"caption": "flickr8k-caption", "vqa": "easyvqa", "retrieval": "flickr8k-retrieval"}
 DISABLED = "none"
-ENCODE_CHUNK = 4  # images per vision-encoder call inside one batch
 
 
 @dataclasses.dataclass
@@ -147,16 +146,11 @@ class ServiceModels:
         return self.captioner.preprocess([image])
 
     def caption_batch(self, decode: DecodeConfig, pixels: Sequence[Any]) -> List[Any]:
-        """Encode in chunks (the CNN's activations dominate peak memory, and it gains little from large
-        batches), then decode the whole batch at once (where batching pays: one step loop for all)."""
+        """Encode (the vision encoder runs CPU batches in small cache-friendly chunks itself), then decode the
+        whole batch at once (where batching pays: one step loop for all)."""
         import torch
 
-        from ..models.vision import ImageFeatures
-
-        chunks = [self.captioner.encode(torch.cat(list(pixels[i:i + ENCODE_CHUNK])))  # (b, 3, H, W) -> features
-                  for i in range(0, len(pixels), ENCODE_CHUNK)]
-        feats = ImageFeatures(torch.cat([c.grid for c in chunks]), torch.cat([c.pooled for c in chunks]))
-        return self.captioner.caption_features(feats, decode)
+        return self.captioner.caption_features(self.captioner.encode(torch.cat(list(pixels))), decode)
 
     # -- VQA ------------------------------------------------------------------------------------------
     def vqa_batch(self, top_k: int, items: Sequence[Tuple[Any, str]]) -> List[Any]:
