@@ -215,3 +215,26 @@ def test_cli_missing_and_corrupt_index_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "corrupt" in err and "Traceback" not in err
     assert main(["index", "add", str(tmp_path / "bad.idx"), str(tmp_path)]) == 2
+
+
+def test_cli_trains_a_loadable_dual_encoder(tmp_path, feature_cache):
+    """`vlfuse train` on a retrieval config: 24 real train photos, 8 val; the best checkpoint loads and embeds."""
+    import json
+
+    from conftest import write_config
+
+    cfg = write_config(tmp_path / "r.json", {
+        "task": "retrieval", "name": "tiny-retrieval",
+        "data": {"path": str(DATA), "train_limit": 24, "val_limit": 8, "cache_dir": str(feature_cache),
+                 "text_cache_dir": str(tmp_path / "text"), "hflip": 0.5},
+        "model": {"embed_dim": 32, "hidden_dim": 64, "pool_heads": 4},
+        "train": {"epochs": 2, "batch_size": 32, "warmup_steps": 2, "out_dir": str(tmp_path / "run"),
+                  "progress": False, "checkpoint_every": 0, "threads": 2}})
+    assert main(["train", "--config", str(cfg)]) == 0
+    hist = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in hist] == [1, 2] and all(0 <= h["val_rsum"] <= 600 for h in hist)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["train_images"] == 24 and summary["train_captions"] == 120 and summary["val_images"] == 8
+    model = Retriever.from_pretrained(tmp_path / "run" / "best")
+    vectors = model.embed_texts(["a dog runs on the grass", "two children play in the water"])
+    assert vectors.shape == (2, 32) and torch.allclose(torch.as_tensor(vectors).norm(dim=-1), torch.ones(2), atol=1e-4)

@@ -65,11 +65,23 @@ def from_dict(cls: Type[T], data: Any, path: str = "") -> T:
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f" Did you mean '{(path + '.' if path else '') + close[0]}'?" if close else ""
             raise ConfigError(f"unknown config key '{full}'.{hint} Valid keys here: {', '.join(fields)}")
-        kwargs[key] = _convert(hints[key], value, full)
+        kwargs[key] = _convert(hints[key], _over_default(fields[key], hints[key], value), full)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid config section '{path or '<root>'}': {exc}") from exc
+
+
+def _over_default(field: dataclasses.Field, tp: Any, value: Any) -> Any:
+    """A partial mapping for a nested section fills in over that section's own default, so e.g. a retrieval
+    experiment's ``train: {epochs: 2}`` keeps the experiment's ``select_metric: rsum``, not TrainConfig's."""
+    tp = _strip_optional(tp)
+    if (isinstance(value, dict) and tp is not Part and dataclasses.is_dataclass(tp)
+            and field.default_factory is not dataclasses.MISSING):
+        default = field.default_factory()
+        if dataclasses.is_dataclass(default):
+            return {**to_dict(default), **value}
+    return value
 
 
 def _convert(tp: Any, value: Any, path: str) -> Any:
