@@ -60,3 +60,27 @@ def test_vision_encoder_inference_chunks_match_one_batch():
         whole = enc(pixels)
     assert torch.allclose(chunked.grid, whole.grid, atol=1e-5) and torch.allclose(chunked.pooled, whole.pooled, atol=1e-5)
     assert torch.allclose(stem_chunked, enc.stem(pixels), atol=1e-6) and chunked.grid.shape[0] == 11
+
+
+def test_minilm_matches_transformers_on_real_captions():
+    """Our plain-PyTorch MiniLM (no `transformers` import at run time) gives the same word pieces and hidden
+    states as transformers' BertModel + fast tokenizer, truncation included."""
+    from pathlib import Path
+
+    from transformers import AutoModel, AutoTokenizer
+
+    from vlfuse.data.captions import read_captions
+    from vlfuse.models.text import MiniLMEncoder, WordPieceTokenizer, minilm_path, pad_batch
+
+    flickr = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
+    texts = [c for caps in read_captions(flickr, split="val").subset(12).captions for c in caps]
+    texts += ["Ünïcode café — 北京 dog!!", "", "a " * 80]
+    ours, ref_tok = WordPieceTokenizer(minilm_path()), AutoTokenizer.from_pretrained(str(minilm_path()))
+    ids = [ours.encode(t, max_len=48) for t in texts]
+    assert ids == [ref_tok.encode(t, truncation=True, max_length=50) for t in texts]
+    assert len(ids[-1]) == 50 and ids[-1][0] == ref_tok.cls_token_id and ids[-1][-1] == ref_tok.sep_token_id
+    batch, mask = pad_batch(ids)
+    with torch.no_grad():
+        a = MiniLMEncoder().eval()(batch, mask).tokens
+        b = AutoModel.from_pretrained(str(minilm_path())).eval()(input_ids=batch, attention_mask=mask.long())
+    assert torch.allclose(a[mask], b.last_hidden_state[mask], atol=1e-4)

@@ -86,7 +86,9 @@ def test_minilm_question_encoder_uses_its_own_tokenizer(tmp_path):
     model = VQAModel(net, make_question_tokenizer(config), ANSWERS)
     assert model(shape_image(), "is there a red circle?").answer in ANSWERS
     model.save_pretrained(tmp_path / "m")
-    assert (tmp_path / "m" / "tokenizer_config.json").is_file()
+    assert (tmp_path / "m" / "tokenizer.json").is_file()
+    again = VQAModel.from_pretrained(tmp_path / "m")
+    assert again.tokenizer.encode("is there a red circle?") == model.tokenizer.encode("is there a red circle?")
 
 
 def test_efficientnet_lite0_is_selectable():

