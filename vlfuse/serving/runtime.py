@@ -99,6 +99,10 @@ class ServiceModels:
             if choice.disabled:
                 problems[task] = "disabled at startup"
                 continue
+            if task == "retrieval" and index is None and not choice.explicit:
+                # search needs an index; without one, do not pay for the text encoder's memory
+                problems[task] = "no image index given (start with --index FILE)"
+                continue
             name = choice.name or DEFAULT_MODELS[task]
             try:
                 loaded[task] = LOADERS[task](name, device)
@@ -146,11 +150,14 @@ class ServiceModels:
         return self.captioner.preprocess([image])
 
     def caption_batch(self, decode: DecodeConfig, pixels: Sequence[Any]) -> List[Any]:
-        """Encode (the vision encoder runs CPU batches in small cache-friendly chunks itself), then decode the
-        whole batch at once (where batching pays: one step loop for all)."""
+        """Encode and decode in chunks of ``captioner.cpu_beam_chunk`` images: batching pays up to about 8 on a
+        CPU, and a chunk's activations are freed before the next one, which keeps the server's peak memory low."""
         import torch
 
-        return self.captioner.caption_features(self.captioner.encode(torch.cat(list(pixels))), decode)
+        step, out = self.captioner.cpu_beam_chunk, []
+        for i in range(0, len(pixels), step):
+            out += self.captioner.caption_features(self.captioner.encode(torch.cat(list(pixels[i:i + step]))), decode)
+        return out
 
     # -- VQA ------------------------------------------------------------------------------------------
     def vqa_batch(self, top_k: int, items: Sequence[Tuple[Any, str]]) -> List[Any]:
