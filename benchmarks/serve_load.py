@@ -4,8 +4,9 @@ Starts the server as a subprocess on 127.0.0.1 (never anything else), sends real
 /v1/caption (and, where those models are loaded, /v1/vqa and /v1/search) at concurrency 1, 8 and 32, and records
 requests/s, p50/p95/p99 latency, errors, the server's batch sizes and its peak RSS (VmHWM).
 
-    python benchmarks/serve_load.py --caption-model flickr8k-caption --requests 96
-    -> benchmarks/results/serve_load.json
+    python benchmarks/serve_load.py --caption-model flickr8k-caption --vqa-model easyvqa \
+        --retrieval-model flickr8k-retrieval --endpoints caption,vqa,search
+    -> benchmarks/results/serve_load.json  (with a retrieval model, an index over 1,000 val photos is built first)
 """
 from __future__ import annotations
 
@@ -104,6 +105,18 @@ async def run_level(base: str, key: str, endpoint: str, concurrency: int, total:
                            "p99": round(float(np.percentile(lat, 99)), 1)}}
 
 
+def build_index(model: str, n: int, tmp: Path) -> str:
+    """An index over the first ``n`` val photos (symlinked into one folder), built with `vlfuse index build`."""
+    folder = tmp / "index_photos"
+    folder.mkdir()
+    for name in (DATA / "val.txt").read_text().split()[:n]:
+        (folder / name).symlink_to((DATA / "images" / name).resolve())
+    out = tmp / "val.idx"
+    subprocess.run([sys.executable, "-m", "vlfuse", "index", "build", str(folder), "--out", str(out), "--model", model,
+                    "--no-progress"], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return str(out)
+
+
 def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -124,7 +137,9 @@ def main(argv=None) -> int:
     p.add_argument("--caption-model", default=None)
     p.add_argument("--vqa-model", default=None)
     p.add_argument("--retrieval-model", default=None)
-    p.add_argument("--index", default=None)
+    p.add_argument("--index", default=None, help="image index to search (default with --retrieval-model: one "
+                   "built here over the first --index-images val photos)")
+    p.add_argument("--index-images", type=int, default=1000)
     p.add_argument("--endpoints", default="caption", help="comma-separated: caption,vqa,search (loaded ones only)")
     p.add_argument("--requests", type=int, default=96, help="requests per concurrency level")
     p.add_argument("--concurrency", default="1,8,32")
@@ -144,6 +159,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         keys_file = Path(tmp) / "keys.txt"
         keys_file.write_text(key + "\n")
+        if args.retrieval_model and args.retrieval_model != "none" and not args.index:
+            args.index = build_index(args.retrieval_model, args.index_images, Path(tmp))
         cmd = [sys.executable, "-m", "vlfuse", "serve", "--host", HOST, "--port", str(port), "--api-keys-file",
                str(keys_file), "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms",
                str(args.batch_wait_ms), "--log-level", "warning"]
