@@ -3,6 +3,7 @@ import shutil
 
 import pytest
 
+from conftest import flickr_or_skip
 from vlfuse.evaluation.caption_metrics import score_captions
 
 REFS = {
@@ -50,3 +51,24 @@ def test_metric_subset_and_unmatched_keys():
                             tokenizer="simple")
     assert scores["images"] == 1 and "METEOR" not in scores and "ROUGE-L" not in scores
     assert 0.5 < scores["BLEU-1"] <= 1.0
+
+
+def test_cider_d_reward_matches_pycocoevalcap_with_corpus_idf():
+    """The SCST reward scorer (idf fixed over a corpus) equals pycocoevalcap's CIDEr-D when the corpus is the
+    evaluated set, and gives repetition and empty captions ~0."""
+    import re
+
+    from pycocoevalcap.cider.cider import Cider
+
+    from vlfuse.data.captions import read_captions
+    from vlfuse.evaluation.cider_d import CiderD
+
+    val = read_captions(flickr_or_skip(), split="val").subset(40)
+    refs = [[" ".join(re.findall(r"[a-z]+", r.lower())) for r in caps] for caps in val.captions]
+    hyps = [refs[(i + 1) % len(refs)][0] if i % 3 else refs[i][0] for i in range(len(refs))]  # some right, most wrong
+    ours = [CiderD(refs).score(i, h) for i, h in enumerate(hyps)]
+    mean, theirs = Cider().compute_score({str(i): r for i, r in enumerate(refs)},
+                                         {str(i): [h] for i, h in enumerate(hyps)})
+    assert abs(sum(ours) / len(ours) - mean) < 1e-9 and max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-9
+    scorer = CiderD(refs)
+    assert scorer.score(0, refs[0][0]) > 1.0 > scorer.score(0, "a a a a a a a a a a") and scorer.score(0, "") == 0.0

@@ -1,7 +1,8 @@
 """Self-critical sequence training (Rennie et al. 2017) for caption models, after cross-entropy training.
 
 Each image gets ``samples`` captions sampled from the model (through the one decoding module); the reward
-is each sample's CIDEr-D against the image's references (pycocoevalcap's scorer, idf over the batch) minus
+is each sample's CIDEr-D against the image's references (idf over all training references, see
+:mod:`vlfuse.evaluation.cider_d`) minus
 the mean reward of the other samples of the same image (the "new self-critical" baseline, no greedy pass).
 """
 from __future__ import annotations
@@ -33,12 +34,12 @@ class SCSTConfig:
 
 def make_scst_loss(model: CaptionModel, tokenizer: Tokenizer, references: List[List[str]], cfg: SCSTConfig):
     """loss_fn(net, (acts, image_rows)) for the shared Trainer."""
-    from pycocoevalcap.cider.cider import Cider
+    from ..evaluation.cider_d import CiderD
 
     if dist.is_initialized() and dist.get_world_size() > 1:
         raise ConfigError("scst runs in a single process; start it without torchrun")
     refs_simple = [[" ".join(tokenizer.tokenize(r)) for r in refs] for refs in references]
-    scorer = Cider()
+    scorer = CiderD(refs_simple)
     sample_cfg = DecodeConfig(strategy="sample", top_p=1.0, max_len=cfg.max_len, no_repeat_ngram=0)
 
     def loss_fn(net, batch) -> Dict[str, torch.Tensor]:
@@ -52,9 +53,8 @@ def make_scst_loss(model: CaptionModel, tokenizer: Tokenizer, references: List[L
             sampled = [ids for ids, _ in model.generate(
                 ImageFeatures(expanded.grid.detach(), expanded.pooled.detach()), sample_cfg)]
         model.train(was_training)
-        hyps = {str(i): [" ".join(tokenizer.vocab[t] for t in ids) or "<empty>"] for i, ids in enumerate(sampled)}
-        refs = {str(i): refs_simple[int(rows[i // k])] for i in range(len(sampled))}
-        _, scores = scorer.compute_score(refs, hyps)
+        scores = [scorer.score(int(rows[i // k]), " ".join(tokenizer.vocab[t] for t in ids))
+                  for i, ids in enumerate(sampled)]
         reward = torch.tensor(scores, dtype=torch.float32).view(-1, k)  # (B, K)
         baseline = (reward.sum(1, keepdim=True) - reward) / (k - 1)
         advantage = (reward - baseline).view(-1).to(acts.device)
