@@ -112,3 +112,35 @@ def test_scst_fine_tunes_a_trained_model(tmp_path, feature_cache, trained_run):
 
     config["scst"]["epochs"] = 0  # init_from without an SCST phase is a config mistake, said plainly
     assert main(["train", "--config", str(write_config(tmp_path / "bad.json", config))]) != 0
+
+
+def test_ema_weights_are_validated_saved_and_checkpointed(tmp_path):
+    """With train.ema_decay the trainer validates and saves the moving average, not the live weights, and keeps
+    the average in last.pt so a resumed run continues it."""
+    from vlfuse.training.trainer import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    y = x @ torch.tensor([1.0, -2.0, 3.0, 0.5])
+    model = torch.nn.Linear(4, 1)
+    seen = {"evaluated": []}
+
+    def loss_fn(net, idx):
+        return {"loss": ((net(x[idx]).squeeze(-1) - y[idx]) ** 2).mean()}
+
+    def evaluate(net):
+        seen["evaluated"].append(net.weight.detach().clone())
+        with torch.no_grad():
+            return {"CIDEr": -float(((net(x).squeeze(-1) - y) ** 2).mean())}
+
+    def save_best(net, path):
+        seen["best"] = net.weight.detach().clone()
+
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=0.05, warmup_steps=0, out_dir=str(tmp_path / "run"),
+                      progress=False, checkpoint_every=0, ema_decay=0.9)
+    trainer = Trainer(model, list(range(64)), torch.tensor, loss_fn, evaluate, save_best, cfg)
+    trainer.fit()
+    ema = trainer.ema["weight"]
+    assert torch.equal(seen["evaluated"][-1], ema) and not torch.allclose(ema, model.weight)  # live weights restored
+    assert any(torch.equal(seen["best"], w) for w in seen["evaluated"])
+    assert torch.equal(torch.load(tmp_path / "run" / "last.pt", weights_only=False)["ema"]["weight"], ema)

@@ -8,6 +8,7 @@ Tasks plug in three callables: ``loss_fn(model, batch) -> {"loss": ..., ...}``,
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -43,6 +44,7 @@ class TrainConfig:
     checkpoint_every: int = 500       # also checkpoint mid-epoch every N steps (0 = only at epoch ends)
     max_steps: int = 0                # stop after N optimizer steps in total (0 = no limit; for smoke tests)
     threads: int = 0                  # torch CPU threads (0 = leave as is)
+    ema_decay: float = 0.0            # >0: validate and save an exponential moving average of the trained weights
     progress: bool = True
 
     def __post_init__(self):
@@ -50,6 +52,8 @@ class TrainConfig:
             raise ConfigError("train.epochs and train.batch_size must be at least 1")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -110,6 +114,10 @@ class Trainer:
         if config.max_steps:
             self.total_steps = min(self.total_steps, config.max_steps)
         self.out = Path(config.out_dir)
+        # shadow copy of the trained weights (EMA); validation and the best checkpoint use it when enabled
+        self.ema: Optional[Dict[str, torch.Tensor]] = (
+            {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+            if config.ema_decay else None)
         self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": -float("inf"),
                       "best_epoch": -1, "bad_epochs": 0, "history": []}
 
@@ -124,7 +132,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         tmp = self.last_path.with_suffix(".pt.tmp")
         torch.save({"model": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
-                    "state": self.state, "torch_rng": torch.get_rng_state()}, tmp)
+                    "state": self.state, "torch_rng": torch.get_rng_state(), "ema": self.ema}, tmp)
         tmp.replace(self.last_path)  # atomic: a kill leaves the previous checkpoint intact
 
     def _trainable_state(self) -> Dict[str, torch.Tensor]:
@@ -144,6 +152,8 @@ class Trainer:
             raise ConfigError(f"{self.last_path} does not match this model (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}); use another train.out_dir or delete it")
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.ema is not None and ckpt.get("ema"):
+            self.ema = {k: v.to(self.device) for k, v in ckpt["ema"].items()}
         self.state = ckpt["state"]
         torch.set_rng_state(ckpt["torch_rng"].cpu())
         return True
@@ -200,6 +210,7 @@ class Trainer:
                 if cfg.grad_clip:
                     nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
                 self.optimizer.step()
+                self._update_ema()
                 self.state["global_step"] += 1
                 self.state["step_in_epoch"] = step + 1
                 seen += len(batch_idx)
@@ -221,34 +232,41 @@ class Trainer:
             self._plot()
         return {"best": self.state["best"], "best_epoch": self.state["best_epoch"], "history": self.state["history"]}
 
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        step = self.state["global_step"]
+        decay = min(self.cfg.ema_decay, (1 + step) / (10 + step))  # short memory early on
+        for n, p in self.model.named_parameters():
+            if n in self.ema:
+                self.ema[n].lerp_(p.detach(), 1 - decay)
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        """Swap the EMA weights into the model for the block (validation, saving the best checkpoint)."""
+        if self.ema is None:
+            yield
+            return
+        params = dict(self.model.named_parameters())
+        backup = {n: params[n].detach().clone() for n in self.ema}
+        with torch.no_grad():
+            for n, v in self.ema.items():
+                params[n].copy_(v)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, v in backup.items():
+                    params[n].copy_(v)
+
     def _end_epoch(self, epoch: int, running: Dict[str, float], seconds: float) -> bool:
         cfg = self.cfg
         stop = False
         if _is_main():
             self.model.eval()
-            metrics = self.evaluate_fn(self.model)
-            value = metrics.get(cfg.select_metric)
-            if value is None:
-                raise ConfigError(f"train.select_metric '{cfg.select_metric}' is not among the validation "
-                                  f"metrics {sorted(metrics)}")
-            improved = value > self.state["best"]
-            if improved:
-                self.state.update(best=value, best_epoch=epoch + 1, bad_epochs=0)
-                self.save_best_fn(self.model, self.out / "best")
-            else:
-                self.state["bad_epochs"] += 1
-            record = {"epoch": epoch + 1, "step": self.state["global_step"], "train_minutes": seconds / 60,
-                      **{f"train_{k}": v for k, v in running.items()}, **{f"val_{k}": v for k, v in metrics.items()
-                                                                           if isinstance(v, (int, float))},
-                      "best": improved}
-            self.state["history"].append(record)
-            self._log(record)
-            shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
-            tqdm.write(f"epoch {epoch + 1}: {shown}{'  (best so far)' if improved else ''}")
-            stop = bool(cfg.patience) and self.state["bad_epochs"] >= cfg.patience
-            if stop:
-                tqdm.write(f"early stop: no {cfg.select_metric} improvement for {cfg.patience} epochs")
-                self.state["stopped"] = True
+            with self._ema_weights():
+                stop = self._validate(epoch, running, seconds)
         if self.state["step_in_epoch"] >= self.steps_per_epoch:  # a max_steps stop mid-epoch resumes mid-epoch
             self.state.update(epoch=epoch + 1, step_in_epoch=0)
         self.save_last()
@@ -256,6 +274,34 @@ class Trainer:
             flag = torch.tensor([int(stop)], device=self.device if self.device.type == "cuda" else "cpu")
             dist.broadcast(flag, 0)
             stop = bool(flag.item())
+        return stop
+
+    def _validate(self, epoch: int, running: Dict[str, float], seconds: float) -> bool:
+        """Evaluate, keep the best checkpoint, log; returns whether to stop early."""
+        cfg = self.cfg
+        metrics = self.evaluate_fn(self.model)
+        value = metrics.get(cfg.select_metric)
+        if value is None:
+            raise ConfigError(f"train.select_metric '{cfg.select_metric}' is not among the validation "
+                              f"metrics {sorted(metrics)}")
+        improved = value > self.state["best"]
+        if improved:
+            self.state.update(best=value, best_epoch=epoch + 1, bad_epochs=0)
+            self.save_best_fn(self.model, self.out / "best")
+        else:
+            self.state["bad_epochs"] += 1
+        record = {"epoch": epoch + 1, "step": self.state["global_step"], "train_minutes": seconds / 60,
+                  **{f"train_{k}": v for k, v in running.items()}, **{f"val_{k}": v for k, v in metrics.items()
+                                                                       if isinstance(v, (int, float))},
+                  "best": improved}
+        self.state["history"].append(record)
+        self._log(record)
+        shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+        tqdm.write(f"epoch {epoch + 1}: {shown}{'  (best so far)' if improved else ''}")
+        stop = bool(cfg.patience) and self.state["bad_epochs"] >= cfg.patience
+        if stop:
+            tqdm.write(f"early stop: no {cfg.select_metric} improvement for {cfg.patience} epochs")
+            self.state["stopped"] = True
         return stop
 
     def _plot(self) -> None:
