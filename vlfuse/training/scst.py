@@ -46,12 +46,12 @@ def make_scst_loss(model: CaptionModel, tokenizer: Tokenizer, references: List[L
         acts, rows = batch
         k = cfg.samples
         feats = model.vision.tail(acts)
-        expanded = ImageFeatures(feats.grid.repeat_interleave(k, 0), feats.pooled.repeat_interleave(k, 0))
+        image_rows = torch.arange(len(acts), device=acts.device).repeat_interleave(k)  # (B*K,) sample -> image
         was_training = model.training
         model.eval()
         with torch.no_grad():
             sampled = [ids for ids, _ in model.generate(
-                ImageFeatures(expanded.grid.detach(), expanded.pooled.detach()), sample_cfg)]
+                ImageFeatures(feats.grid.detach(), feats.pooled.detach()), sample_cfg, per_image=k)]
         model.train(was_training)
         scores = [scorer.score(int(rows[i // k]), " ".join(tokenizer.vocab[t] for t in ids))
                   for i, ids in enumerate(sampled)]
@@ -62,7 +62,7 @@ def make_scst_loss(model: CaptionModel, tokenizer: Tokenizer, references: List[L
         tokens = torch.nn.utils.rnn.pad_sequence([torch.tensor(s) for s in seqs], batch_first=True,
                                                  padding_value=PAD).to(acts.device)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        logits, _ = model.decoder(expanded, inputs, inputs != PAD)
+        logits, _ = model.decoder(feats, inputs, inputs != PAD, rows=image_rows)
         logp = F.log_softmax(logits, -1).gather(2, targets[..., None]).squeeze(-1)  # (B*K, T)
         mask = (targets != PAD).float()
         seq_logp = (logp * mask).sum(1) / mask.sum(1)

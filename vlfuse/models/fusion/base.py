@@ -27,10 +27,16 @@ class FusionOutput:
 
 
 class Fusion(nn.Module):
-    """Base class; constructors take ``image_dim``, ``text_dim`` and ``dim`` (the output size) first."""
+    """Base class; constructors take ``image_dim``, ``text_dim`` and ``dim`` (the output size) first.
+
+    Training may pair one image with several captions: ``rows`` (B_text,) then says which image row each text
+    row belongs to. Modules with ``accepts_rows`` take it in ``forward`` and do their per-image work once;
+    for the others, callers expand the image with :func:`expand_rows` first.
+    """
 
     out_dim: int
     uses_grid = False  # True if the module reads ImageFeatures.grid (else only .pooled)
+    accepts_rows = False
 
     def forward(self, image: ImageFeatures, text: torch.Tensor, text_mask: Optional[torch.Tensor] = None,
                 causal: bool = False, need_weights: bool = False) -> FusionOutput:
@@ -48,6 +54,11 @@ class Fusion(nn.Module):
     def regularizer(self, attention: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Extra loss from the attention over a whole caption (B, T, N); zero unless a module defines one."""
         return attention.new_zeros(())
+
+
+def expand_rows(image: ImageFeatures, rows: Optional[torch.Tensor]) -> ImageFeatures:
+    """Image features (B_img, ...) -> one row per text row (B_text, ...); ``rows`` None means already aligned."""
+    return image if rows is None else image.index_select(rows)
 
 
 class GridPositions(nn.Module):

@@ -12,33 +12,51 @@ from .base import Fusion, FusionOutput, GridPositions
 
 @FUSIONS.register("cross-attention")
 class CrossAttentionFusion(Fusion):
-    """``num_layers`` blocks of (causal) self-attention over text + cross-attention to the grid."""
+    """``num_layers`` blocks of (causal) self-attention over text + cross-attention to the grid.
+
+    ``memory_layers`` self-attention blocks first refine the grid cells in context of each other (the encoder
+    of an encoder-decoder captioner); they run once per image, so incremental decoding costs the same.
+    """
 
     uses_grid = True
+    accepts_rows = True
 
     def __init__(self, image_dim: int, text_dim: int, dim: int = 512, num_layers: int = 3, num_heads: int = 8,
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, memory_layers: int = 0):
         super().__init__()
         self.out_dim = dim
         self.grid = GridPositions(image_dim, dim)
+        self.memory_blocks = nn.ModuleList(TransformerBlock(dim, num_heads, dropout) for _ in range(memory_layers))
+        self.memory_norm = nn.LayerNorm(dim) if memory_layers else nn.Identity()
         self.text_in = nn.Linear(text_dim, dim) if text_dim != dim else nn.Identity()
         self.blocks = nn.ModuleList(TransformerBlock(dim, num_heads, dropout, cross=True) for _ in range(num_layers))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, image: ImageFeatures, text: torch.Tensor, text_mask: Optional[torch.Tensor] = None,
-                causal: bool = False, need_weights: bool = False) -> FusionOutput:
-        memory = self.grid(image.grid)  # (B, N, dim)
+                causal: bool = False, need_weights: bool = False, rows: Optional[torch.Tensor] = None
+                ) -> FusionOutput:
+        memory = self.memory(image)  # (B_img, N, dim): once per image, however many captions it has
         x = self.text_in(text)  # (B, T, dim)
         allow = text_allow(text_mask, x.shape[1], causal, x.device)
         weights = None
         for i, block in enumerate(self.blocks):
             last = i == len(self.blocks) - 1
-            x, w = block(x, allow, memory, None, need_weights and last)
+            kv = block.cross_attn.keys_values(memory)
+            if rows is not None:
+                kv = tuple(t.index_select(0, rows) for t in kv)  # (B, H, N, hd)
+            x, w = block(x, allow, need_weights=need_weights and last, memory_kv=kv)
             weights = w if last else weights
         return FusionOutput(self.norm(x), weights)
 
-    def init_cache(self, image: ImageFeatures) -> Dict[str, torch.Tensor]:
+    def memory(self, image: ImageFeatures) -> torch.Tensor:
+        """Grid (B, N, image_dim) -> the cells the text attends to (B, N, dim)."""
         memory = self.grid(image.grid)
+        for block in self.memory_blocks:
+            memory, _ = block(memory)
+        return self.memory_norm(memory)
+
+    def init_cache(self, image: ImageFeatures) -> Dict[str, torch.Tensor]:
+        memory = self.memory(image)
         cache = {}
         for i, block in enumerate(self.blocks):
             cache[f"x{i}mk"], cache[f"x{i}mv"] = block.cross_attn.keys_values(memory)
