@@ -90,9 +90,10 @@ def mirrored_ids(tokenizer: Tokenizer) -> torch.Tensor:
 
 def make_collate(features: torch.Tensor, hflip: float = 0.0, mirror_table: Optional[torch.Tensor] = None):
     """Items (see ``encode_items``) -> (stem activations (B_img, C, H, W), tokens (B, L), rows (B,)), ``rows``
-    naming each caption's image. With ``hflip`` a random share of the images is mirrored left-right (stem maps
-    are spatial, so this is the features of the mirrored photo up to border effects) and their captions mapped
-    through ``mirror_table``."""
+    naming each caption's image. With ``hflip`` a random share of the feature maps is mirrored left-right and
+    their captions mapped through ``mirror_table``. This mirrors where things are, not how each cell looks (the
+    CNN's filters are not mirror-symmetric, so it is not the map of the mirrored photo): an augmentation of the
+    layout that costs no second feature cache."""
     if hflip > 0 and mirror_table is None:
         raise ValueError("hflip needs the mirror_table of the vocabulary")
 
