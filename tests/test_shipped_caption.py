@@ -37,3 +37,18 @@ def test_demo_command_captions_sample_photos():
     captions = [c for _, c in lines]
     assert all(len(c.split()) >= 3 for c in captions), captions
     assert len(set(captions)) == len(captions), captions  # different photos, different captions
+
+
+def test_int8_decoder_captions_match_the_float_decoder(tmp_path):
+    """On a CPU captions come from an int8 copy of the decoder (faster); it must say what the float model says."""
+    flickr = flickr_or_skip()
+    names = (flickr / "val.txt").read_text().split()[:24]
+    images = [str(flickr / "images" / n) for n in names]
+    fast, exact = Captioner.from_pretrained("flickr8k-caption"), Captioner.from_pretrained("flickr8k-caption", int8=False)
+    assert fast.int8 and not exact.int8
+    a, b = fast(images, strategy="greedy"), exact(images, strategy="greedy")
+    assert all(c.strip() for c in a)
+    assert sum(x == y for x, y in zip(a, b)) >= 20, list(zip(a, b))
+    # the float model is what gets saved: an int8 captioner saves and reloads as the float model
+    fast.save_pretrained(tmp_path / "copy")
+    assert Captioner.from_pretrained(tmp_path / "copy", int8=False)(images[:6], strategy="greedy") == b[:6]

@@ -36,6 +36,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--attention-map", metavar="PNG", help="save the per-word attention over the (first) image")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
+    p.add_argument("--float32", action="store_true",
+                   help="decode with the float32 decoder (on a CPU the default is its faster int8 copy)")
     add_decode_arguments(p)
     return p
 
@@ -44,7 +46,7 @@ def run(args) -> int:
     from ..models.captioner import Captioner
 
     decode = decode_config(args)
-    captioner = Captioner.from_pretrained(args.model, device=args.device)
+    captioner = Captioner.from_pretrained(args.model, device=args.device, int8=False if args.float32 else None)
     paths = list_images(args.paths)
     if args.samples:
         from ..data.samples import sample_photos

