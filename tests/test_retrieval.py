@@ -290,6 +290,13 @@ def test_checkpoint_without_mirror_average_loads_as_before(retriever, tmp_path, 
     (out / "config.json").write_text(json.dumps(raw))
     old = Retriever.from_pretrained(out)
     assert old.model.config.mirror_average is False
+    # its model id is computed as before the field existed, so indexes it built stay valid
+    from vlfuse.config import to_dict
+    from vlfuse.models.retrieval import weights_digest
+
+    before = {"model": {k: v for k, v in to_dict(old.model.config).items() if k != "mirror_average"},
+              "transform": old.model.vision.transform.to_dict()}
+    assert old.model_id == f"{old.name}@{weights_digest(old.model, before)}"
     assert np.allclose(old.embed_images(val.images[:2]), plain.embed_images(val.images[:2]), atol=1e-5)
 
 

@@ -213,6 +213,16 @@ class DualEncoder(nn.Module):
         return tuple(prefixes)
 
 
+# Config fields added after models shipped, with the value that means the old behaviour. At that value they are
+# left out of the model id, so checkpoints (and the indexes they built) from before the field keep their id.
+_ADDED_FIELDS = {"mirror_average": False}
+
+
+def identity_config(config: RetrievalModelConfig) -> dict:
+    """The model config as it enters the model id."""
+    return {k: v for k, v in to_dict(config).items() if not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])}
+
+
 def weights_digest(model: DualEncoder, config: dict) -> str:
     """Hash of the saved config and the fp16 saved weights: identical before saving and after loading."""
     h = hashlib.sha1(json.dumps(config, sort_keys=True).encode())
@@ -275,7 +285,7 @@ class Retriever:
     def model_id(self) -> str:
         """Identity stored in indexes: the model name plus a hash of its config and weights."""
         if self._model_id is None:
-            config = {"model": to_dict(self.model.config), "transform": self.model.vision.transform.to_dict()}
+            config = {"model": identity_config(self.model.config), "transform": self.model.vision.transform.to_dict()}
             self._model_id = f"{self.name}@{weights_digest(self.model, config)}"
         return self._model_id
 
