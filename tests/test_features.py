@@ -87,3 +87,15 @@ def test_interrupted_build_resumes(tmp_path, photos):
     digests, failures = FeatureCache(root, enc).build(photos, batch_size=2, progress=False)
     assert enc.seen == 3 and failures == [] and all(digests)
     assert np.load(written[0]).dtype == np.float16
+
+
+def test_mirrored_cache_holds_the_mirror_images_stem_outputs(tmp_path, photos):
+    enc = encoder()
+    plain, _ = FeatureCache(tmp_path / "cache", enc).build(photos[:2], progress=False)
+    mirrored = FeatureCache(tmp_path / "cache", enc, mirrored=True)
+    digests, failures = mirrored.build(photos[:2], progress=False)
+    assert failures == [] and digests == plain and enc.seen == 4  # same keys, a folder of its own
+    feats = mirrored.load(digests)
+    expected = enc.transform(load_image(photos[1])).flip(-1)  # small-cnn's stem is the identity
+    assert torch.allclose(feats[1].float(), expected, atol=1e-3)
+    assert not torch.allclose(feats[1].float(), FeatureCache(tmp_path / "cache", enc).load(plain)[1].float())

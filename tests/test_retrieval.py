@@ -238,3 +238,120 @@ def test_cli_trains_a_loadable_dual_encoder(tmp_path, feature_cache):
     model = Retriever.from_pretrained(tmp_path / "run" / "best")
     vectors = model.embed_texts(["a dog runs on the grass", "two children play in the water"])
     assert vectors.shape == (2, 32) and torch.allclose(torch.as_tensor(vectors).norm(dim=-1), torch.ones(2), atol=1e-4)
+
+
+def _variant(retriever, **changes):
+    """The same trained weights under a changed model config (e.g. mirror averaging on or off)."""
+    import dataclasses
+
+    model = copy.deepcopy(retriever.model)
+    model.config = dataclasses.replace(model.config, **changes)
+    return Retriever(model, retriever.tokenizer, retriever.name)
+
+
+def test_mirror_average_is_what_embed_pixels_returns(retriever, val):
+    from vlfuse.data.images import load_image
+
+    plain, mirrored = _variant(retriever, mirror_average=False), _variant(retriever, mirror_average=True)
+    tf = retriever.model.vision.transform
+    pixels = torch.stack([tf(load_image(p)) for p in val.images[:3]])
+    a, b = plain.embed_pixels(pixels), plain.embed_pixels(pixels.flip(-1))
+    want = (a + b) / np.linalg.norm(a + b, axis=1, keepdims=True)
+    got = mirrored.embed_pixels(pixels)
+    assert np.allclose(got, want, atol=1e-5) and not np.allclose(got, a, atol=1e-3)
+    # index build / search / serving embed files through the same path
+    files = np.stack([v for _, v, _ in mirrored.embed_files(val.images[:3])])
+    assert np.allclose(files, got, atol=1e-5) and np.allclose(mirrored.embed_images(val.images[:3]), got, atol=1e-5)
+    assert mirrored.model_id != plain.model_id  # an index of one refuses queries of the other
+
+
+def test_training_validation_embeds_images_like_the_retriever(retriever, val, tmp_path):
+    """Validation during training scores cached stem outputs (of the photos and their mirror images) through
+    the same ``embed_views`` as ``Retriever.embed_images``."""
+    from vlfuse.training.retrieval import image_cells
+
+    mirrored = _variant(retriever, mirror_average=True)
+    data = val.subset(4)
+    views, kept, bad = image_cells(mirrored.model, str(tmp_path / "cache"), data, mirrored=True, progress=False)
+    assert len(views) == 2 and not bad and len(kept) == 4
+    with torch.no_grad():
+        cached = mirrored.model.eval().embed_views([v.float() for v in views], normalized=True).numpy()
+    assert np.allclose(cached, mirrored.embed_images(data.images), atol=2e-3)  # fp16 cache
+
+
+def test_checkpoint_without_mirror_average_loads_as_before(retriever, tmp_path, val):
+    """Checkpoints saved before ``mirror_average`` existed load unchanged: one view per image."""
+    import json
+
+    plain = _variant(retriever, mirror_average=False)
+    out = plain.save_pretrained(tmp_path / "old")
+    raw = json.loads((out / "config.json").read_text())
+    del raw["model"]["mirror_average"]
+    (out / "config.json").write_text(json.dumps(raw))
+    old = Retriever.from_pretrained(out)
+    assert old.model.config.mirror_average is False
+    # its model id is computed as before the field existed, so indexes it built stay valid
+    from vlfuse.config import to_dict
+    from vlfuse.models.retrieval import weights_digest
+
+    before = {"model": {k: v for k, v in to_dict(old.model.config).items() if k != "mirror_average"},
+              "transform": old.model.vision.transform.to_dict()}
+    assert old.model_id == f"{old.name}@{weights_digest(old.model, before)}"
+    assert np.allclose(old.embed_images(val.images[:2]), plain.embed_images(val.images[:2]), atol=1e-5)
+
+
+def test_token_state_cache_round_trips_and_matches_the_live_encoder(tmp_path, val):
+    from vlfuse.config import Part
+    from vlfuse.models.retrieval import DualEncoder, RetrievalModelConfig
+    from vlfuse.models.text import pad_batch
+    from vlfuse.training.retrieval import cached_text_states
+
+    model = DualEncoder(RetrievalModelConfig(text=Part("minilm", {"trainable_layers": 1}), embed_dim=16,
+                                             hidden_dim=32, pool_heads=4))
+    tok = model.text.make_tokenizer()
+    caps = [c for cs in val.captions[:3] for c in cs]
+    states = cached_text_states(model, tok, caps, str(tmp_path), progress=False)
+    files = list(tmp_path.glob("minilm-states5-*.npz"))
+    assert len(files) == 1 and len(states) == 15
+    again = cached_text_states(model, tok, caps, str(tmp_path), progress=False)  # read back from the file
+    assert torch.equal(again.flat, states.flat) and torch.equal(again.offsets, states.offsets)
+    ids, mask = pad_batch([tok.encode(c, model.config.max_len) for c in caps])
+    cached, cached_mask = states.batch(range(len(caps)))
+    assert torch.equal(cached_mask, mask)
+    live = model.text.frozen_states(ids, mask)  # (B, T, 384) after 5 of 6 layers
+    assert torch.allclose(cached[mask], live[mask], atol=1e-2)
+    with torch.no_grad():  # the top layer on cached states gives the encoder's own output
+        assert torch.allclose(model.encode_text_states(cached, mask), model.encode_text(ids, mask), atol=1e-2)
+
+
+def test_training_from_cached_token_states_equals_training_live(tmp_path, val):
+    from vlfuse.config import Part
+    from vlfuse.models.retrieval import DualEncoder, RetrievalModelConfig
+    from vlfuse.training.retrieval import cached_text_states, make_collate
+
+    torch.manual_seed(0)
+    model = DualEncoder(RetrievalModelConfig(text=Part("minilm", {"trainable_layers": 1}), embed_dim=16,
+                                             hidden_dim=32, pool_heads=4, dropout=0.1))
+    tok = model.text.make_tokenizer()
+    data = val.subset(6)
+    caps = [c for cs in data.captions for c in cs]
+    items = [(i, list(range(5 * i, 5 * i + 5))) for i in range(len(data))]
+    cells = torch.randn(len(data), 49, 1280).half()
+    inputs = {"live": [tok.encode(c, model.config.max_len) for c in caps],
+              "cached": cached_text_states(model, tok, caps, str(tmp_path), progress=False)}
+    trained = {}
+    for name, text in inputs.items():
+        m = copy.deepcopy(model).train()
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
+        collate = make_collate(cells, text)
+        torch.manual_seed(1)  # same captions drawn, same dropout masks
+        for _ in range(3):
+            loss = m(*collate(items))["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        trained[name] = m.state_dict()
+    top = "text.bert.encoder.layer.5.output.dense.weight"
+    assert not torch.allclose(trained["live"][top], model.state_dict()[top])  # the top layer did train
+    for key in (top, "text_proj.linear.weight", "image_proj.linear.weight", "logit_scale"):
+        assert torch.allclose(trained["live"][key], trained["cached"][key], atol=1e-3), key

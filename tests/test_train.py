@@ -165,3 +165,25 @@ def test_grouped_mirrored_training_with_image_memory(tmp_path, feature_cache):
     resumed = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=False)["model"]
     straight = torch.load(tmp_path / "a" / "run" / "last.pt", weights_only=False)["model"]
     assert all(torch.allclose(resumed[k], straight[k], atol=1e-5) for k in straight)
+
+
+def test_pretrained_lr_scale_slows_only_the_pretrained_weights(tmp_path):
+    """Weights under the trainer's pretrained_prefixes learn at lr * train.pretrained_lr_scale (same schedule)."""
+    from vlfuse.training.trainer import TrainConfig, Trainer
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))  # "0." plays the pretrained part
+    seen = []
+
+    def loss_fn(net, idx):
+        seen.append({tuple(g["params"][0].shape): g["lr"] for g in trainer.optimizer.param_groups})
+        return {"loss": net(torch.randn(len(idx), 4)).pow(2).mean()}
+
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.1, warmup_steps=2, out_dir=str(tmp_path / "run"),
+                      progress=False, checkpoint_every=0, patience=0, select_metric="m", pretrained_lr_scale=0.25)
+    trainer = Trainer(model, list(range(32)), torch.tensor, loss_fn, lambda net: {"m": 0.0}, lambda net, d: None,
+                      cfg, pretrained_prefixes=("0.",))
+    assert len(trainer.optimizer.param_groups) == 4  # (decay, no decay) x (pretrained, new)
+    trainer.fit()
+    for lrs in seen:  # pretrained matrix (4, 4) and bias (4,) vs new matrix (1, 4) and bias (1,)
+        assert abs(lrs[(4, 4)] - 0.25 * lrs[(1, 4)]) < 1e-12 and abs(lrs[(4,)] - 0.25 * lrs[(1,)]) < 1e-12
+    assert seen[0][(1, 4)] == 0.05 and seen[-1][(1, 4)] < seen[1][(1, 4)]  # warm-up, then cosine

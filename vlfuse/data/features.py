@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ImageError
 from ..models.vision import VisionEncoder
-from .images import load_image
+from .images import load_image, mirror_pixels
 
 
 def content_hash(path: str | os.PathLike) -> str:
@@ -27,9 +27,10 @@ def content_hash(path: str | os.PathLike) -> str:
 class FeatureCache:
     """Stem activations of ``encoder`` for image files, stored as fp16 ``.npy`` files."""
 
-    def __init__(self, root: str | os.PathLike, encoder: VisionEncoder):
+    def __init__(self, root: str | os.PathLike, encoder: VisionEncoder, mirrored: bool = False):
         self.encoder = encoder
-        self.dir = Path(root) / encoder.cache_key
+        self.mirrored = mirrored  # cache the stem outputs of the images mirrored left-right instead
+        self.dir = Path(root) / (encoder.cache_key + ("-mirrored" if mirrored else ""))
 
     def _entry(self, digest: str) -> Path:
         return self.dir / digest[:2] / f"{digest}.npy"
@@ -65,7 +66,10 @@ class FeatureCache:
                     failures.append((str(paths[i]), str(exc)))
                     digests[i] = None
             if pixels:
-                acts = self.encoder.stem_chunked(torch.stack(pixels).to(device)).float().cpu().numpy().astype(np.float16)
+                batch = torch.stack(pixels).to(device)
+                if self.mirrored:
+                    batch = mirror_pixels(batch)
+                acts = self.encoder.stem_chunked(batch).float().cpu().numpy().astype(np.float16)
                 for d, a in zip(chunk, acts):
                     self._write(d, a)
             bar.update(len(todo[start:start + batch_size]))

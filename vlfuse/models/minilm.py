@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -126,10 +126,15 @@ class BertEncoder(nn.Module):
             model.load_state_dict(state, strict=True)
         return model
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.embeddings(ids)
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, stop: Optional[int] = None) -> torch.Tensor:
+        """Token ids (B, T) -> hidden states (B, T, hidden) after the first ``stop`` layers (all by default)."""
+        return self.run_layers(self.embeddings(ids), mask, 0, stop)
+
+    def run_layers(self, x: torch.Tensor, mask: torch.Tensor, start: int = 0, stop: Optional[int] = None
+                   ) -> torch.Tensor:
+        """Hidden states (B, T, hidden) entering layer ``start`` -> the states leaving layer ``stop`` - 1."""
         mask = mask.bool()
-        for layer in self.encoder.layer:
+        for layer in self.encoder.layer[start:stop]:
             x = layer(x, mask)
         return x
 

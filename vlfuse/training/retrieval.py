@@ -1,6 +1,7 @@
-"""Retrieval training on cached features: the image stem's outputs come from the shared FeatureCache and,
-when the text encoder is frozen, its pooled output per caption is computed once and cached too, so an epoch
-only runs the attention pooling and the two projections."""
+"""Retrieval training on cached features: the image stem's outputs (of each photo and, for mirroring, of its
+mirror image) come from the shared FeatureCache; the text encoder's frozen part runs once per caption too:
+its pooled output when the whole encoder is frozen, else the token states entering the tuned top layers.
+An epoch then only runs the attention pooling, the tuned text layers (if any) and the two projections."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +9,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ class RetrievalDataConfig:
     text_cache_dir: str = "cache/text"     # pooled frozen text-encoder outputs per caption
     train_limit: int = 0
     val_limit: int = 0
-    hflip: float = 0.0                     # probability of mirroring an image's feature grid (augmentation)
+    hflip: float = 0.0                     # probability of using an image's mirror image instead (augmentation)
 
 
 @dataclasses.dataclass
@@ -79,6 +80,59 @@ def cached_text_features(model: DualEncoder, tokenizer, captions: Sequence[str],
     return feats
 
 
+@dataclasses.dataclass
+class TokenStates:
+    """Per-caption token states, stored flat: caption ``i`` is ``flat[offsets[i]:offsets[i + 1]]`` (T_i, D)."""
+
+    flat: torch.Tensor     # (total tokens, D) fp16
+    offsets: torch.Tensor  # (M + 1,) int64
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def batch(self, rows: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Captions ``rows`` -> padded states (B, T, D) float32 and mask (B, T) bool."""
+        spans = [(int(self.offsets[r]), int(self.offsets[r + 1])) for r in rows]
+        t = max(e - s for s, e in spans)
+        states = torch.zeros(len(rows), t, self.flat.shape[1])
+        mask = torch.zeros(len(rows), t, dtype=torch.bool)
+        for i, (s, e) in enumerate(spans):
+            states[i, :e - s] = self.flat[s:e].float()
+            mask[i, :e - s] = True
+        return states, mask
+
+
+@torch.no_grad()
+def cached_text_states(model: DualEncoder, tokenizer, captions: Sequence[str], cache_dir: str,
+                       batch_size: int = 256, progress: bool = True) -> TokenStates:
+    """The text encoder's ``frozen_states`` of every caption, fp16, cached in one file per caption list (keyed by
+    the text config, max_len, the number of frozen layers and the captions); written atomically."""
+    frozen = model.text.frozen_layers
+    key = hashlib.sha1(json.dumps([to_dict(model.config.text), model.config.max_len, frozen,
+                                   list(captions)]).encode())
+    path = Path(cache_dir) / f"{model.config.text.name}-states{frozen}-{key.hexdigest()[:16]}.npz"
+    if path.is_file():
+        with np.load(path) as f:
+            return TokenStates(torch.from_numpy(f["flat"]), torch.from_numpy(f["offsets"]))
+    model.text.eval()
+    encoded = [tokenizer.encode(c, model.config.max_len) for c in captions]
+    offsets = torch.zeros(len(encoded) + 1, dtype=torch.long)
+    offsets[1:] = torch.tensor([len(e) for e in encoded]).cumsum(0)
+    flat = torch.zeros(int(offsets[-1]), model.text.out_dim, dtype=torch.float16)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths together: less padding
+    for s in tqdm(range(0, len(order), batch_size), desc="text token states", unit="batch", disable=not progress,
+                  dynamic_ncols=True):
+        rows = order[s:s + batch_size]
+        states = model.text.frozen_states(*pad_batch([encoded[i] for i in rows])).half()  # (B, T, D)
+        for j, r in enumerate(rows):
+            flat[offsets[r]:offsets[r + 1]] = states[j, :len(encoded[r])]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, flat=flat.numpy(), offsets=offsets.numpy())
+    tmp.replace(path)
+    return TokenStates(flat, offsets)
+
+
 @torch.no_grad()
 def frozen_cells(model: DualEncoder, acts: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Cached stem activations (M, ...) -> normalised grid cells (M, N, C) fp16, computed once."""
@@ -91,42 +145,71 @@ def caption_rows(data: CaptionSet) -> Tuple[List[str], List[int]]:
     return [c for _, c in pairs], [i for i, _ in pairs]
 
 
-def make_collate(image_feats: torch.Tensor, text_feats: torch.Tensor | None, tokens: List[List[int]] | None,
-                 hflip: float = 0.0):
+def make_collate(image_feats: torch.Tensor, text: torch.Tensor | TokenStates | List[List[int]],
+                 mirrored_feats: Optional[torch.Tensor] = None, hflip: float = 0.0):
     """Items are (image index, its caption rows); each batch pairs every image with one of its captions
-    drawn at random, so an epoch visits every image once and no batch holds an image twice."""
+    drawn at random, so an epoch visits every image once and no batch holds an image twice. With ``hflip``,
+    an image is replaced by its mirror image (``mirrored_feats``) with that probability. ``text`` is the
+    cached pooled text features, the cached token states or the token ids of every caption row."""
+    if hflip > 0 and mirrored_feats is None:
+        raise ConfigError("hflip needs the features of the mirrored images")
+
     def collate(items):
         img = torch.tensor([i for i, _ in items])
         rows = [r[int(torch.randint(len(r), ()))] for _, r in items]
-        acts = image_feats[img]  # (B, N, C) normalised cells of a square grid
+        cells = image_feats[img]  # (B, N, C) normalised cells
         if hflip > 0:
-            b, n, c = acts.shape
-            side = int(round(n ** 0.5))
-            flip = torch.rand(b) < hflip
-            acts = acts.clone()
-            acts[flip] = acts[flip].view(-1, side, side, c).flip(2).reshape(-1, n, c)  # mirror left-right
-        if text_feats is not None:
-            return acts, text_feats[torch.tensor(rows)].float(), img
-        ids, mask = pad_batch([tokens[r] for r in rows])
-        return acts, ids, img, mask
+            flip = torch.rand(len(img)) < hflip
+            cells = torch.where(flip[:, None, None], mirrored_feats[img], cells)
+        if isinstance(text, torch.Tensor):
+            return cells, text[torch.tensor(rows)].float(), img
+        if isinstance(text, TokenStates):
+            states, mask = text.batch(rows)
+            return cells, states, img, mask
+        ids, mask = pad_batch([text[r] for r in rows])
+        return cells, ids, img, mask
     return collate
 
 
 @torch.no_grad()
-def score_split(model: DualEncoder, image_feats: torch.Tensor, text: torch.Tensor | List[List[int]],
-                owner: Sequence[int], batch_size: int = 250) -> Dict[str, float]:
-    """Recall metrics of ``model`` on cached image features and cached text features (or token id lists)."""
+def score_split(model: DualEncoder, image_views: Sequence[torch.Tensor], text: torch.Tensor | TokenStates |
+                List[List[int]], owner: Sequence[int], batch_size: int = 250) -> Dict[str, float]:
+    """Recall metrics of ``model`` on cached normalised cells of each image view (see ``DualEncoder.image_views``)
+    and the cached pooled text features, cached token states or token id lists of the captions."""
     model.eval()
-    imgs = torch.cat([model.embed_cells(image_feats[s:s + batch_size].float(), normalized=True)
-                      for s in range(0, len(image_feats), batch_size)])
+    imgs = torch.cat([model.embed_views([v[s:s + batch_size].float() for v in image_views], normalized=True)
+                      for s in range(0, len(image_views[0]), batch_size)])
     txts = []
     for s in range(0, len(text), batch_size):
         if isinstance(text, torch.Tensor):
             pooled = text[s:s + batch_size].float()
+        elif isinstance(text, TokenStates):
+            pooled = model.encode_text_states(*text.batch(range(s, min(s + batch_size, len(text)))))
         else:
             pooled = model.encode_text(*pad_batch(text[s:s + batch_size]))
         txts.append(model.embed_text_features(pooled))
     return recall_metrics((imgs @ torch.cat(txts).t()).numpy(), owner)
+
+
+def image_cells(model: DualEncoder, cache_dir: str, data: CaptionSet, mirrored: bool, progress: bool
+                ) -> Tuple[List[torch.Tensor], CaptionSet, List]:
+    """Normalised grid cells of ``data``'s images, plus those of their mirror images when ``mirrored``
+    (each (M, N, C) fp16, built or loaded from the FeatureCache); unreadable images are dropped."""
+    feats, data, bad = cached_features(FeatureCache(cache_dir, model.vision), data, progress)
+    views = [frozen_cells(model, feats)]
+    if mirrored:
+        mirror, _, _ = cached_features(FeatureCache(cache_dir, model.vision, mirrored=True), data, progress)
+        views.append(frozen_cells(model, mirror))
+    return views, data, bad
+
+
+def caption_text(model: DualEncoder, tokenizer, captions: Sequence[str], cache_dir: str, progress: bool
+                 ) -> torch.Tensor | TokenStates:
+    """What training feeds the text tower per caption: cached pooled features of a frozen encoder, or the
+    cached states entering its tuned top layers."""
+    if model.text_frozen:
+        return cached_text_features(model, tokenizer, captions, cache_dir, progress=progress)
+    return cached_text_states(model, tokenizer, captions, cache_dir, progress=progress)
 
 
 def train(raw_config: dict, resume: bool = False) -> Dict:
@@ -137,27 +220,19 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     val_set = _split(exp.data, exp.data.val_split, exp.data.val_limit)
     retriever = Retriever.from_config(exp.model, exp.name)
     model, tokenizer = retriever.model, retriever.tokenizer
-    cache = FeatureCache(exp.data.cache_dir, model.vision)
-    train_feats, train_set, bad_train = cached_features(cache, train_set, exp.train.progress)
-    val_feats, val_set, bad_val = cached_features(cache, val_set, exp.train.progress)
-    for _, err in bad_train + bad_val:
-        tqdm.write(f"skipped image: {err}")
     if any(p.requires_grad for p in model.vision.parameters()):
         raise ConfigError("retrieval training runs on cached features: keep the vision encoder frozen "
                           "(trainable_blocks: 0)")
-    train_feats, val_feats = frozen_cells(model, train_feats), frozen_cells(model, val_feats)
+    train_views, train_set, bad_train = image_cells(model, exp.data.cache_dir, train_set, exp.data.hflip > 0,
+                                                    exp.train.progress)
+    val_views, val_set, bad_val = image_cells(model, exp.data.cache_dir, val_set, exp.model.mirror_average,
+                                              exp.train.progress)
+    for _, err in bad_train + bad_val:
+        tqdm.write(f"skipped image: {err}")
     train_caps, train_owner = caption_rows(train_set)
     val_caps, val_owner = caption_rows(val_set)
-    if model.text_frozen:
-        train_text = cached_text_features(model, tokenizer, train_caps, exp.data.text_cache_dir,
-                                          progress=exp.train.progress)
-        val_text = cached_text_features(model, tokenizer, val_caps, exp.data.text_cache_dir,
-                                        progress=exp.train.progress)
-        train_tokens = None
-    else:
-        train_text = None
-        train_tokens = [tokenizer.encode(c, exp.model.max_len) for c in train_caps]
-        val_text = [tokenizer.encode(c, exp.model.max_len) for c in val_caps]
+    train_text = caption_text(model, tokenizer, train_caps, exp.data.text_cache_dir, exp.train.progress)
+    val_text = caption_text(model, tokenizer, val_caps, exp.data.text_cache_dir, exp.train.progress)
     rows_of: Dict[int, List[int]] = {}
     for r, i in enumerate(train_owner):
         rows_of.setdefault(i, []).append(r)
@@ -169,13 +244,15 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     save_json(resolved, out / "config.resolved.json")
 
     def evaluate(m: DualEncoder) -> Dict[str, float]:
-        return score_split(m, val_feats, val_text, val_owner)
+        return score_split(m, val_views, val_text, val_owner)
 
     def save_best(m: DualEncoder, directory: Path) -> None:
         Retriever(m, tokenizer, exp.name).save_pretrained(directory, training=resolved)
 
-    trainer = Trainer(model, items, make_collate(train_feats, train_text, train_tokens, exp.data.hflip), lambda net, b: net(*b), evaluate,
-                      save_best, exp.train)
+    collate = make_collate(train_views[0], train_text, train_views[1] if len(train_views) > 1 else None,
+                           exp.data.hflip)
+    trainer = Trainer(model, items, collate, lambda net, b: net(*b), evaluate, save_best, exp.train,
+                      pretrained_prefixes=model.pretrained_prefixes())
     if resume and trainer.resume():
         tqdm.write(f"resumed from {trainer.last_path} at epoch {trainer.state['epoch'] + 1}")
     result = trainer.fit()

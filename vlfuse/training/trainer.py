@@ -45,6 +45,7 @@ class TrainConfig:
     max_steps: int = 0                # stop after N optimizer steps in total (0 = no limit; for smoke tests)
     threads: int = 0                  # torch CPU threads (0 = leave as is)
     ema_decay: float = 0.0            # >0: validate and save an exponential moving average of the trained weights
+    pretrained_lr_scale: float = 1.0  # lr multiplier for tuned weights of pretrained parts (e.g. MiniLM's top layer)
     progress: bool = True
 
     def __post_init__(self):
@@ -54,6 +55,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.pretrained_lr_scale <= 0:
+            raise ConfigError(f"train.pretrained_lr_scale must be positive, got {self.pretrained_lr_scale}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,7 +90,8 @@ class Trainer:
                  loss_fn: Callable[[nn.Module, Any], Dict[str, torch.Tensor]],
                  evaluate_fn: Callable[[nn.Module], Dict[str, float]],
                  save_best_fn: Callable[[nn.Module, Path], None], config: TrainConfig,
-                 lengths: Optional[Sequence[int]] = None, frozen_prefixes: Sequence[str] = ()):
+                 lengths: Optional[Sequence[int]] = None, frozen_prefixes: Sequence[str] = (),
+                 pretrained_prefixes: Sequence[str] = ()):
         self.cfg = config
         self.device = resolve_device(config.device)
         if config.threads:
@@ -104,11 +108,7 @@ class Trainer:
         if self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+        self.optimizer = torch.optim.AdamW(self._param_groups(tuple(pretrained_prefixes)), lr=config.lr)
         self.steps_per_epoch = max(1, len(train_items) // (config.batch_size * self.world))
         self.total_steps = self.steps_per_epoch * config.epochs
         if config.max_steps:
@@ -120,6 +120,18 @@ class Trainer:
             if config.ema_decay else None)
         self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": -float("inf"),
                       "best_epoch": -1, "bad_epochs": 0, "history": []}
+
+    def _param_groups(self, pretrained_prefixes: tuple) -> List[Dict[str, Any]]:
+        """Trained parameters in groups: weight decay on matrices only; weights under ``pretrained_prefixes``
+        (tuned layers of pretrained parts) learn at ``lr * pretrained_lr_scale``."""
+        groups: Dict[tuple, List[nn.Parameter]] = {}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                pretrained = bool(pretrained_prefixes) and name.startswith(pretrained_prefixes)
+                groups.setdefault((p.ndim >= 2, pretrained), []).append(p)
+        return [{"params": params, "weight_decay": self.cfg.weight_decay if decay else 0.0,
+                 "lr_scale": self.cfg.pretrained_lr_scale if pretrained else 1.0}
+                for (decay, pretrained), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
 
     # -- checkpoints ------------------------------------------------------------------------------
     @property
@@ -201,7 +213,7 @@ class Trainer:
                 batch_idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 batch = self.collate([self.items[i] for i in batch_idx])
                 for g in self.optimizer.param_groups:
-                    g["lr"] = cfg.lr * lr_factor(self.state["global_step"], cfg.warmup_steps, self.total_steps,
+                    g["lr"] = cfg.lr * g.get("lr_scale", 1.0) * lr_factor(self.state["global_step"], cfg.warmup_steps, self.total_steps,
                                                  cfg.min_lr_ratio)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
                     losses = self.loss_fn(net, batch)
