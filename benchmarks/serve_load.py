@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     p.add_argument("--photos", type=int, default=64, help="distinct val photos to cycle through")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
-    p.add_argument("--threads", type=int, default=2, help="torch threads in the server")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in the server (its --threads)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_load.json"))
     args = p.parse_args(argv)
 
@@ -163,11 +163,11 @@ def main(argv=None) -> int:
             args.index = build_index(args.retrieval_model, args.index_images, Path(tmp))
         cmd = [sys.executable, "-m", "vlfuse", "serve", "--host", HOST, "--port", str(port), "--api-keys-file",
                str(keys_file), "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms",
-               str(args.batch_wait_ms), "--log-level", "warning"]
+               str(args.batch_wait_ms), "--log-level", "warning", "--threads", str(args.threads)]
         for flag in ("caption_model", "vqa_model", "retrieval_model", "index"):
             if getattr(args, flag):
                 cmd += ["--" + flag.replace("_", "-"), getattr(args, flag)]
-        env = {**os.environ, "PYTHONPATH": str(REPO), "VLFUSE_THREADS": str(args.threads)}
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
         proc = subprocess.Popen(cmd, env=env)
         try:
             loaded = wait_ready(base, proc)

@@ -56,7 +56,7 @@ def test_real_server_over_http_and_graceful_shutdown(tmp_path):
     # a long batch window keeps requests in flight when SIGTERM arrives
     proc = start_server(["--host", "127.0.0.1", "--port", str(port), "--api-keys-file", str(keys),
                          "--caption-model", str(model), "--vqa-model", "none", "--retrieval-model", "none",
-                         "--batch-wait-ms", "1500", "--log-level", "warning"])
+                         "--batch-wait-ms", "1500", "--log-level", "warning", "--threads", "2"])
     try:
         wait_ready(base, proc)
         auth = {"Authorization": f"Bearer {KEY}"}
@@ -87,3 +87,10 @@ def test_real_server_over_http_and_graceful_shutdown(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_rejects_a_thread_count_below_one(capsys):
+    from vlfuse.cli.main import main
+
+    assert main(["serve", "--threads", "0", "--caption-model", "none"]) == 2
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
