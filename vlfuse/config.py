@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -175,8 +176,9 @@ def apply_overrides(data: Dict[str, Any], overrides: List[str]) -> Dict[str, Any
 
 
 def save_json(data: Any, path: str | Path) -> None:
-    """Write JSON atomically (temporary file + rename)."""
+    """Write JSON atomically (temporary file + rename). The temporary file is per process, so that processes
+    writing the same file at once (data-parallel ranks) never rename each other's."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)
