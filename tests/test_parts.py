@@ -103,8 +103,10 @@ def test_caption_collate_groups_captions_and_mirrors_left_right():
     acts, tokens, rows = make_collate(feats)(items)
     assert acts.dtype == torch.float32 and torch.equal(acts, feats[[1, 0]].float())
     assert rows.tolist() == [0, 0, 1] and tokens.shape == (3, 7)
-    acts, tokens, rows = make_collate(feats, hflip=1.0, mirror_table=mirrored_ids(tok))(items)
-    assert torch.equal(acts[0, :, :, 0], feats[1, :, :, 1].float())  # columns mirrored
+    mirrored = feats + 100  # stands in for the cached features of the mirrored photos
+    collate = make_collate(feats, hflip=1.0, mirror_table=mirrored_ids(tok), mirrored_features=mirrored)
+    acts, tokens, rows = collate(items)
+    assert torch.equal(acts, mirrored[[1, 0]].float())  # each image replaced by its mirror image's features
     assert [tok.decode(t.tolist()) for t in tokens] == ["a dog on the right", "the left cat", "a cat"]
 
 

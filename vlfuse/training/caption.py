@@ -36,8 +36,8 @@ class CaptionDataConfig:
     train_limit: int = 0           # use only the first N training images (0 = all)
     val_limit: int = 0             # validate on the first N val images (0 = all)
     group_by_image: bool = False   # a batch holds train.batch_size images with all their captions (else captions)
-    hflip: float = 0.0             # probability of mirroring a training image's features left-right, with the
-                                   # caption's "left" and "right" swapped (augmentation)
+    hflip: float = 0.0             # probability of training on an image's mirror image (its own cached stem
+                                   # features) with the caption's "left" and "right" swapped (augmentation)
 
 
 @dataclasses.dataclass
@@ -88,24 +88,25 @@ def mirrored_ids(tokenizer: Tokenizer) -> torch.Tensor:
     return table
 
 
-def make_collate(features: torch.Tensor, hflip: float = 0.0, mirror_table: Optional[torch.Tensor] = None):
+def make_collate(features: torch.Tensor, hflip: float = 0.0, mirror_table: Optional[torch.Tensor] = None,
+                 mirrored_features: Optional[torch.Tensor] = None):
     """Items (see ``encode_items``) -> (stem activations (B_img, C, H, W), tokens (B, L), rows (B,)), ``rows``
-    naming each caption's image. With ``hflip`` a random share of the feature maps is mirrored left-right and
-    their captions mapped through ``mirror_table``. This mirrors where things are, not how each cell looks (the
-    CNN's filters are not mirror-symmetric, so it is not the map of the mirrored photo): an augmentation of the
-    layout that costs no second feature cache."""
-    if hflip > 0 and mirror_table is None:
-        raise ValueError("hflip needs the mirror_table of the vocabulary")
+    naming each caption's image. With ``hflip`` a random share of the images is replaced by its mirror image
+    (``mirrored_features``: the cached stem outputs of the mirrored photos, see ``FeatureCache(mirrored=True)``)
+    and their captions are mapped through ``mirror_table``."""
+    if hflip > 0 and (mirror_table is None or mirrored_features is None):
+        raise ValueError("hflip needs the mirrored images' features and the mirror_table of the vocabulary")
 
     def collate(items: List[Tuple[int, List[torch.Tensor]]]):
-        acts = features[torch.tensor([i for i, _ in items])].float()
+        idx = torch.tensor([i for i, _ in items])
+        acts = features[idx].float()
         counts = torch.tensor([len(caps) for _, caps in items])
         rows = torch.arange(len(items)).repeat_interleave(counts)
         tokens = torch.nn.utils.rnn.pad_sequence([t for _, caps in items for t in caps], batch_first=True,
                                                  padding_value=PAD)
         if hflip > 0:
             flip = torch.rand(len(items)) < hflip
-            acts[flip] = acts[flip].flip(-1)
+            acts[flip] = mirrored_features[idx[flip]].float()
             flipped = flip[rows]
             tokens[flipped] = mirror_table[tokens[flipped]]
         return acts, tokens, rows
@@ -179,7 +180,11 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
         result = {"best": evaluate(model)[exp.train.select_metric], "best_epoch": 0}
         tqdm.write(f"starting SCST from {exp.scst.init_from}: val {exp.train.select_metric} {result['best']:.4f}")
     else:
-        collate = make_collate(train_feats, exp.data.hflip, mirrored_ids(tokenizer))
+        mirrored = None
+        if exp.data.hflip > 0:  # the kept training images, mirrored: a second cache entry per image
+            mirrored, _, _ = cached_features(FeatureCache(exp.data.cache_dir, model.vision, mirrored=True),
+                                             train_set, exp.train.progress)
+        collate = make_collate(train_feats, exp.data.hflip, mirrored_ids(tokenizer), mirrored)
         trainer = Trainer(model, items, collate, lambda net, b: net(*b), evaluate, save_best,
                           exp.train, lengths=[max(len(t) for t in caps) for _, caps in items],
                           frozen_prefixes=model.persistent_prefixes())

@@ -213,8 +213,8 @@ class Trainer:
                 batch_idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 batch = self.collate([self.items[i] for i in batch_idx])
                 for g in self.optimizer.param_groups:
-                    g["lr"] = cfg.lr * g.get("lr_scale", 1.0) * lr_factor(self.state["global_step"], cfg.warmup_steps, self.total_steps,
-                                                 cfg.min_lr_ratio)
+                    g["lr"] = cfg.lr * g.get("lr_scale", 1.0) * lr_factor(
+                        self.state["global_step"], cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
                     losses = self.loss_fn(net, batch)
                 self.optimizer.zero_grad(set_to_none=True)
