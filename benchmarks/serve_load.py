@@ -62,41 +62,88 @@ def batch_stats(metrics_text: str) -> dict:
     return out
 
 
-def make_request(endpoint: str, i: int, photos: list, beam: int) -> dict:
+def _multipart(fields: dict, files: dict) -> tuple:
+    boundary = "vlfuse" + secrets.token_hex(12)
+    parts = []
+    for name, value in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for name, (filename, data, ctype) in files.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                     f"Content-Type: {ctype}\r\n\r\n".encode() + data + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return f"multipart/form-data; boundary={boundary}", b"".join(parts)
+
+
+def encode_request(endpoint: str, i: int, photos: list, beam: int, key: str, host: str) -> bytes:
+    """The whole HTTP/1.1 request (headers and body) for request number ``i``, as bytes."""
     photo = photos[i % len(photos)]
     if endpoint == "caption":
-        return {"url": "/v1/caption", "files": {"image": ("photo.jpg", photo, "image/jpeg")},
-                "data": {"beam": str(beam)}}
-    if endpoint == "vqa":
-        return {"url": "/v1/vqa", "files": {"image": ("photo.jpg", photo, "image/jpeg")},
-                "data": {"question": QUESTIONS[i % len(QUESTIONS)]}}
-    return {"url": "/v1/search", "json": {"text": QUERIES[i % len(QUERIES)] + f" {i}", "k": 5}}
+        path, (ctype, body) = "/v1/caption", _multipart({"beam": str(beam)}, {"image": ("photo.jpg", photo,
+                                                                                          "image/jpeg")})
+    elif endpoint == "vqa":
+        path, (ctype, body) = "/v1/vqa", _multipart({"question": QUESTIONS[i % len(QUESTIONS)]},
+                                                    {"image": ("photo.jpg", photo, "image/jpeg")})
+    else:
+        path, ctype = "/v1/search", "application/json"
+        body = json.dumps({"text": QUERIES[i % len(QUERIES)] + f" {i}", "k": 5}).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {key}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
 
 
-async def run_level(base: str, key: str, endpoint: str, concurrency: int, total: int, photos: list, beam: int
-                    ) -> dict:
+async def _exchange(conn: list, host: str, port: int, request: bytes) -> int:
+    """Send one request on the keep-alive connection ``conn`` ([reader, writer], opened on demand) and read the
+    whole response; returns the status code."""
+    if conn[0] is None:
+        conn[0], conn[1] = await asyncio.open_connection(host, port)
+    reader, writer = conn
+    writer.write(request)
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = dict(line.split(":", 1) for line in lines[1:] if ":" in line)
+    headers = {k.strip().lower(): v.strip() for k, v in headers.items()}
+    await reader.readexactly(int(headers.get("content-length", "0")))
+    if headers.get("connection", "").lower() == "close":
+        writer.close()
+        conn[0] = conn[1] = None
+    return status
+
+
+async def run_level(host: str, port: int, key: str, endpoint: str, concurrency: int, total: int, photos: list,
+                    beam: int) -> dict:
+    """``total`` requests over ``concurrency`` keep-alive connections. The requests are encoded before the clock
+    starts and sent over bare asyncio streams: the generator shares the server's cores, so it must cost as little
+    CPU as it can (an httpx client spent a sizeable part of one core at concurrency 32)."""
+    requests = [encode_request(endpoint, i, photos, beam, key, f"{host}:{port}") for i in range(total)]
     latencies, errors, statuses = [], 0, {}
     counter = iter(range(total))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base, headers={"X-API-Key": key}, limits=limits, timeout=120) as client:
-        async def worker():
-            nonlocal errors
+
+    async def worker():
+        nonlocal errors
+        conn = [None, None]
+        try:
             for i in counter:
-                req = make_request(endpoint, i, photos, beam)
                 start = time.perf_counter()
                 try:
-                    resp = await client.post(req.pop("url"), **req)
-                    status = resp.status_code
-                except httpx.HTTPError as exc:
+                    status = await asyncio.wait_for(_exchange(conn, host, port, requests[i]), 120)
+                except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
                     status = type(exc).__name__
+                    if conn[1] is not None:
+                        conn[1].close()
+                    conn[0] = conn[1] = None
                 latencies.append(time.perf_counter() - start)
                 statuses[str(status)] = statuses.get(str(status), 0) + 1
                 if status != 200:
                     errors += 1
+        finally:
+            if conn[1] is not None:
+                conn[1].close()
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - start
     lat = np.asarray(latencies) * 1000
     return {"concurrency": concurrency, "requests": total, "errors": errors, "statuses": statuses,
             "wall_s": round(wall, 3), "requests_per_s": round(total / wall, 2),
@@ -148,6 +195,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=1, help="torch threads in the server (its --threads)")
+    p.add_argument("--workers", type=int, default=None, help="the server's --workers (default: its own default)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_load.json"))
     args = p.parse_args(argv)
 
@@ -164,6 +212,8 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "vlfuse", "serve", "--host", HOST, "--port", str(port), "--api-keys-file",
                str(keys_file), "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms",
                str(args.batch_wait_ms), "--log-level", "warning", "--threads", str(args.threads)]
+        if args.workers is not None:
+            cmd += ["--workers", str(args.workers)]
         for flag in ("caption_model", "vqa_model", "retrieval_model", "index"):
             if getattr(args, flag):
                 cmd += ["--" + flag.replace("_", "-"), getattr(args, flag)]
@@ -176,11 +226,11 @@ def main(argv=None) -> int:
                          if loaded.get("retrieval" if e == "search" else e)]
             results = {}
             for endpoint in endpoints:
-                asyncio.run(run_level(base, key, endpoint, 4, 8, photos, args.beam))  # warm-up
+                asyncio.run(run_level(HOST, port, key, endpoint, 4, 8, photos, args.beam))  # warm-up
                 levels = []
                 for c in [int(x) for x in args.concurrency.split(",")]:
                     before = batch_stats(httpx.get(base + "/metrics", headers={"X-API-Key": key}).text)
-                    level = asyncio.run(run_level(base, key, endpoint, c, args.requests, photos, args.beam))
+                    level = asyncio.run(run_level(HOST, port, key, endpoint, c, args.requests, photos, args.beam))
                     after = batch_stats(httpx.get(base + "/metrics", headers={"X-API-Key": key}).text)
                     model = "search" if endpoint == "search" else endpoint
                     b0 = before.get(model, {"batches": 0, "requests": 0})
@@ -197,7 +247,8 @@ def main(argv=None) -> int:
                                      "speedup_32_vs_1": round(by_c[32]["requests_per_s"] / by_c[1]["requests_per_s"],
                                                               2) if 1 in by_c and 32 in by_c else None}
             peak = peak_rss_mb(proc.pid)
-            models = httpx.get(base + "/v1/models", headers={"X-API-Key": key}).json()["models"]
+            described = httpx.get(base + "/v1/models", headers={"X-API-Key": key}).json()
+            models, batching = described["models"], described["batching"]
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
@@ -205,8 +256,8 @@ def main(argv=None) -> int:
         "what": "vlfuse serve on loopback, fixed request count per concurrency level, real Flickr8k val photos",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_at_end": os.getloadavg()},
-        "server": {"models": models, "torch_threads": args.threads, "max_batch_size": args.max_batch_size,
-                   "batch_wait_ms": args.batch_wait_ms, "beam": args.beam, "exit_status": proc.returncode},
+        "server": {"models": models, "torch_threads": args.threads, **batching, "beam": args.beam,
+                   "exit_status": proc.returncode},
         "results": results,
         "server_rss_mb": {"idle_after_load": round(idle_rss, 1), "peak": round(peak, 1)},
         "targets": {

@@ -71,6 +71,13 @@ class ColourVQA:
         self.delay_s = delay_s
         self._lock = threading.Lock()
 
+    @staticmethod
+    def transform(image):
+        return image  # the answers are read off the (PIL) pixels themselves
+
+    def predict_pixels(self, images: Sequence, questions: Sequence[str], top_k: int = 3) -> List[Answer]:
+        return self.predict(images, questions, top_k)
+
     def predict(self, images: Sequence, questions: Sequence[str], top_k: int = 3) -> List[Answer]:
         from vlfuse.errors import InputError
 

@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import re
+import threading
 import time
 import subprocess
 import sys
@@ -343,6 +344,37 @@ def test_batcher_groups_by_key_and_caps_batch_size():
     assert results == [f"{i % 2}:{i}" for i in range(10)]
     assert all(len(items) <= 4 and all(i % 2 == key for i in items) for key, items in calls)
     assert sum(len(items) for _, items in calls) == 10 and len(calls) == 4  # 5 evens -> 4+1, 5 odds -> 4+1
+
+
+def test_batcher_runs_up_to_max_in_flight_batches_at_once():
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def fn(key, items):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.1)
+        with lock:
+            active[0] -= 1
+        return [i * 10 for i in items]
+
+    async def main(in_flight):
+        pool = concurrent.futures.ThreadPoolExecutor(in_flight)
+        b = Batcher("t", fn, pool, max_batch_size=2, wait_s=0.0, max_in_flight=in_flight)
+        b.start()
+        start = time.perf_counter()
+        results = await asyncio.gather(*(b.submit(i) for i in range(8)))
+        await b.stop()  # waits for the batches in flight
+        pool.shutdown()
+        return results, time.perf_counter() - start
+
+    results, _ = asyncio.run(main(1))
+    assert results == [i * 10 for i in range(8)] and peak[0] == 1
+    peak[0] = 0
+    results, _ = asyncio.run(main(2))
+    assert results == [i * 10 for i in range(8)] and peak[0] == 2 and active[0] == 0
+    with pytest.raises(ValueError, match="max_in_flight"):
+        Batcher("t", fn, None, max_batch_size=2, wait_s=0.0, max_in_flight=0)
 
 
 def test_concurrent_requests_are_batched_and_counted(captioner):

@@ -234,10 +234,16 @@ class VQAModel:
         if not isinstance(top_k, int) or top_k < 1:
             raise InputError(f"top_k must be a positive integer, got {top_k!r}")
         questions = [check_question(q) for q in questions]
-        pixels = [self.transform(load_image(im)) for im in images]
+        return self.predict_pixels([self.transform(load_image(im)) for im in images], questions, top_k, batch_size)
+
+    def predict_pixels(self, pixels: Sequence[torch.Tensor], questions: Sequence[str], top_k: int = 3,
+                       batch_size: int = 64) -> List[VQAAnswer]:
+        """Like ``predict`` for images already through ``transform`` ((3, H, W) each); the service preprocesses
+        uploads in its request threads and batches only this part."""
+        questions = [check_question(q) for q in questions]
         results: List[VQAAnswer] = []
         for s in range(0, len(questions), batch_size):
-            batch = torch.stack(pixels[s:s + batch_size]).to(self.device)
+            batch = torch.stack(list(pixels[s:s + batch_size])).to(self.device)
             with torch.inference_mode():
                 acts = self.network.vision.stem(batch)
             results += self.answer_acts(acts, range(len(batch)), questions[s:s + batch_size], top_k)

@@ -302,8 +302,10 @@ def create_app(models: ServiceModels, settings: Optional[ServeSettings] = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
-        # one inference thread: the models share the CPU cores through torch's own threads
-        executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlfuse-infer")
+        # inference workers: each runs one batch at a time with torch's own threads (``--threads``); several
+        # workers keep several cores busy with whole batches, since small decoding steps hardly parallelise
+        workers = settings.inference_workers
+        executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlfuse-infer")
         wait_s = settings.batch_wait_ms / 1000.0
         batchers = {}
         from ..decoding import DecodeConfig
@@ -312,12 +314,13 @@ def create_app(models: ServiceModels, settings: Optional[ServeSettings] = None,
             batchers["caption"] = Batcher(
                 "caption", lambda key, items: models.caption_batch(
                     DecodeConfig(strategy="beam", beam_size=key[0], max_len=key[1]), items),
-                executor, settings.max_batch_size, wait_s, metrics)
+                executor, settings.max_batch_size, wait_s, metrics, workers)
         if models.vqa is not None:
-            batchers["vqa"] = Batcher("vqa", models.vqa_batch, executor, settings.max_batch_size, wait_s, metrics)
+            batchers["vqa"] = Batcher("vqa", models.vqa_batch, executor, settings.max_batch_size, wait_s, metrics,
+                                      workers)
         if models.loaded()["retrieval"]:
             batchers["search"] = Batcher("search", models.search_batch, executor, settings.max_batch_size, wait_s,
-                                         metrics)
+                                         metrics, workers)
         for b in batchers.values():
             b.start()
         state["batchers"] = batchers
@@ -389,6 +392,8 @@ def create_app(models: ServiceModels, settings: Optional[ServeSettings] = None,
                            "max_question_chars": settings.max_question_chars,
                            "max_query_chars": settings.max_query_chars,
                            "request_timeout_s": settings.request_timeout_s},
+                "batching": {"max_batch_size": settings.max_batch_size, "batch_wait_ms": settings.batch_wait_ms,
+                             "inference_workers": settings.inference_workers},
                 "version": __version__}
 
     # -- captioning ------------------------------------------------------------------------------------
@@ -421,7 +426,12 @@ def create_app(models: ServiceModels, settings: Optional[ServeSettings] = None,
             raise ServiceError(422, "invalid_parameter", f"question: is {len(question)} characters long, over the "
                                f"limit of {settings.max_question_chars}")
         picture = await read_image_upload(image, settings, offload)
-        ans = await within_timeout(b.submit((picture, question), key=top_k))
+
+        async def work():
+            pixels = await offload(models.vqa_pixels, picture)
+            return await b.submit((pixels, question), key=top_k)
+
+        ans = await within_timeout(work())
         return {"question": question, "answer": ans.answer, "probability": float(ans.probability),
                 "top": [{"answer": a, "probability": float(p)} for a, p in ans.top],
                 "model": models.names.get("vqa", "")}

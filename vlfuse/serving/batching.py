@@ -1,7 +1,8 @@
 """Dynamic batching: concurrent requests for one model are gathered for a short window and run as one batch.
 
 Requests carry a ``key`` (e.g. the decoding settings): only requests with equal keys share a batch. Batches run
-in an executor (off the event loop); while one runs, new requests queue up, so batches grow with load.
+in an executor (off the event loop), at most ``max_in_flight`` at once (one per inference worker); while they run,
+new requests queue up, so batches grow with load.
 """
 from __future__ import annotations
 
@@ -23,14 +24,20 @@ class Batcher:
     """Gather ``submit``-ted items into batches of at most ``max_batch_size`` and run ``fn`` on each."""
 
     def __init__(self, name: str, fn: BatchFn, executor: concurrent.futures.Executor, max_batch_size: int,
-                 wait_s: float, metrics: Optional[ServiceMetrics] = None):
+                 wait_s: float, metrics: Optional[ServiceMetrics] = None, max_in_flight: int = 1):
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         self.name, self.fn, self.executor = name, fn, executor
         self.max_batch_size, self.wait_s, self.metrics = max_batch_size, wait_s, metrics
+        self.max_in_flight = max_in_flight
         self._queue: Optional[asyncio.Queue] = None
         self._worker: Optional[asyncio.Task] = None
+        self._slots: Optional[asyncio.Semaphore] = None
+        self._running: set = set()
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
+        self._slots = asyncio.Semaphore(self.max_in_flight)
         self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
 
     async def stop(self) -> None:
@@ -56,7 +63,12 @@ class Batcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            first = await self._queue.get()
+            await self._slots.acquire()  # a free inference slot first: while all are busy, requests pile up
+            try:
+                first = await self._queue.get()
+            except BaseException:
+                self._slots.release()
+                raise
             pending: List[Tuple[Hashable, Any, asyncio.Future]] = [first]
             deadline = loop.time() + self.wait_s
             # gather company until the window closes or a full batch of the first request's kind is ready
@@ -69,12 +81,18 @@ class Batcher:
                                    else self._queue.get_nowait())
                 except (asyncio.TimeoutError, asyncio.QueueEmpty):
                     break
-            try:
-                for key, group in _group(pending, self.max_batch_size):
-                    await self._run_batch(key, group)
-            finally:
-                for _ in pending:
-                    self._queue.task_done()
+            task = loop.create_task(self._run_pending(pending), name=f"batch-{self.name}")
+            self._running.add(task)  # keep a reference until it is done
+            task.add_done_callback(self._running.discard)
+
+    async def _run_pending(self, pending: List[Tuple[Hashable, Any, asyncio.Future]]) -> None:
+        try:
+            for key, group in _group(pending, self.max_batch_size):
+                await self._run_batch(key, group)
+        finally:
+            self._slots.release()
+            for _ in pending:
+                self._queue.task_done()
 
     async def _run_batch(self, key: Hashable, group: List[Tuple[Any, asyncio.Future]]) -> None:
         live = [(item, fut) for item, fut in group if not fut.done()]  # timed-out requests are dropped

@@ -160,8 +160,13 @@ class ServiceModels:
         return out
 
     # -- VQA ------------------------------------------------------------------------------------------
+    def vqa_pixels(self, image) -> Any:
+        """Decoded PIL image -> the VQA model's (3, H, W) input (runs in the request's worker thread)."""
+        return self.vqa.transform(image)
+
     def vqa_batch(self, top_k: int, items: Sequence[Tuple[Any, str]]) -> List[Any]:
-        return self.vqa.predict([im for im, _ in items], [q for _, q in items], top_k=top_k)
+        """items: (vqa_pixels output, checked question)."""
+        return self.vqa.predict_pixels([px for px, _ in items], [q for _, q in items], top_k=top_k)
 
     # -- retrieval ------------------------------------------------------------------------------------
     def search_batch(self, kind: str, items: Sequence[Tuple[Any, int]]) -> List[List[Any]]:

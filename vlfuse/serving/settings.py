@@ -31,10 +31,12 @@ class ServeSettings:
     max_batch_size: int = 16
     thumbnail_size: int = 192
     image_workers: int = 2                     # threads decoding/preprocessing uploads at once
+    inference_workers: int = 1                 # batches running at once (each with torch's --threads threads)
 
     def __post_init__(self):
         for name in ("max_upload_bytes", "max_pixels", "max_question_chars", "max_query_chars", "max_k",
-                     "max_beam", "max_top_k", "max_batch_size", "thumbnail_size", "image_workers"):
+                     "max_beam", "max_top_k", "max_batch_size", "thumbnail_size", "image_workers",
+                     "inference_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.request_timeout_s <= 0:
