@@ -243,7 +243,7 @@ def main(argv=None) -> int:
                           f"p99 {level['latency_ms']['p99']:7.1f} ms  errors {level['errors']}  "
                           f"batch {level['mean_batch_size']}", flush=True)
                 by_c = {lv["concurrency"]: lv for lv in levels}
-                results[endpoint] = {"levels": levels,
+                results[endpoint] = {"levels": levels, "server_peak_rss_mb_so_far": round(peak_rss_mb(proc.pid), 1),
                                      "speedup_32_vs_1": round(by_c[32]["requests_per_s"] / by_c[1]["requests_per_s"],
                                                               2) if 1 in by_c and 32 in by_c else None}
             peak = peak_rss_mb(proc.pid)

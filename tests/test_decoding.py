@@ -125,3 +125,24 @@ def test_batched_beam_search_equals_unbatched(model_and_features):
     # and beam search never scores below greedy on the same model
     greedy = cap.model.generate(feats, DecodeConfig(strategy="greedy"))
     assert all(b >= g - 1e-4 for (_, b), (_, g) in zip(batched, greedy))
+
+
+def test_beam_search_copies_only_the_state_that_changes(model_and_features, monkeypatch):
+    """Entries the step never replaces (the image memory) are not reordered; results equal a full reorder."""
+    import vlfuse.decoding as decoding
+
+    cap, feats = model_and_features
+    cfg = DecodeConfig(strategy="beam", beam_size=4)
+    kept, original = [], decoding.reorder_state
+
+    def spy(state, index, keep=frozenset()):
+        kept.append(set(keep))
+        return original(state, index, keep)
+
+    monkeypatch.setattr(decoding, "reorder_state", spy)
+    fast = cap.model.generate(feats, cfg)
+    assert any(kept) and all("grid" in k for k in kept[1:])  # the image grid is never copied again
+    monkeypatch.setattr(decoding, "reorder_state", lambda state, index, keep=frozenset(): original(state, index))
+    full = cap.model.generate(feats, cfg)
+    assert [ids for ids, _ in fast] == [ids for ids, _ in full]
+    assert [s for _, s in fast] == pytest.approx([s for _, s in full], abs=1e-5)

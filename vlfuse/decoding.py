@@ -40,8 +40,10 @@ class DecodeConfig:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
 
 
-def reorder_state(state: Dict[str, torch.Tensor], index: torch.Tensor) -> Dict[str, torch.Tensor]:
-    return {k: v.index_select(0, index) for k, v in state.items()}
+def reorder_state(state: Dict[str, torch.Tensor], index: torch.Tensor, keep: frozenset = frozenset()
+                  ) -> Dict[str, torch.Tensor]:
+    """Rows of every state entry picked by ``index``; entries named in ``keep`` are passed through as they are."""
+    return {k: v if k in keep else v.index_select(0, index) for k, v in state.items()}
 
 
 def _banned_ngram_tokens(rows: List[List[int]], n: int) -> List[List[int]]:
@@ -131,6 +133,9 @@ def beam_search(step: StepFn, state: Dict[str, torch.Tensor], batch_size: int, c
     k = cfg.beam_size
     device = next(iter(state.values())).device
     state = reorder_state(state, torch.arange(batch_size, device=device).repeat_interleave(k))
+    # Entries the step function never replaces (the image's memory, its cross-attention keys/values) are equal
+    # for all beams of an image, so picking beams within an image leaves them unchanged: they are not copied.
+    expanded, static = dict(state), frozenset(state)
     tokens = torch.full((batch_size * k, 1), bos, dtype=torch.long, device=device)
     scores = torch.full((batch_size, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: keep one alive so the first step has no duplicates
@@ -149,7 +154,8 @@ def beam_search(step: StepFn, state: Dict[str, torch.Tensor], batch_size: int, c
         src = (base + idx // vocab).view(-1)  # (B*K,) which beam each new beam extends
         tok = (idx % vocab).view(-1, 1)
         tokens = torch.cat([tokens.index_select(0, src), tok], 1)
-        state = reorder_state(state, src)
+        static = frozenset(key for key in static if state.get(key) is expanded[key])
+        state = reorder_state(state, src, keep=static)
         finished = finished.index_select(0, src) | (tok.view(-1) == eos)
         if bool(finished.all()):
             break
