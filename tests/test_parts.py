@@ -126,6 +126,32 @@ def test_vision_encoder_inference_chunks_match_one_batch():
     assert torch.allclose(stem_chunked, enc.stem(pixels), atol=1e-6) and chunked.grid.shape[0] == 11
 
 
+@pytest.mark.parametrize("variant", [0, 2])
+def test_efficientnet_lite_speedups_keep_the_packaged_networks_output(variant):
+    """Folded BatchNorm, folded/widened SAME padding and in-place ReLU6 give the grid the unmodified
+    efficientnet-lite-pytorch network computes with the same ImageNet weights."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from vlfuse.models.vision import _lite_weights_path, fold_same_padding
+    from vlfuse.registry import VISION_ENCODERS
+
+    enc = VISION_ENCODERS.build(f"efficientnet-lite{variant}").eval()
+    assert not any(isinstance(m, torch.nn.ZeroPad2d) for m in enc.modules())  # every pad copy is gone
+    ref = EfficientNet.from_name(f"efficientnet-lite{variant}")
+    ref.load_state_dict(torch.load(_lite_weights_path(variant), map_location="cpu", weights_only=True))
+    ref.eval()
+    size = enc.image_size
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref.extract_features(pixels)
+        got = enc(pixels).grid.transpose(1, 2).reshape(want.shape)
+        # widening alone (on the reference's own convolutions, BatchNorm kept) is exact as well
+        fold_same_padding(ref, widen_kernels=True)
+        widened = ref.extract_features(pixels)
+    assert torch.allclose(got, want, atol=1e-4 * want.abs().max())
+    assert torch.allclose(widened, want, atol=1e-5 * want.abs().max())
+
+
 def test_minilm_matches_transformers_on_real_captions():
     """Our plain-PyTorch MiniLM (no `transformers` import at run time) gives the same word pieces and hidden
     states as transformers' BertModel + fast tokenizer, truncation included."""

@@ -125,18 +125,29 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def fold_same_padding(module: nn.Module) -> nn.Module:
-    """TF-"SAME" convolutions pad their input with a separate ZeroPad2d copy before every convolution; where the
-    padding is symmetric (all stride-1 convolutions) the convolution pads by itself instead: the same output,
-    one tensor copy less per layer (the copies were ~10% of the CNN's time on a CPU). The asymmetric padding of
-    the stride-2 convolutions stays as it is."""
+def fold_same_padding(module: nn.Module, widen_kernels: bool = False) -> nn.Module:
+    """TF-"SAME" convolutions pad their input with a separate ZeroPad2d copy before every convolution (the copies
+    were ~10% of the CNN's time on a CPU). Where the padding is symmetric (all stride-1 convolutions) the
+    convolution pads by itself instead. With ``widen_kernels`` (frozen weights only: it changes their shape), a
+    stride-2 convolution padded one more at the end than at the start (lo, lo + 1) becomes a (k+1)-wide kernel
+    whose first row and column are zero, padded lo + 1 on both sides: out[i] = sum_a w[a] x[s*i + a - lo] either
+    way, so the output is the same, without the copy."""
     for m in module.modules():
         pad = getattr(m, "static_padding", None)
-        if isinstance(m, nn.Conv2d) and isinstance(pad, nn.ZeroPad2d) and m.padding == (0, 0):
-            left, right, top, bottom = pad.padding
-            if left == right and top == bottom:
-                m.padding = (top, left)
-                m.static_padding = nn.Identity()
+        if not (isinstance(m, nn.Conv2d) and isinstance(pad, nn.ZeroPad2d) and m.padding == (0, 0)):
+            continue
+        left, right, top, bottom = pad.padding
+        if left == right and top == bottom:
+            m.padding = (top, left)
+        elif widen_kernels and right == left + 1 and bottom == top + 1 and m.dilation == (1, 1):
+            out_ch, in_ch, kh, kw = m.weight.shape
+            wide = m.weight.data.new_zeros(out_ch, in_ch, kh + 1, kw + 1)
+            wide[:, :, 1:, 1:] = m.weight.data
+            m.weight = nn.Parameter(wide, requires_grad=m.weight.requires_grad)
+            m.kernel_size, m.padding = (kh + 1, kw + 1), (bottom, right)
+        else:
+            continue
+        m.static_padding = nn.Identity()
     return module
 
 
@@ -175,8 +186,9 @@ class EfficientNetLite(VisionEncoder):
         for m in net.modules():  # ReLU6 right after a convolution: in place is exact, autograd-safe, ~15% faster
             if isinstance(m, nn.ReLU6):
                 m.inplace = True
-        if pretrained:
-            fold_batchnorm(self.stem_layers.eval())  # frozen and pretrained: fold BN for speed
+        if pretrained:  # frozen and pretrained (its weights are never saved): fold BN and padding for speed
+            fold_batchnorm(self.stem_layers.eval())
+            fold_same_padding(self.stem_layers, widen_kernels=True)
         self.out_dim = net._bn1.num_features
         self.transform = ImageTransform(size=self.image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
         self.to(memory_format=torch.channels_last)  # ~2x faster convolutions on CPU
