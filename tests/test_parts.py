@@ -174,3 +174,24 @@ def test_minilm_matches_transformers_on_real_captions():
         a = MiniLMEncoder().eval()(batch, mask).tokens
         b = AutoModel.from_pretrained(str(minilm_path())).eval()(input_ids=batch, attention_mask=mask.long())
     assert torch.allclose(a[mask], b.last_hidden_state[mask], atol=1e-4)
+
+
+def test_int8_decoder_linears_equal_torchs_dynamic_quantized_linear():
+    """int8_decoder calls the quantized operator directly; it must compute exactly what torch's module does."""
+    import copy
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    from vlfuse.models.captioner import _Int8Linear, int8_decoder
+
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = quantize_dynamic(copy.deepcopy(net), {torch.nn.Linear}, dtype=torch.qint8)
+    fast = int8_decoder(net)
+    assert [type(m) for m in fast] == [_Int8Linear, torch.nn.GELU, _Int8Linear]
+    x = torch.randn(5, 3, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(fast(x), reference(x))
+        assert not torch.allclose(fast(x), net(x), atol=1e-6)  # it really is the int8 path, not the float one
