@@ -56,7 +56,7 @@ def test_real_server_over_http_and_graceful_shutdown(tmp_path):
     # a long batch window keeps requests in flight when SIGTERM arrives
     proc = start_server(["--host", "127.0.0.1", "--port", str(port), "--api-keys-file", str(keys),
                          "--caption-model", str(model), "--vqa-model", "none", "--retrieval-model", "none",
-                         "--batch-wait-ms", "1500", "--log-level", "warning", "--threads", "2"])
+                         "--batch-wait-ms", "1500", "--log-level", "warning", "--threads", "2", "--workers", "2"])
     try:
         wait_ready(base, proc)
         auth = {"Authorization": f"Bearer {KEY}"}
@@ -69,7 +69,9 @@ def test_real_server_over_http_and_graceful_shutdown(tmp_path):
         r = httpx.post(base + "/v1/vqa", files={"image": ("a.png", image_bytes())}, data={"question": "what?"},
                        headers={"X-API-Key": KEY})
         assert r.status_code == 503 and "disabled" in r.json()["error"]["message"]
-        models = httpx.get(base + "/v1/models", headers=auth).json()["models"]
+        described = httpx.get(base + "/v1/models", headers=auth).json()
+        models = described["models"]
+        assert described["batching"] == {"max_batch_size": 16, "batch_wait_ms": 1500.0, "inference_workers": 2}
         assert models["caption"]["loaded"] and not models["vqa"]["loaded"] and not models["retrieval"]["loaded"]
         assert 'status="401"' in httpx.get(base + "/metrics", headers=auth).text
 
@@ -94,3 +96,10 @@ def test_serve_rejects_a_thread_count_below_one(capsys):
 
     assert main(["serve", "--threads", "0", "--caption-model", "none"]) == 2
     assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_serve_rejects_a_worker_count_below_one(capsys):
+    from vlfuse.cli.main import main
+
+    assert main(["serve", "--workers", "0", "--caption-model", "none"]) == 2
+    assert "--workers must be at least 1, got 0" in capsys.readouterr().err
