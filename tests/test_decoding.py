@@ -141,7 +141,15 @@ def test_beam_search_copies_only_the_state_that_changes(model_and_features, monk
 
     monkeypatch.setattr(decoding, "reorder_state", spy)
     fast = cap.model.generate(feats, cfg)
-    assert any(kept) and all("grid" in k for k in kept[1:])  # the image grid is never copied again
+    assert any(kept) and all("grid" in k for k in kept)  # the image grid is never copied, not even per beam
+    # the cross-attention keys/values stay one row per image: the beams of an image read them together
+    rows, step = [], cap.model.decoder.step
+    monkeypatch.setattr(cap.model.decoder, "step", lambda t, s: (rows.append((len(t), len(s["x0mk"]))), step(t, s))[1])
+    cap.model.generate(feats, cfg)
+    n = feats.pooled.shape[0]
+    assert set(rows) == {(n * 4, n)}
+    monkeypatch.undo()
+    monkeypatch.setattr(decoding, "reorder_state", spy)
     monkeypatch.setattr(decoding, "reorder_state", lambda state, index, keep=frozenset(): original(state, index))
     full = cap.model.generate(feats, cfg)
     assert [ids for ids, _ in fast] == [ids for ids, _ in full]

@@ -176,22 +176,50 @@ def test_minilm_matches_transformers_on_real_captions():
     assert torch.allclose(a[mask], b.last_hidden_state[mask], atol=1e-4)
 
 
-def test_int8_decoder_linears_equal_torchs_dynamic_quantized_linear():
-    """int8_decoder calls the quantized operator directly; it must compute exactly what torch's module does."""
+def test_inference_decoder_int8_linears_equal_torchs_dynamic_quantized_linear():
+    """inference_decoder calls the quantized operator directly; it must compute exactly what torch's module does."""
     import copy
     import warnings
 
     from torch.ao.quantization import quantize_dynamic
 
-    from vlfuse.models.captioner import _Int8Linear, int8_decoder
+    from vlfuse.models.captioner import _Int8Linear, inference_decoder
 
     net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = quantize_dynamic(copy.deepcopy(net), {torch.nn.Linear}, dtype=torch.qint8)
-    fast = int8_decoder(net)
+    fast = inference_decoder(net)
     assert [type(m) for m in fast] == [_Int8Linear, torch.nn.GELU, _Int8Linear]
     x = torch.randn(5, 3, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(fast(x), reference(x))
         assert not torch.allclose(fast(x), net(x), atol=1e-6)  # it really is the int8 path, not the float one
+
+
+@pytest.mark.parametrize("fusion", ["cross-attention", "joint"])
+def test_inference_decoder_computes_what_the_decoder_computes(fusion):
+    """The decoding copy (fused query/key/value projection in self-attention steps) is the same function:
+    equal step log-probabilities and equal greedy and beam captions, in float."""
+    from vlfuse.decoding import DecodeConfig
+    from vlfuse.models.captioner import CaptionModel, CaptionModelConfig, inference_decoder
+
+    torch.manual_seed(0)
+    cfg = CaptionModelConfig(vision=Part("small-cnn", {"image_size": 32, "channels": 16, "num_layers": 2}),
+                             fusion=Part(fusion, {"dim": 32, "num_layers": 2, "num_heads": 4}),
+                             decoder=Part("transformer", {"dim": 32, "num_heads": 4, "num_layers": 1}), max_len=8)
+    model = CaptionModel(cfg, vocab_size=30).eval()
+    fast = inference_decoder(model.decoder, int8=False)
+    assert all(hasattr(b.self_attn, "qkv") for b in fast.modules() if b.__class__.__name__ == "TransformerBlock")
+    with torch.no_grad():
+        image = model.vision(torch.randn(3, 3, 32, 32))
+        s0, s1 = model.decoder.init_state(image), fast.init_state(image)
+        tokens = torch.full((3, 1), 1)
+        for _ in range(4):
+            a, s0 = model.decoder.step(tokens, s0)
+            b, s1 = fast.step(tokens, s1)
+            assert torch.allclose(a, b, atol=1e-5)
+            tokens = torch.cat([tokens, torch.randint(3, 30, (3, 1))], 1)
+        for decode in (DecodeConfig(strategy="greedy"), DecodeConfig(strategy="beam", beam_size=3)):
+            assert [ids for ids, _ in model.generate(image, decode)] == \
+                [ids for ids, _ in model.generate(image, decode, decoder=fast)]

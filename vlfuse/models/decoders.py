@@ -1,12 +1,13 @@
 """Caption decoders. Each one owns a fusion module and exposes the same three calls:
 
 - ``forward(image, tokens, mask)`` -> (logits (B, T, V), attention (B, T, N) | None) for teacher forcing;
-- ``init_state(image)`` -> dict of batch-first tensors;
+- ``init_state(image)`` -> dict of batch-first tensors; ``per_image_state()`` names those of them kept once
+  per image for all of its beams/samples;
 - ``step(tokens (B, t), state)`` -> (logprobs (B, V), state), which :mod:`vlfuse.decoding` drives.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, FrozenSet, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,9 @@ class LSTMDecoder(nn.Module):
     def init_state(self, image: ImageFeatures) -> State:
         return {"grid": image.grid, "pooled": image.pooled, **self.fusion.init_cache(image),
                 "h": torch.tanh(self.init_h(image.pooled)), "c": torch.tanh(self.init_c(image.pooled))}
+
+    def per_image_state(self) -> FrozenSet[str]:
+        return frozenset()  # the fusion reads the image with each row's own hidden state
 
     def _advance(self, word: torch.Tensor, state: State):
         state = dict(state)  # fusion.step extends its cache entries in the dict it is given
@@ -100,6 +104,10 @@ class TransformerDecoder(nn.Module):
 
     def init_state(self, image: ImageFeatures) -> State:
         return {"grid": image.grid, "pooled": image.pooled, **self.fusion.init_cache(image)}
+
+    def per_image_state(self) -> FrozenSet[str]:
+        """State entries read once per image by all of its rows (see ``vlfuse.decoding``)."""
+        return self.fusion.per_image_state()
 
     def forward(self, image: ImageFeatures, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 need_weights: bool = False, rows: Optional[torch.Tensor] = None

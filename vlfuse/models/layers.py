@@ -35,8 +35,16 @@ class MultiHeadAttention(nn.Module):
 
     def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow: Optional[torch.Tensor] = None,
                need_weights: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """x (B, T, D) attends to precomputed keys/values (B, H, S, hd)."""
+        """x (B, T, D) attends to precomputed keys/values (B, H, S, hd). Keys/values may also come once per
+        image for ``g`` consecutive rows of x each (beams or samples of one image: B = B_img * g); the rows'
+        queries then attend together, with no mask."""
         b, t, d = x.shape
+        g = b // k.shape[0]
+        if g > 1:
+            assert allow is None and not need_weights and b == g * k.shape[0], "grouped rows attend unmasked"
+            q = self.q(x).view(b // g, g * t, self.num_heads, self.head_dim).transpose(1, 2)  # (B_img, H, gT, hd)
+            y = F.scaled_dot_product_attention(q, k, v)
+            return self.out(y.transpose(1, 2).reshape(b, t, d)), None
         q = self.q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         if not need_weights:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allow,
@@ -57,6 +65,30 @@ class MultiHeadAttention(nn.Module):
         """x (B, T, D) attends to memory (B, S, D); ``allow`` broadcasts to (B, 1, T, S), True = may attend."""
         k, v = self.keys_values(memory)
         return self.attend(x, k, v, allow, need_weights)
+
+    def fuse_qkv(self) -> None:
+        """Inference only: a self-attention step (``step_qkv``) projects queries, keys and values of its input with
+        one matrix instead of two (``q`` and ``kv`` stay for whole-sequence forwards over image cells)."""
+        qkv = nn.Linear(self.q.in_features, 3 * self.q.out_features)
+        with torch.no_grad():
+            qkv.weight.copy_(torch.cat([self.q.weight, self.kv.weight]))
+            qkv.bias.copy_(torch.cat([self.q.bias, self.kv.bias]))
+        self.qkv = qkv
+
+    def step_qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> queries, keys, values (B, H, T, hd) each."""
+        b, t, _ = x.shape
+        if hasattr(self, "qkv"):
+            q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            return q, k, v
+        k, v = self.keys_values(x)
+        return self.q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2), k, v
+
+    def attend_q(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Projected queries (B, H, T, hd) attend to keys/values (B, H, S, hd), unmasked -> (B, T, D)."""
+        b, _, t, _ = q.shape
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
 class TransformerBlock(nn.Module):
@@ -97,9 +129,11 @@ class TransformerBlock(nn.Module):
              prefix_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """Incremental decoding of one new position x (B, 1, D). Self-attention keys/values of earlier
         positions live in ``cache[prefix + 'k'/'v']`` (B, H, t, hd) and are extended in place of the dict;
-        ``prefix_kv`` are extra always-visible keys/values (the image cells of a joint model)."""
+        ``memory_kv`` are the cross-attended memory's keys/values, which may come once per image for all of
+        its rows (see ``MultiHeadAttention.attend``); ``prefix_kv`` are extra always-visible keys/values (the
+        image cells of a joint model)."""
         h = self.ln1(x)
-        k_new, v_new = self.self_attn.keys_values(h)
+        q, k_new, v_new = self.self_attn.step_qkv(h)
         if prefix + "k" in cache:
             k_new = torch.cat([cache[prefix + "k"], k_new], 2)
             v_new = torch.cat([cache[prefix + "v"], v_new], 2)
@@ -107,7 +141,7 @@ class TransformerBlock(nn.Module):
         k, v = k_new, v_new
         if prefix_kv is not None:
             k, v = torch.cat([prefix_kv[0], k], 2), torch.cat([prefix_kv[1], v], 2)
-        x = x + self.self_attn.attend(h, k, v)[0]
+        x = x + self.self_attn.attend_q(q, k, v)
         if self.cross:
             x = x + self.cross_attn.attend(self.ln_c(x), *memory_kv)[0]
         return x + self.mlp(self.ln2(x))

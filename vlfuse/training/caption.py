@@ -187,7 +187,8 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
         collate = make_collate(train_feats, exp.data.hflip, mirrored_ids(tokenizer), mirrored)
         trainer = Trainer(model, items, collate, lambda net, b: net(*b), evaluate, save_best,
                           exp.train, lengths=[max(len(t) for t in caps) for _, caps in items],
-                          frozen_prefixes=model.persistent_prefixes())
+                          frozen_prefixes=model.persistent_prefixes(),
+                          pretrained_prefixes=model.pretrained_prefixes())
         if resume and trainer.resume():
             tqdm.write(f"resumed from {trainer.last_path} at epoch {trainer.state['epoch'] + 1}, "
                        f"step {trainer.state['global_step']}")
@@ -236,7 +237,8 @@ def _scst_phase(exp: CaptionExperiment, model: CaptionModel, tokenizer: Tokenize
         return train_feats[torch.tensor(items)].float(), torch.tensor(items)
 
     trainer = Trainer(model, rows, collate, make_scst_loss(model, tokenizer, train_set.captions, exp.scst),
-                      evaluate, save_best, cfg, frozen_prefixes=model.persistent_prefixes())
+                      evaluate, save_best, cfg, frozen_prefixes=model.persistent_prefixes(),
+                      pretrained_prefixes=model.pretrained_prefixes())
     if resume and trainer.resume():
         tqdm.write(f"resumed SCST from {trainer.last_path}")
     result = trainer.fit()

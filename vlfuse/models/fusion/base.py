@@ -12,7 +12,7 @@ A fusion module combines image features with a sequence of text-side query vecto
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional
+from typing import Dict, FrozenSet, Optional
 
 import torch
 from torch import nn
@@ -50,6 +50,13 @@ class Fusion(nn.Module):
         """Fuse one new causal position x (B, 1, text_dim) given the cache (updated in place) -> (B, 1, out_dim).
         Modules that treat positions independently need no cache: the default runs ``forward``."""
         return self.forward(image, x)
+
+    def per_image_state(self) -> FrozenSet[str]:
+        """Names of decoding-state entries (``init_cache``'s, or the decoder's "grid"/"pooled") that ``step``
+        reads once per image for all of that image's rows (its beams or samples, which are consecutive, so
+        row r belongs to image r // (rows / images)). Decoding never copies these per beam. Default: none —
+        ``step`` reads every entry row by row."""
+        return frozenset()
 
     def regularizer(self, attention: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Extra loss from the attention over a whole caption (B, T, N); zero unless a module defines one."""

@@ -1,5 +1,5 @@
 """Cross-attention fusion: Transformer blocks whose text tokens attend to image grid tokens."""
-from typing import Dict, Optional
+from typing import Dict, FrozenSet, Optional
 
 import torch
 from torch import nn
@@ -61,6 +61,10 @@ class CrossAttentionFusion(Fusion):
         for i, block in enumerate(self.blocks):
             cache[f"x{i}mk"], cache[f"x{i}mv"] = block.cross_attn.keys_values(memory)
         return cache
+
+    def per_image_state(self) -> FrozenSet[str]:
+        # the prepared image memory is read once per image by all of its rows; the image itself is not read
+        return frozenset(["grid", "pooled"] + [f"x{i}m{kv}" for i in range(len(self.blocks)) for kv in "kv"])
 
     def step(self, image: ImageFeatures, x: torch.Tensor, cache: Dict[str, torch.Tensor]) -> FusionOutput:
         x = self.text_in(x)
