@@ -186,9 +186,12 @@ def test_inference_decoder_int8_linears_equal_torchs_dynamic_quantized_linear():
     from vlfuse.models.captioner import _Int8Linear, inference_decoder
 
     net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = quantize_dynamic(copy.deepcopy(net), {torch.nn.Linear}, dtype=torch.qint8)
+        reference = quantize_dynamic(copy.deepcopy(net), {torch.nn.Linear: per_channel_dynamic_qconfig},
+                                     dtype=torch.qint8)
     fast = inference_decoder(net)
     assert [type(m) for m in fast] == [_Int8Linear, torch.nn.GELU, _Int8Linear]
     x = torch.randn(5, 3, 16, generator=torch.Generator().manual_seed(0))
@@ -208,9 +211,12 @@ def test_inference_decoder_computes_what_the_decoder_computes(fusion):
     cfg = CaptionModelConfig(vision=Part("small-cnn", {"image_size": 32, "channels": 16, "num_layers": 2}),
                              fusion=Part(fusion, {"dim": 32, "num_layers": 2, "num_heads": 4}),
                              decoder=Part("transformer", {"dim": 32, "num_heads": 4, "num_layers": 1}), max_len=8)
+    from vlfuse.models.scripted import ScriptedDecoder
+
     model = CaptionModel(cfg, vocab_size=30).eval()
     fast = inference_decoder(model.decoder, int8=False)
     assert all(hasattr(b.self_attn, "qkv") for b in fast.modules() if b.__class__.__name__ == "TransformerBlock")
+    assert isinstance(fast, ScriptedDecoder) == (fusion == "cross-attention")  # TorchScript step where covered
     with torch.no_grad():
         image = model.vision(torch.randn(3, 3, 32, 32))
         s0, s1 = model.decoder.init_state(image), fast.init_state(image)
@@ -223,3 +229,29 @@ def test_inference_decoder_computes_what_the_decoder_computes(fusion):
         for decode in (DecodeConfig(strategy="greedy"), DecodeConfig(strategy="beam", beam_size=3)):
             assert [ids for ids, _ in model.generate(image, decode)] == \
                 [ids for ids, _ in model.generate(image, decode, decoder=fast)]
+
+
+def test_scripted_int8_step_equals_the_eager_int8_step():
+    """The TorchScript step (vlfuse.models.scripted) re-expresses the eager step over the same int8 modules:
+    identical log-probabilities and state at every step, with beams sharing one image's keys/values."""
+    from vlfuse.models.captioner import CaptionModel, CaptionModelConfig, inference_decoder
+    from vlfuse.models.scripted import ScriptedDecoder
+
+    torch.manual_seed(0)
+    cfg = CaptionModelConfig(vision=Part("small-cnn", {"image_size": 32, "channels": 16, "num_layers": 2}),
+                             fusion=Part("cross-attention", {"dim": 32, "num_layers": 2, "num_heads": 4}),
+                             decoder=Part("transformer", {"dim": 32, "num_heads": 4, "num_layers": 1}))
+    model = CaptionModel(cfg, vocab_size=40).eval()
+    eager, scripted = inference_decoder(model.decoder, script=False), inference_decoder(model.decoder)
+    assert isinstance(scripted, ScriptedDecoder) and not isinstance(eager, ScriptedDecoder)
+    with torch.no_grad():
+        image = model.vision(torch.randn(2, 3, 32, 32))
+        s0, s1 = eager.init_state(image), scripted.init_state(image)
+        tokens = torch.full((6, 1), 1)  # 3 rows (beams) per image, the image state kept once per image
+        for _ in range(5):
+            a, s0 = eager.step(tokens, s0)
+            b, s1 = scripted.step(tokens, s1)
+            assert torch.equal(a, b) and s0.keys() == s1.keys()
+            assert all(torch.equal(s0[k], s1[k]) for k in s0)
+            tokens = torch.cat([tokens, torch.randint(3, 40, (6, 1))], 1)
+        assert s1["x0mk"].shape[0] == 2 and s1["x0sk"].shape[0] == 6
