@@ -3,6 +3,7 @@ Hugging-Face-style ``Captioner`` that bundles it with its tokenizer and image tr
 from __future__ import annotations
 
 import dataclasses
+import threading
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -210,7 +211,16 @@ class Captioner:
         # linear layers int8 when asked (CPU only); ``self.model`` stays as trained for saving, attention maps
         # and training.
         self.int8 = int8
-        self._generator = inference_decoder(model.decoder, int8=int8)
+        self._generator: Optional[nn.Module] = None  # built on first use (saving a model never needs it)
+        self._generator_lock = threading.Lock()
+
+    @property
+    def generator(self) -> nn.Module:
+        """The decoder copy that generates captions (``inference_decoder``)."""
+        with self._generator_lock:
+            if self._generator is None:
+                self._generator = inference_decoder(self.model.decoder, int8=self.int8)
+            return self._generator
 
     # -- loading and saving -------------------------------------------------------------------------
     @classmethod
@@ -267,7 +277,7 @@ class Captioner:
                     for r in self.caption_features(ImageFeatures(image.grid[i:i + step], image.pooled[i:i + step]),
                                                    decode)]
         results = []
-        for ids, score in self.model.generate(image, decode, decoder=self._generator):
+        for ids, score in self.model.generate(image, decode, decoder=self.generator):
             words = [self.tokenizer.vocab[i] for i in ids]
             results.append(CaptionResult(self.tokenizer.decode(ids), score, words))
         return results

@@ -69,7 +69,10 @@ class MultiHeadAttention(nn.Module):
     def fuse_qkv(self) -> None:
         """Inference only: a self-attention step (``step_qkv``) projects queries, keys and values of its input with
         one matrix instead of two (``q`` and ``kv`` stay for whole-sequence forwards over image cells)."""
-        qkv = nn.Linear(self.q.in_features, 3 * self.q.out_features)
+        # allocated uninitialised ("meta", then empty): a random init would draw from the global RNG, and
+        # building a Captioner must not change a training run's random stream
+        qkv = nn.Linear(self.q.in_features, 3 * self.q.out_features, device="meta").to_empty(
+            device=self.q.weight.device)
         with torch.no_grad():
             qkv.weight.copy_(torch.cat([self.q.weight, self.kv.weight]))
             qkv.bias.copy_(torch.cat([self.q.bias, self.kv.bias]))

@@ -45,7 +45,9 @@ def _device_kw(device: Optional[str]) -> dict:
 def _load_captioner(name: str, device: Optional[str]):
     from ..models.captioner import Captioner
 
-    return Captioner.from_pretrained(name, device=device)
+    captioner = Captioner.from_pretrained(name, device=device)
+    captioner.generator  # noqa: B018 — build the decoding copy now, not during the first request
+    return captioner
 
 
 def _load_vqa(name: str, device: Optional[str]):
