@@ -69,10 +69,10 @@ class MultiHeadAttention(nn.Module):
     def fuse_qkv(self) -> None:
         """Inference only: a self-attention step (``step_qkv``) projects queries, keys and values of its input with
         one matrix instead of two (``q`` and ``kv`` stay for whole-sequence forwards over image cells)."""
-        # allocated uninitialised ("meta", then empty): a random init would draw from the global RNG, and
-        # building a Captioner must not change a training run's random stream
-        qkv = nn.Linear(self.q.in_features, 3 * self.q.out_features, device="meta").to_empty(
-            device=self.q.weight.device)
+        # the throwaway random init must not advance the global RNG (building a Captioner during training
+        # would change the run's random stream); "meta" tensors would avoid it at ~35 MB of imports
+        with torch.random.fork_rng(devices=[]):
+            qkv = nn.Linear(self.q.in_features, 3 * self.q.out_features, device=self.q.weight.device)
         with torch.no_grad():
             qkv.weight.copy_(torch.cat([self.q.weight, self.kv.weight]))
             qkv.bias.copy_(torch.cat([self.q.bias, self.kv.bias]))

@@ -2,7 +2,8 @@
 
 Requests carry a ``key`` (e.g. the decoding settings): only requests with equal keys share a batch. Batches run
 in an executor (off the event loop), at most ``max_in_flight`` at once (one per inference worker); while they run,
-new requests queue up, so batches grow with load.
+new requests queue up, so batches grow with load. What one gathering collects is split evenly among the workers
+that are idle at that moment.
 """
 from __future__ import annotations
 
@@ -81,9 +82,18 @@ class Batcher:
                                    else self._queue.get_nowait())
                 except (asyncio.TimeoutError, asyncio.QueueEmpty):
                     break
-            task = loop.create_task(self._run_pending(pending), name=f"batch-{self.name}")
-            self._running.add(task)  # keep a reference until it is done
-            task.add_done_callback(self._running.discard)
+            # Idle workers share what was gathered: a burst of 32 requests runs as two batches of 16 on two
+            # workers, not as one batch of 32 on one while the other waits (its clients all wait on that batch).
+            parts = 1
+            while parts < len(pending) and not self._slots.locked():
+                await self._slots.acquire()
+                parts += 1
+            n = len(pending)
+            for i in range(parts):
+                task = loop.create_task(self._run_pending(pending[i * n // parts:(i + 1) * n // parts]),
+                                        name=f"batch-{self.name}")
+                self._running.add(task)  # keep a reference until it is done
+                task.add_done_callback(self._running.discard)
 
     async def _run_pending(self, pending: List[Tuple[Hashable, Any, asyncio.Future]]) -> None:
         try:
