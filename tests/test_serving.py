@@ -377,6 +377,34 @@ def test_batcher_runs_up_to_max_in_flight_batches_at_once():
         Batcher("t", fn, None, max_batch_size=2, wait_s=0.0, max_in_flight=0)
 
 
+def test_batcher_shares_a_burst_among_idle_workers():
+    """Eight requests arriving together with two idle workers run as two batches of four at once, not as one
+    batch of eight on one worker while the other waits."""
+    sizes, active, peak, lock = [], [0], [0], threading.Lock()
+
+    def fn(key, items):
+        with lock:
+            sizes.append(len(items))
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.1)
+        with lock:
+            active[0] -= 1
+        return [i + 1 for i in items]
+
+    async def main():
+        pool = concurrent.futures.ThreadPoolExecutor(2)
+        b = Batcher("t", fn, pool, max_batch_size=32, wait_s=0.05, max_in_flight=2)
+        b.start()
+        results = await asyncio.gather(*(b.submit(i) for i in range(8)))
+        await b.stop()
+        pool.shutdown()
+        return results
+
+    assert asyncio.run(main()) == [i + 1 for i in range(8)]
+    assert sorted(sizes) == [4, 4] and peak[0] == 2
+
+
 def test_concurrent_requests_are_batched_and_counted(caption_dir):
     # the float decoder: the int8 one scales each batch's activations by that batch's range, so with this
     # untrained model's near-tied words a caption may change with its batch-mates (a real model's rarely do)
