@@ -192,8 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--beam", type=int, default=3)
     p.add_argument("--photos", type=int, default=64, help="distinct val photos to cycle through")
-    p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--batch-wait-ms", type=float, default=5.0)
+    p.add_argument("--max-batch-size", type=int, default=None, help="the server's --max-batch-size (default: its own)")
+    p.add_argument("--batch-wait-ms", type=float, default=None, help="the server's --batch-wait-ms (default: its own)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in the server (its --threads)")
     p.add_argument("--workers", type=int, default=None, help="the server's --workers (default: its own default)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_load.json"))
@@ -210,10 +210,10 @@ def main(argv=None) -> int:
         if args.retrieval_model and args.retrieval_model != "none" and not args.index:
             args.index = build_index(args.retrieval_model, args.index_images, Path(tmp))
         cmd = [sys.executable, "-m", "vlfuse", "serve", "--host", HOST, "--port", str(port), "--api-keys-file",
-               str(keys_file), "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms",
-               str(args.batch_wait_ms), "--log-level", "warning", "--threads", str(args.threads)]
-        if args.workers is not None:
-            cmd += ["--workers", str(args.workers)]
+               str(keys_file), "--log-level", "warning", "--threads", str(args.threads)]
+        for flag in ("workers", "max_batch_size", "batch_wait_ms"):  # unset: the server's own defaults
+            if getattr(args, flag) is not None:
+                cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
         for flag in ("caption_model", "vqa_model", "retrieval_model", "index"):
             if getattr(args, flag):
                 cmd += ["--" + flag.replace("_", "-"), getattr(args, flag)]
