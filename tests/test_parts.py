@@ -200,16 +200,17 @@ def test_inference_decoder_int8_linears_equal_torchs_dynamic_quantized_linear():
         assert not torch.allclose(fast(x), net(x), atol=1e-6)  # it really is the int8 path, not the float one
 
 
-@pytest.mark.parametrize("fusion", ["cross-attention", "joint"])
-def test_inference_decoder_computes_what_the_decoder_computes(fusion):
-    """The decoding copy (fused query/key/value projection in self-attention steps) is the same function:
-    equal step log-probabilities and equal greedy and beam captions, in float."""
+@pytest.mark.parametrize("fusion,fusion_dim", [("cross-attention", 32), ("cross-attention", 48), ("joint", 32)])
+def test_inference_decoder_computes_what_the_decoder_computes(fusion, fusion_dim):
+    """The decoding copy (fused query/key/value projection in self-attention steps; the TorchScript step for
+    cross-attention, also when the fusion's width differs from the decoder's) is the same function: equal step
+    log-probabilities and equal greedy and beam captions, in float."""
     from vlfuse.decoding import DecodeConfig
     from vlfuse.models.captioner import CaptionModel, CaptionModelConfig, inference_decoder
 
     torch.manual_seed(0)
     cfg = CaptionModelConfig(vision=Part("small-cnn", {"image_size": 32, "channels": 16, "num_layers": 2}),
-                             fusion=Part(fusion, {"dim": 32, "num_layers": 2, "num_heads": 4}),
+                             fusion=Part(fusion, {"dim": fusion_dim, "num_layers": 2, "num_heads": 4}),
                              decoder=Part("transformer", {"dim": 32, "num_heads": 4, "num_layers": 1}), max_len=8)
     from vlfuse.models.scripted import ScriptedDecoder
 
