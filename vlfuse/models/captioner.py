@@ -227,7 +227,7 @@ class Captioner:
     def from_pretrained(cls, name_or_path: Union[str, Path], device: Optional[str] = None,
                         int8: Optional[bool] = None) -> "Captioner":
         """Load a built-in model or a checkpoint directory. ``int8`` (default: on for CPU) generates with the
-        decoder's linear layers quantized to int8, ~30 % faster per caption on a CPU (see ``inference_decoder``)."""
+        decoder's linear layers quantized to int8 (see ``inference_decoder``); ``int8=False`` keeps them float."""
         directory = resolve_model(name_or_path)
         raw = read_config(directory)
         if raw.get("task") != "caption":
