@@ -85,6 +85,30 @@ def test_top_p_is_reproducible_and_stays_in_the_nucleus():
     assert set(ids[0] for ids, _ in generate(step, state_for(400), 400, wider)) == {4, 5, 6}
 
 
+def test_sampling_without_a_nucleus_follows_the_distribution():
+    # top_p = 1 samples from the whole distribution (no sort): frequencies match p, tokens of p = 0 never come
+    step = table_step({BOS: {4: 0.5, 5: 0.3, 6: 0.15, 7: 0.05}, "default": {EOS: 1.0}})
+    cfg = DecodeConfig(strategy="sample", top_p=1.0, max_len=1, seed=5, no_repeat_ngram=0)
+    picks = [ids[0] for ids, _ in generate(step, state_for(4000), 4000, cfg)]
+    assert set(picks) == {4, 5, 6, 7}
+    for token, p in {4: 0.5, 5: 0.3, 6: 0.15, 7: 0.05}.items():
+        assert abs(picks.count(token) / 4000 - p) < 0.03, (token, picks.count(token))
+
+
+def test_decode_config_override_keeps_what_is_not_given():
+    base = DecodeConfig(strategy="greedy", max_len=12, no_repeat_ngram=2)
+    assert base.override() == base and base.override(beam=None, max_len=None) == base
+    assert base.override(beam=4) == DecodeConfig(strategy="beam", beam_size=4, max_len=12, no_repeat_ngram=2)
+    assert base.override(beam=1).strategy == "greedy" and base.override(beam=1).width == 1
+    assert base.override(beam=4).width == 4 and base.override(beam=4, strategy="sample").width == 1
+    assert base.override(top_p=0.5, strategy="sample").top_p == 0.5
+    with pytest.raises(ConfigError, match="beam_wdith"):
+        base.override(beam_wdith=3)
+    with pytest.raises(ConfigError, match="beam_size"):
+        base.override(beam=0)
+    assert len({base, base.override(), base.override(beam=2)}) == 2  # hashable: the service batches by it
+
+
 def test_decode_config_rejects_bad_values():
     for bad in [dict(strategy="nucleus"), dict(beam_size=0), dict(max_len=0), dict(top_p=0.0), dict(temperature=0)]:
         with pytest.raises(ConfigError):

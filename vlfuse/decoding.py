@@ -18,7 +18,7 @@ StepFn = Callable[[torch.Tensor, Dict[str, torch.Tensor]], Tuple[torch.Tensor, D
 STRATEGIES = ("greedy", "beam", "sample")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)  # hashable: the service batches requests that decode alike
 class DecodeConfig:
     strategy: str = "beam"        # greedy | beam | sample
     beam_size: int = 3
@@ -40,6 +40,24 @@ class DecodeConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
+
+    def override(self, beam: Optional[int] = None, **fields) -> "DecodeConfig":
+        """This config with the given fields changed; ``None`` keeps a field as it is. ``beam`` is the
+        user-facing width of the CLI, API and service: 1 means greedy, more means beam search of that width
+        (unless ``strategy`` is given too). A model's saved decoding default is overridden this way."""
+        changes = {k: v for k, v in fields.items() if v is not None}
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown decoding option(s): {', '.join(unknown)}")
+        if beam is not None:
+            changes.setdefault("strategy", "greedy" if beam == 1 else "beam")
+            changes["beam_size"] = beam
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def width(self) -> int:
+        """Beams kept per image: the beam size for beam search, 1 for greedy decoding and sampling."""
+        return self.beam_size if self.strategy == "beam" else 1
 
 
 def reorder_state(state: Dict[str, torch.Tensor], index: torch.Tensor, keep: FrozenSet[str] = frozenset()
@@ -132,12 +150,21 @@ def _greedy_or_sample(step, state, batch_size, cfg, bos, eos, pad):
 
 
 def _sample_top_p(logits: torch.Tensor, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    """One token per row from the smallest set of tokens whose probability reaches ``top_p`` (renormalised).
+    Sampled by inverting the cumulative distribution (one uniform number per row): ``torch.multinomial`` and a
+    full sort cost ~10 ms each per step at 160 rows x 3k words on a CPU, this ~0.3 ms; the vocabulary is
+    sorted only when a nucleus is asked for (``top_p`` < 1)."""
     probs = logits.softmax(-1)
-    sorted_p, order = probs.sort(-1, descending=True)
-    cum = sorted_p.cumsum(-1)
-    sorted_p = sorted_p.masked_fill(cum - sorted_p > top_p, 0.0)  # keep the smallest set reaching top_p
-    pick = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=gen)
-    return order.gather(1, pick).squeeze(1)
+    order = None
+    if top_p < 1.0:
+        probs, order = probs.sort(-1, descending=True)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)  # keep the smallest set reaching top_p
+    cum = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=gen, device=probs.device, dtype=cum.dtype) * cum[:, -1:]
+    pick = torch.searchsorted(cum, u, right=True).clamp_(max=probs.shape[1] - 1)  # cum[i-1] <= u < cum[i]
+    # rounding can land u on the very end of the last interval: never return a token of probability zero
+    pick = torch.where(probs.gather(1, pick) > 0, pick, probs.argmax(-1, keepdim=True))
+    return (order.gather(1, pick) if order is not None else pick).squeeze(1)
 
 
 def beam_search(step: StepFn, state: Dict[str, torch.Tensor], batch_size: int, cfg: DecodeConfig,

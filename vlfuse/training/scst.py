@@ -63,7 +63,7 @@ def make_scst_loss(model: CaptionModel, tokenizer: Tokenizer, references: List[L
                                                  padding_value=PAD).to(acts.device)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         logits, _ = model.decoder(feats, inputs, inputs != PAD, rows=image_rows)
-        logp = F.log_softmax(logits, -1).gather(2, targets[..., None]).squeeze(-1)  # (B*K, T)
+        logp = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B*K, T) log p(target)
         mask = (targets != PAD).float()
         seq_logp = (logp * mask).sum(1) / mask.sum(1)
         loss = -(advantage * seq_logp).mean()
