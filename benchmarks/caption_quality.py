@@ -16,15 +16,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="flickr8k-caption")
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/flickr8k"))
-    ap.add_argument("--beam", type=int, default=3)
+    ap.add_argument("--beam", type=int, default=None, help="1 = greedy (default: the model's own decoding)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/caption_quality.json"))
     args = ap.parse_args()
-    from vlfuse.decoding import DecodeConfig
     from vlfuse.evaluation.caption import evaluate_captioner
     from vlfuse.models.captioner import Captioner
 
     cap = Captioner.from_pretrained(args.model)
-    decode = DecodeConfig(strategy="beam" if args.beam > 1 else "greedy", beam_size=args.beam)
+    decode = cap.decode_config(beam=args.beam)
     results = str(Path(args.out).with_suffix("")) + ".captions.json"
     m = evaluate_captioner(cap, args.data, "val", decode, results_path=results)
     m["model"] = args.model

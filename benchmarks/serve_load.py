@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import httpx
 import numpy as np
@@ -74,11 +75,11 @@ def _multipart(fields: dict, files: dict) -> tuple:
     return f"multipart/form-data; boundary={boundary}", b"".join(parts)
 
 
-def encode_request(endpoint: str, i: int, photos: list, beam: int, key: str, host: str) -> bytes:
+def encode_request(endpoint: str, i: int, photos: list, beam: Optional[int], key: str, host: str) -> bytes:
     """The whole HTTP/1.1 request (headers and body) for request number ``i``, as bytes."""
     photo = photos[i % len(photos)]
     if endpoint == "caption":
-        path, (ctype, body) = "/v1/caption", _multipart({"beam": str(beam)}, {"image": ("photo.jpg", photo,
+        path, (ctype, body) = "/v1/caption", _multipart({} if beam is None else {"beam": str(beam)}, {"image": ("photo.jpg", photo,
                                                                                           "image/jpeg")})
     elif endpoint == "vqa":
         path, (ctype, body) = "/v1/vqa", _multipart({"question": QUESTIONS[i % len(QUESTIONS)]},
@@ -112,7 +113,7 @@ async def _exchange(conn: list, host: str, port: int, request: bytes) -> int:
 
 
 async def run_level(host: str, port: int, key: str, endpoint: str, concurrency: int, total: int, photos: list,
-                    beam: int) -> dict:
+                    beam: Optional[int]) -> dict:
     """``total`` requests over ``concurrency`` keep-alive connections. The requests are encoded before the clock
     starts and sent over bare asyncio streams: the generator shares the server's cores, so it must cost as little
     CPU as it can (an httpx client spent a sizeable part of one core at concurrency 32)."""
@@ -190,7 +191,7 @@ def main(argv=None) -> int:
     p.add_argument("--endpoints", default="caption", help="comma-separated: caption,vqa,search (loaded ones only)")
     p.add_argument("--requests", type=int, default=96, help="requests per concurrency level")
     p.add_argument("--concurrency", default="1,8,32")
-    p.add_argument("--beam", type=int, default=3)
+    p.add_argument("--beam", type=int, default=None, help="caption beam width (default: the model's own)")
     p.add_argument("--photos", type=int, default=64, help="distinct val photos to cycle through")
     p.add_argument("--max-batch-size", type=int, default=None, help="the server's --max-batch-size (default: its own)")
     p.add_argument("--batch-wait-ms", type=float, default=None, help="the server's --batch-wait-ms (default: its own)")
@@ -256,7 +257,7 @@ def main(argv=None) -> int:
         "what": "vlfuse serve on loopback, fixed request count per concurrency level, real Flickr8k val photos",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_average_at_end": os.getloadavg()},
-        "server": {"models": models, "torch_threads": args.threads, **batching, "beam": args.beam,
+        "server": {"models": models, "torch_threads": args.threads, **batching, "beam": args.beam if args.beam is not None else "model default",
                    "exit_status": proc.returncode},
         "results": results,
         "server_rss_mb": {"idle_after_load": round(idle_rss, 1), "peak": round(peak, 1)},

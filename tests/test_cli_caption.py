@@ -120,6 +120,43 @@ def test_checkpoint_round_trip_gives_identical_captions(trained_run, mixed_folde
     assert (tmp_path / "copyTrue" / "model.safetensors").stat().st_size < 1_000_000
 
 
+def test_a_checkpoints_decoding_default_drives_api_and_cli_until_overridden(trained_run, mixed_folder, tmp_path,
+                                                                            capsys):
+    from vlfuse.decoding import DecodeConfig
+    from vlfuse.errors import ConfigError
+    from vlfuse.models.captioner import Captioner
+
+    _, good, _ = mixed_folder
+    # training saves the decoding the model was selected with on val (greedy) as its default
+    trained = Captioner.from_pretrained(trained_run / "best")
+    saved = json.loads((trained_run / "best" / "config.json").read_text())
+    assert saved["decode"] == saved["training"]["val_decode"] and saved["decode"]["strategy"] == "greedy"
+    assert trained.decode_defaults == DecodeConfig(**saved["training"]["val_decode"])
+    # a checkpoint whose default is beam search of width 2 (and at most 4 words)
+    trained.decode_defaults = DecodeConfig(strategy="beam", beam_size=2, max_len=4)
+    ckpt = trained.save_pretrained(tmp_path / "beam2")
+    cap = Captioner.from_pretrained(ckpt)
+    assert cap.decode_defaults == DecodeConfig(strategy="beam", beam_size=2, max_len=4)
+    explicit = cap(good, beam=2, max_len=4)
+    assert cap(good) == explicit and all(len(c.split()) <= 4 for c in explicit)
+    assert cap(good, beam=1) == cap(good, strategy="greedy", max_len=4)  # width 1 = greedy
+    assert cap.decode_config(beam=5).strategy == "beam" and cap.decode_config(beam=5).max_len == 4
+
+    def cli(*extra):
+        assert main(["caption", *good, "--model", str(ckpt), "--json", *extra]) == 0
+        return [json.loads(line)["caption"] for line in capsys.readouterr().out.splitlines()]
+
+    assert cli() == explicit
+    assert cli("--beam", "1") == cap(good, beam=1)
+    assert cli("--max-len", "2") == cap(good, max_len=2) and all(len(c.split()) <= 2 for c in cli("--max-len", "2"))
+    # a broken default in config.json names the key
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["decode"] = {"strategy": "beam", "beam_wdith": 2}
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="decode.beam_wdith"):
+        Captioner.from_pretrained(ckpt)
+
+
 def test_train_config_typo_names_the_key(tmp_path, capsys):
     cfg = write_config(tmp_path / "bad.json", {"task": "caption", "train": {"epochs": 1, "bacth_size": 8}})
     assert main(["train", "--config", str(cfg)]) == 2

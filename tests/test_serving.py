@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import io
 import json
 import re
@@ -19,6 +20,7 @@ from PIL import Image
 from serving_helpers import (ColourIndex, ColourRetriever, ColourVQA, image_bytes, make_tiny_captioner,
                              png_bomb)
 
+from vlfuse.decoding import DecodeConfig
 from vlfuse.errors import ConfigError
 
 fastapi = pytest.importorskip("fastapi")  # the "serve" extra; installed in CI
@@ -96,6 +98,16 @@ def test_caption_equals_python_api(full, captioner, beam):
     assert body["tokens"] == expected.split() and isinstance(body["score"], float)
 
 
+def test_caption_without_options_uses_the_models_own_decoding(full, captioner):
+    data = image_bytes("green", (50, 40))
+    body = post_image(full, data=data).json()
+    assert body["caption"] == captioner(Image.open(io.BytesIO(data))) == captioner(Image.open(io.BytesIO(data)),
+                                                                                   beam=3)
+    assert body["beam"] == captioner.decode_defaults.width == 3
+    short = post_image(full, data=data, max_len=2).json()
+    assert short["caption"] == captioner(Image.open(io.BytesIO(data)), max_len=2) and len(short["tokens"]) <= 2
+
+
 def test_vqa_answers_from_pixels(full):
     resp = post_image(full, "/v1/vqa", image_bytes("blue", fmt="JPEG"), "b.jpg", "image/jpeg",
                       question="  what colour is it?  ", top_k=2)
@@ -120,7 +132,8 @@ def test_search_by_text_and_by_image_with_thumbnails(full, index):
 
 def test_models_readyz_healthz(full):
     models = full.get("/v1/models").json()["models"]
-    assert models["caption"] == {"loaded": True, "model": "tiny-caption"}
+    assert models["caption"] == {"loaded": True, "model": "tiny-caption",
+                                 "decode": dataclasses.asdict(DecodeConfig())}  # its saved decoding default
     assert models["retrieval"]["index"]["images"] == 4
     assert full.get("/readyz").json() == {"ready": True, "models": {"caption": True, "vqa": True, "retrieval": True}}
     assert full.get("/healthz", headers={"Authorization": ""}).json() == {"status": "ok"}

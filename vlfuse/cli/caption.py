@@ -10,21 +10,25 @@ from ..decoding import DecodeConfig
 
 
 def add_decode_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--beam", type=int, default=3, help="beam width (1 = greedy; default 3)")
-    p.add_argument("--sample", action="store_true", help="top-p sampling instead of beam search")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--temperature", type=float, default=1.0)
+    """Decoding options; each one left out keeps the model's own decoding default (``vlfuse models`` lists it)."""
+    p.add_argument("--beam", type=int, default=None,
+                   help="beam width: 1 = greedy, more = beam search (default: the model's, e.g. greedy for "
+                        "flickr8k-caption)")
+    p.add_argument("--sample", action="store_true", help="top-p sampling instead")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus size for --sample (default 0.9)")
+    p.add_argument("--temperature", type=float, default=None, help="(default 1.0)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-len", type=int, default=20)
-    p.add_argument("--length-penalty", type=float, default=0.0)
-    p.add_argument("--no-repeat-ngram", type=int, default=3)
+    p.add_argument("--max-len", type=int, default=None, help="at most this many words (default 20)")
+    p.add_argument("--length-penalty", type=float, default=None, help="beam score / length ** this (default 0)")
+    p.add_argument("--no-repeat-ngram", type=int, default=None,
+                   help="forbid repeating any n-gram of this size, 0 = off (default 3)")
 
 
-def decode_config(args) -> DecodeConfig:
-    strategy = "sample" if args.sample else ("greedy" if args.beam == 1 else "beam")
-    return DecodeConfig(strategy=strategy, beam_size=args.beam, max_len=args.max_len, top_p=args.top_p,
-                        temperature=args.temperature, seed=args.seed, length_penalty=args.length_penalty,
-                        no_repeat_ngram=args.no_repeat_ngram)
+def decode_config(args, defaults: DecodeConfig) -> DecodeConfig:
+    """The model's decoding ``defaults`` with the options given on the command line."""
+    return defaults.override(beam=args.beam, strategy="sample" if args.sample else None, max_len=args.max_len,
+                             top_p=args.top_p, temperature=args.temperature, seed=args.seed,
+                             length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -45,8 +49,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args) -> int:
     from ..models.captioner import Captioner
 
-    decode = decode_config(args)
     captioner = Captioner.from_pretrained(args.model, device=args.device, int8=False if args.float32 else None)
+    decode = decode_config(args, captioner.decode_defaults)
     paths = list_images(args.paths)
     if args.samples:
         from ..data.samples import sample_photos

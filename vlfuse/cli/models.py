@@ -18,13 +18,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args) -> int:
     import vlfuse.models  # noqa: F401  (registers parts)
 
-    models = {name: read_config(path).get("task", "?") for name, path in builtin_models().items()}
+    configs = {name: read_config(path) for name, path in builtin_models().items()}
+    models = {name: cfg.get("task", "?") for name, cfg in configs.items()}
     parts = {kind: reg.describe() for kind, reg in ALL_REGISTRIES.items()}
     if args.json:
         print(json.dumps({"models": models, "parts": parts}, indent=2))
         return 0
     print("Built-in models:")
     for name, task in models.items():
+        decode = configs[name].get("decode")
+        if decode:  # a caption model's own decoding default
+            width = f"beam {decode.get('beam_size')}" if decode.get("strategy") == "beam" else decode.get("strategy")
+            task += f"  (decodes: {width} by default)"
         print(f"  {name:24s} {task}")
     for kind, entries in parts.items():
         print(f"\n{kind.replace('_', ' ').capitalize()}:")

@@ -46,7 +46,8 @@ def evaluate(args) -> Dict:
 
     captioner = Captioner.from_pretrained(args.model, device=args.device)
     results = args.results or (str(Path(args.out).with_suffix("")) + ".captions.json" if args.out else None)
-    metrics = evaluate_captioner(captioner, args.data, args.split, decode_config(args), fmt=args.format,
+    decode = decode_config(args, captioner.decode_defaults)
+    metrics = evaluate_captioner(captioner, args.data, args.split, decode, fmt=args.format,
                                  limit=args.limit, batch_size=args.batch_size, results_path=results)
     metrics["model"] = str(args.model)
     return metrics

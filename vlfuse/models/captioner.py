@@ -200,6 +200,11 @@ class Captioner:
 
     >>> cap = Captioner.from_pretrained("flickr8k-caption")
     >>> cap(["photo.jpg", pil_image])          # -> ["a dog runs on the grass", ...]
+    >>> cap("photo.jpg", beam=5)               # beam search of width 5 instead of the model's default
+
+    A checkpoint may carry its own decoding default (``"decode"`` in its config.json, as Hugging Face's
+    generation config): the decoding it was selected with on val. ``decode_defaults`` holds it
+    (``DecodeConfig()`` where a checkpoint has none); every option given to a call overrides it.
     """
 
     def __init__(self, model: CaptionModel, tokenizer: Tokenizer, extra_config: Optional[dict] = None,
@@ -207,6 +212,7 @@ class Captioner:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.extra_config = extra_config or {}
+        self.decode_defaults = from_dict(DecodeConfig, self.extra_config.get("decode", {}), "decode")
         # Captions are generated with a copy of the decoder arranged for decoding (``inference_decoder``), its
         # linear layers int8 when asked (CPU only); ``self.model`` stays as trained for saving, attention maps
         # and training.
@@ -246,7 +252,8 @@ class Captioner:
 
     def save_pretrained(self, directory: Union[str, Path], half: bool = True, **extra) -> Path:
         config = {"task": "caption", "model": to_dict(self.model.config),
-                  "transform": self.model.vision.transform.to_dict(), **self.extra_config, **extra}
+                  "transform": self.model.vision.transform.to_dict(), **self.extra_config,
+                  "decode": to_dict(self.decode_defaults), **extra}
         directory = save_checkpoint(directory, self.model, config, self.model.persistent_prefixes(), half=half)
         self.tokenizer.save(directory)
         return directory
@@ -283,21 +290,32 @@ class Captioner:
             results.append(CaptionResult(self.tokenizer.decode(ids), score, words))
         return results
 
+    def decode_config(self, beam: Optional[int] = None, **options) -> DecodeConfig:
+        """The model's decoding default with ``options`` (DecodeConfig fields) overriding it; ``beam`` (or a
+        ``beam_size`` given without ``strategy``) is a width: 1 = greedy, more = beam search."""
+        if beam is None and "beam_size" in options and "strategy" not in options:
+            beam = options.pop("beam_size")
+        return self.decode_defaults.override(beam=beam, **options)
+
     def __call__(self, images: Union[ImageInput, Sequence[ImageInput]], batch_size: int = 32,
                  **decode_options) -> Union[str, List[str]]:
-        """Caption one image (-> str) or a list (-> list of str). ``decode_options`` are DecodeConfig fields."""
+        """Caption one image (-> str) or a list (-> list of str). ``decode_options`` override the model's
+        decoding default (``beam=``, or any DecodeConfig field)."""
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
-        decode = DecodeConfig(**decode_options)
+        decode = self.decode_config(**decode_options)
         captions: List[str] = []
         for start in range(0, len(items), batch_size):
             pixels = self.preprocess(items[start:start + batch_size])
             captions += [r.caption for r in self.caption_features(self.encode(pixels), decode)]
         return captions[0] if single else captions
 
-    def caption_files(self, paths: Sequence[Union[str, Path]], decode: DecodeConfig, batch_size: int = 16
+    def caption_files(self, paths: Sequence[Union[str, Path]], decode: Optional[DecodeConfig] = None,
+                      batch_size: int = 16
                       ) -> Iterator[Tuple[str, Optional[CaptionResult], Optional[str]]]:
-        """Yield (path, result, error) for every path; a bad file yields its error and never stops the rest."""
+        """Yield (path, result, error) for every path; a bad file yields its error and never stops the rest.
+        ``decode`` defaults to the model's own decoding default."""
+        decode = decode or self.decode_defaults
         tf = self.model.vision.transform
         batch: List[Tuple[str, torch.Tensor]] = []
 
@@ -324,7 +342,7 @@ class Captioner:
         """Caption one image and return (words, attention (T, h, w)) over the image grid, if the fusion attends."""
         pixels = self.preprocess([image])
         feats = self.encode(pixels)
-        result = self.caption_features(feats, decode or DecodeConfig())[0]
+        result = self.caption_features(feats, decode or self.decode_defaults)[0]
         ids = [BOS] + [self.tokenizer.index[w] for w in result.tokens]
         _, att = self.model.decoder(feats, torch.tensor([ids], device=self.device), need_weights=True)
         if att is None:

@@ -308,12 +308,9 @@ def create_app(models: ServiceModels, settings: Optional[ServeSettings] = None,
         executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlfuse-infer")
         wait_s = settings.batch_wait_ms / 1000.0
         batchers = {}
-        from ..decoding import DecodeConfig
-
         if models.captioner is not None:
             batchers["caption"] = Batcher(
-                "caption", lambda key, items: models.caption_batch(
-                    DecodeConfig(strategy="beam", beam_size=key[0], max_len=key[1]), items),
+                "caption", models.caption_batch,
                 executor, settings.max_batch_size, wait_s, metrics, workers)
         if models.vqa is not None:
             batchers["vqa"] = Batcher("vqa", models.vqa_batch, executor, settings.max_batch_size, wait_s, metrics,
@@ -399,18 +396,22 @@ def create_app(models: ServiceModels, settings: Optional[ServeSettings] = None,
     # -- captioning ------------------------------------------------------------------------------------
     @app.post("/v1/caption", summary="Caption an uploaded photo", response_model=CaptionResponse, responses=ERRORS)
     async def caption(image: UploadFile = File(..., description=f"the photo ({ACCEPTED_TYPES})"),
-                      beam: int = Form(3, ge=1, le=settings.max_beam, description="beam width (1 = greedy)"),
-                      max_len: int = Form(20, ge=1, le=50, description="at most this many words")):
+                      beam: Optional[int] = Form(None, ge=1, le=settings.max_beam,
+                                                 description="beam width, 1 = greedy (default: the model's own "
+                                                             "decoding, see /v1/models)"),
+                      max_len: Optional[int] = Form(None, ge=1, le=50,
+                                                    description="at most this many words (default: the model's)")):
         b = batcher("caption")
+        decode = models.caption_decode(beam, max_len)  # batched with the requests that decode alike
         picture = await read_image_upload(image, settings, offload)
 
         async def work():
             pixels = await offload(models.caption_pixels, picture)
-            return await b.submit(pixels, key=(beam, max_len))
+            return await b.submit(pixels, key=decode)
 
         result = await within_timeout(work())
         return {"caption": result.caption, "score": float(result.score), "tokens": list(result.tokens),
-                "beam": beam, "model": models.names.get("caption", "")}
+                "beam": decode.width, "model": models.names.get("caption", "")}
 
     # -- VQA -------------------------------------------------------------------------------------------
     @app.post("/v1/vqa", summary="Answer a question about an uploaded photo", response_model=VQAResponse,

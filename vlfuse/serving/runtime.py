@@ -142,6 +142,8 @@ class ServiceModels:
             else:
                 entry["reason"] = self.problems.get(task, "not loaded")
             out[task] = entry
+        if out["caption"]["loaded"]:
+            out["caption"]["decode"] = dataclasses.asdict(self.captioner.decode_defaults)
         if out["retrieval"]["loaded"]:
             out["retrieval"]["index"] = {"path": self.names.get("index"), "images": len(self.index.paths)}
         return out
@@ -150,6 +152,10 @@ class ServiceModels:
     def caption_pixels(self, image) -> Any:
         """Decoded PIL image -> the captioner's (1, 3, H, W) input (runs in the request's worker thread)."""
         return self.captioner.preprocess([image])
+
+    def caption_decode(self, beam: Optional[int], max_len: Optional[int]) -> DecodeConfig:
+        """The caption model's own decoding default with a request's ``beam`` / ``max_len`` (None = keep)."""
+        return self.captioner.decode_config(beam=beam, max_len=max_len)
 
     def caption_batch(self, decode: DecodeConfig, pixels: Sequence[Any]) -> List[Any]:
         """Encode and decode in chunks of ``captioner.cpu_beam_chunk`` images: beam search gains up to

@@ -172,7 +172,8 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
         return {k: v for k, v in scores.items() if isinstance(v, float)}
 
     def save_best(m: CaptionModel, directory: Path) -> None:
-        Captioner(m, tokenizer).save_pretrained(directory, training=resolved)
+        # the model's decoding default is the decoding it was selected with on val
+        Captioner(m, tokenizer).save_pretrained(directory, training=resolved, decode=to_dict(exp.val_decode))
 
     if init is not None:  # SCST only: the given model stands in for the cross-entropy phase's best
         if not (resume and (out / "best" / "model.safetensors").is_file()):

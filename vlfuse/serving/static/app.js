@@ -79,7 +79,7 @@ async function captionPhoto() {
   if (!photo) return;
   const form = new FormData();
   form.append("image", photo);
-  form.append("beam", $("beam").value);
+  if ($("beam").value) form.append("beam", $("beam").value);  // empty: the model's own decoding
   $("caption").textContent = "Captioning…";
   const ticket = startRequest("caption");
   try {
