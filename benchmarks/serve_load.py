@@ -189,7 +189,9 @@ def main(argv=None) -> int:
                    "built here over the first --index-images val photos)")
     p.add_argument("--index-images", type=int, default=1000)
     p.add_argument("--endpoints", default="caption", help="comma-separated: caption,vqa,search (loaded ones only)")
-    p.add_argument("--requests", type=int, default=96, help="requests per concurrency level")
+    # 320 = 10 rounds of 32: with 96 (three rounds) the ramp-up and the drain of the last batches, when one of
+    # the two inference workers idles, weighed ~10 % of the concurrency-32 level
+    p.add_argument("--requests", type=int, default=320, help="requests per concurrency level")
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--beam", type=int, default=None, help="caption beam width (default: the model's own)")
     p.add_argument("--photos", type=int, default=64, help="distinct val photos to cycle through")
