@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     p.add_argument("--photos", type=int, default=200, help="val photos in the search index")
     p.add_argument("--photo", type=int, default=0, help="which of them to caption")
     p.add_argument("--query", default="a dog running on the beach")
-    p.add_argument("--beam", default="3")
+    p.add_argument("--beam", default="", help="beam width to select on the page (default: the model's own decoding)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_page.png"))
     args = p.parse_args(argv)
     from playwright.sync_api import expect, sync_playwright
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
                 page.fill("#api-key", key)
                 page.dispatch_event("#api-key", "change")
                 expect(page.locator("#models-status")).to_contain_text("caption: ready", timeout=30_000)
-                page.select_option("#beam", args.beam)
+                page.select_option("#beam", args.beam)  # "" = the "model default" entry
                 page.set_input_files("#file-input", str(photos / names[args.photo]))
                 expect(page.locator("#caption")).not_to_have_text("Captioning…", timeout=60_000)
                 caption = page.locator("#caption").inner_text()
