@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..config import from_dict
+from ..decoding import DecodeConfig
 from ..hub import builtin_models
 from ..models.checkpoint import read_config
 from ..registry import ALL_REGISTRIES
@@ -26,10 +28,9 @@ def run(args) -> int:
         return 0
     print("Built-in models:")
     for name, task in models.items():
-        decode = configs[name].get("decode")
-        if decode:  # a caption model's own decoding default
-            width = f"beam {decode.get('beam_size')}" if decode.get("strategy") == "beam" else decode.get("strategy")
-            task += f"  (decodes: {width} by default)"
+        if "decode" in configs[name]:  # a caption model's own decoding default
+            decode = from_dict(DecodeConfig, configs[name]["decode"], "decode")
+            task += f"  (decodes: {decode.strategy}{f' {decode.width}' if decode.strategy == 'beam' else ''} by default)"
         print(f"  {name:24s} {task}")
     for kind, entries in parts.items():
         print(f"\n{kind.replace('_', ' ').capitalize()}:")
