@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-onnx", action="store_true", help="encode images with PyTorch, not ONNX Runtime")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/caption_speed.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -56,7 +57,7 @@ def main() -> None:
     from vlfuse.decoding import DecodeConfig
     from vlfuse.models.captioner import Captioner
 
-    cap = Captioner.from_pretrained(args.model)
+    cap = Captioner.from_pretrained(args.model, onnx=False if args.no_onnx else None)
     paths = sample_images(args.images, args.n)
     pixels = [cap.preprocess([p]) for p in paths]
     greedy, beam3 = DecodeConfig(strategy="greedy"), DecodeConfig(strategy="beam", beam_size=3)
@@ -84,14 +85,15 @@ def main() -> None:
     cold = []
     for _ in range(3):
         t = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "vlfuse", "caption", str(paths[0]), "--model", args.model],
-                           capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-m", "vlfuse", "caption", str(paths[0]), "--model", args.model]
+                           + (["--no-onnx"] if args.no_onnx else []), capture_output=True, text=True)
         cold.append(time.perf_counter() - t)
         assert r.returncode == 0, r.stderr
     result = {
         "model": args.model,
         "cpu": platform.processor() or platform.machine(),
         "threads": args.threads,
+        "image_encoder": cap.image_backend,
         "images": len(paths),
         "encoder_ms_per_image_batch1": round(enc_ms, 2),
         "caption_greedy_ms_per_image_batch1": round(greedy_ms, 2),

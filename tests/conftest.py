@@ -17,6 +17,17 @@ REPO = Path(__file__).resolve().parents[1]
 FLICKR = (REPO / ".." / "shared" / "data" / "flickr8k").resolve()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def onnx_cache_in_tmp(tmp_path_factory):
+    """Image encoders exported for ONNX Runtime are cached in a temporary folder, not the user's ~/.cache."""
+    from vlfuse.models import onnx_vision
+
+    saved = onnx_vision.DEFAULT_CACHE_DIR
+    onnx_vision.DEFAULT_CACHE_DIR = tmp_path_factory.mktemp("onnx-cache")
+    yield onnx_vision.DEFAULT_CACHE_DIR
+    onnx_vision.DEFAULT_CACHE_DIR = saved
+
+
 def flickr_or_skip() -> Path:
     if not (FLICKR / "captions.txt").is_file():
         pytest.skip("Flickr8k is not present at ../shared/data/flickr8k")

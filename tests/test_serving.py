@@ -132,8 +132,9 @@ def test_search_by_text_and_by_image_with_thumbnails(full, index):
 
 def test_models_readyz_healthz(full):
     models = full.get("/v1/models").json()["models"]
-    assert models["caption"] == {"loaded": True, "model": "tiny-caption",
-                                 "decode": dataclasses.asdict(DecodeConfig())}  # its saved decoding default
+    assert models["caption"] == {"loaded": True, "model": "tiny-caption",  # its saved decoding default, and
+                                 "decode": dataclasses.asdict(DecodeConfig()),  # images encoded by ONNX Runtime
+                                 "image_encoder": "onnxruntime"}
     assert models["retrieval"]["index"]["images"] == 4
     assert full.get("/readyz").json() == {"ready": True, "models": {"caption": True, "vqa": True, "retrieval": True}}
     assert full.get("/healthz", headers={"Authorization": ""}).json() == {"status": "ok"}

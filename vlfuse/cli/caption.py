@@ -42,6 +42,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
     p.add_argument("--float32", action="store_true",
                    help="decode with the float32 decoder (on a CPU the default is its faster int8 copy)")
+    p.add_argument("--no-onnx", action="store_true",
+                   help="encode images with PyTorch (on a CPU the default is ONNX Runtime where it is installed)")
     add_decode_arguments(p)
     return p
 
@@ -49,7 +51,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args) -> int:
     from ..models.captioner import Captioner
 
-    captioner = Captioner.from_pretrained(args.model, device=args.device, int8=False if args.float32 else None)
+    captioner = Captioner.from_pretrained(args.model, device=args.device, int8=False if args.float32 else None,
+                                          onnx=False if args.no_onnx else None)
     decode = decode_config(args, captioner.decode_defaults)
     paths = list_images(args.paths)
     if args.samples:

@@ -47,6 +47,7 @@ def _load_captioner(name: str, device: Optional[str]):
 
     captioner = Captioner.from_pretrained(name, device=device)
     captioner.generator  # noqa: B018 — build the decoding copy now, not during the first request
+    captioner.image_encoder  # noqa: B018 — and the ONNX Runtime image encoder (exported, or read from its cache)
     return captioner
 
 
@@ -144,6 +145,7 @@ class ServiceModels:
             out[task] = entry
         if out["caption"]["loaded"]:
             out["caption"]["decode"] = dataclasses.asdict(self.captioner.decode_defaults)
+            out["caption"]["image_encoder"] = self.captioner.image_backend  # "onnxruntime" or "torch"
         if out["retrieval"]["loaded"]:
             out["retrieval"]["index"] = {"path": self.names.get("index"), "images": len(self.index.paths)}
         return out
