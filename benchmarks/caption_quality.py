@@ -27,6 +27,7 @@ def main() -> None:
     results = str(Path(args.out).with_suffix("")) + ".captions.json"
     m = evaluate_captioner(cap, args.data, "val", decode, results_path=results)
     m["model"] = args.model
+    m["image_encoder"] = cap.image_backend
     m["targets"] = {"BLEU-4": 0.22, "CIDEr": 0.55}
     m["meets_targets"] = {"BLEU-4": m["BLEU-4"] >= 0.22, "CIDEr": m["CIDEr"] >= 0.55}
     m["training"] = cap.extra_config.get("training", {}).get("model")
