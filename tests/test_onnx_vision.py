@@ -55,6 +55,10 @@ def test_export_is_cached_by_weights(lite0, tmp_path, monkeypatch):
     with torch.no_grad():
         changed.tail_layers[0]._project_conv.weight.mul_(1.5)  # tuned weights: another graph
     assert graph_key(changed) != graph_key(lite0)
+    monkeypatch.undo()
+    monkeypatch.setattr(onnx_vision, "CACHE_KEEP", 1)  # only the newest graph stays
+    OnnxImageEncoder(changed, threads=1, cache_dir=cache)
+    assert [f.stem for f in cache.glob("*.onnx")] == [graph_key(changed)]
 
 
 def test_fallback_to_pytorch_and_explicit_request_errors(lite0, monkeypatch, caplog):

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "vlfuse" / "onnx"
+CACHE_KEEP = 8  # graphs kept in a cache folder, newest first
 
 
 def onnx_available() -> bool:
@@ -78,6 +79,14 @@ def export_onnx(encoder: VisionEncoder) -> bytes:
     return buffer.getvalue()
 
 
+def _prune(cache_dir: Path, keep: int) -> None:
+    """Delete all but the ``keep`` most recently written graphs (each is ~14 MB for EfficientNet-Lite0; every
+    checkpoint with tuned CNN weights has one of its own)."""
+    graphs = sorted(cache_dir.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in graphs[keep:]:
+        old.unlink(missing_ok=True)
+
+
 def cached_graph(encoder: VisionEncoder, cache_dir: Optional[Path]) -> Union[str, bytes]:
     """The exported graph: the path of its file in ``cache_dir`` (exported and written there first if it is
     not yet), or the graph itself where it cannot be cached. ONNX Runtime loads a file with one copy of the
@@ -94,6 +103,7 @@ def cached_graph(encoder: VisionEncoder, cache_dir: Optional[Path]) -> Union[str
         with os.fdopen(fd, "wb") as f:
             f.write(graph)
         os.replace(tmp, path)
+        _prune(path.parent, keep=CACHE_KEEP)
     except OSError as exc:
         log.info("could not cache the exported image encoder in %s (%s); it is exported again next time",
                  cache_dir, exc)
