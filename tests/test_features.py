@@ -99,3 +99,18 @@ def test_mirrored_cache_holds_the_mirror_images_stem_outputs(tmp_path, photos):
     expected = enc.transform(load_image(photos[1])).flip(-1)  # small-cnn's stem is the identity
     assert torch.allclose(feats[1].float(), expected, atol=1e-3)
     assert not torch.allclose(feats[1].float(), FeatureCache(tmp_path / "cache", enc).load(plain)[1].float())
+
+
+def test_image_transform_normalises_like_the_numpy_formula(tmp_path):
+    """The transform's torch arithmetic gives (uint8 / 255 - mean) / std exactly as float32 NumPy computes it."""
+    from PIL import Image
+
+    from vlfuse.data.images import ImageTransform
+
+    tf = ImageTransform(size=64, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    image = load_image(photo(tmp_path / "a.jpg", size=(120, 90)))
+    arr = np.asarray(image.resize((64, 64), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
+    want = ((arr - np.asarray(tf.mean, np.float32)) / np.asarray(tf.std, np.float32)).transpose(2, 0, 1)
+    got = tf(image)
+    assert got.shape == (3, 64, 64) and got.dtype == torch.float32 and got.is_contiguous()
+    assert torch.equal(got, torch.from_numpy(np.ascontiguousarray(want)))
