@@ -179,3 +179,16 @@ def test_attention_map_uses_the_first_good_image(trained_run, mixed_folder, tmp_
     err = capsys.readouterr().err
     assert code == 2 and "truncated.jpg" in err and "Traceback" not in err
     assert Image.open(out_png).size[0] > 160
+
+
+def test_output_reader_going_away_is_not_a_traceback():
+    """`vlfuse models | head -1`: the pipe closes before vlfuse has written everything; it stops quietly."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "vlfuse", "models"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first write
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

@@ -43,13 +43,21 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         torch.set_num_threads(int(threads))
     try:
-        return int(args._run(args) or 0)
+        status = int(args._run(args) or 0)
+        sys.stdout.flush()  # here, so that a reader gone before the last write is handled below too
+        return status
     except VlfuseError as exc:
         print(f"vlfuse {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"vlfuse {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of our output went away (`vlfuse models | head`): stop quietly, as Unix tools do; stdout
+        # is pointed at /dev/null so that Python's own flush at exit does not raise again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the broken pipe
 
 
 if __name__ == "__main__":
