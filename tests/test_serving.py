@@ -470,6 +470,9 @@ def test_service_models_load_subset_and_errors(caption_dir):
     models = ServiceModels.load(ModelChoice(str(caption_dir)), ModelChoice("none"), ModelChoice("none"))
     assert models.loaded() == {"caption": True, "vqa": False, "retrieval": False}
     assert models.describe()["vqa"] == {"loaded": False, "reason": "disabled at startup"}
+    assert models.describe()["caption"]["image_encoder"] == "onnxruntime"
+    plain = ServiceModels.load(ModelChoice(str(caption_dir)), ModelChoice("none"), ModelChoice("none"), onnx=False)
+    assert plain.describe()["caption"]["image_encoder"] == "torch"  # `vlfuse serve --no-onnx`
     from vlfuse.errors import ModelNotFoundError
 
     with pytest.raises(ModelNotFoundError, match="no-such-model"):

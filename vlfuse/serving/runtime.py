@@ -42,10 +42,10 @@ def _device_kw(device: Optional[str]) -> dict:
     return {"device": device} if device else {}
 
 
-def _load_captioner(name: str, device: Optional[str]):
+def _load_captioner(name: str, device: Optional[str], onnx: Optional[bool] = None):
     from ..models.captioner import Captioner
 
-    captioner = Captioner.from_pretrained(name, device=device)
+    captioner = Captioner.from_pretrained(name, device=device, onnx=onnx)
     captioner.generator  # noqa: B018 — build the decoding copy now, not during the first request
     captioner.image_encoder  # noqa: B018 — and the ONNX Runtime image encoder (exported, or read from its cache)
     return captioner
@@ -93,8 +93,10 @@ class ServiceModels:
     @classmethod
     def load(cls, caption: ModelChoice = ModelChoice(), vqa: ModelChoice = ModelChoice(),
              retrieval: ModelChoice = ModelChoice(), index: Optional[str] = None, device: Optional[str] = None,
-             thumbnail_size: int = 192) -> "ServiceModels":
-        """Load the chosen models. Raises VlfuseError if an explicitly chosen model or the index fails."""
+             thumbnail_size: int = 192, onnx: Optional[bool] = None) -> "ServiceModels":
+        """Load the chosen models. Raises VlfuseError if an explicitly chosen model or the index fails.
+        ``onnx`` is the caption model's (``Captioner.from_pretrained``): None = ONNX Runtime's image encoder on
+        a CPU where it is installed, False = PyTorch's."""
         loaded: Dict[str, Any] = {}
         names: Dict[str, str] = {}
         problems: Dict[str, str] = {}
@@ -108,7 +110,8 @@ class ServiceModels:
                 continue
             name = choice.name or DEFAULT_MODELS[task]
             try:
-                loaded[task] = LOADERS[task](name, device)
+                options = {"onnx": onnx} if task == "caption" else {}
+                loaded[task] = LOADERS[task](name, device, **options)
                 names[task] = str(name)
             except VlfuseError as exc:
                 if choice.explicit:
