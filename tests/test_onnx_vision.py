@@ -89,3 +89,11 @@ def test_shipped_captioner_encodes_with_onnx_runtime_by_default(tmp_path):
     pixels = fast.preprocess([photo(tmp_path / "a.jpg", size=(200, 150)), photo(tmp_path / "b.jpg", seed=1)])
     got, want = fast.encode(pixels), plain.encode(pixels)
     torch.testing.assert_close(got.grid, want.grid, atol=1e-4, rtol=1e-4)
+
+
+def test_unwritable_cache_still_runs(lite0, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    fast = OnnxImageEncoder(lite0, threads=1, cache_dir=blocker / "onnx")  # cannot be created: exported in memory
+    assert fast(_pixels(tmp_path, lite0, 1)).pooled.shape == (1, 1280)
+    assert blocker.read_text().startswith("a file")
