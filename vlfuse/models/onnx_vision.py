@@ -28,7 +28,16 @@ from .vision import ImageFeatures, VisionEncoder
 log = logging.getLogger(__name__)
 
 OPSET = 17
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "vlfuse" / "onnx"
+
+
+def _user_cache_dir() -> Optional[Path]:
+    try:
+        return Path.home() / ".cache" / "vlfuse" / "onnx"
+    except RuntimeError:  # no home directory to be found: export in memory every time
+        return None
+
+
+DEFAULT_CACHE_DIR = _user_cache_dir()
 CACHE_KEEP = 8  # graphs kept in a cache folder, newest first
 
 
