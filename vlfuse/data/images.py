@@ -103,7 +103,7 @@ class ImageTransform:
         if image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), method)
         # the same float32 operations, in the same order, as (uint8 / 255 - mean) / std in NumPy, so the same
-        # values to the bit, in ~0.5 ms instead of ~1-2 ms (NumPy's float conversion of a PIL image is slow)
+        # values to the bit; with the resize ~0.35 instead of ~1 ms (NumPy's float conversion of a PIL image is slow)
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous().float()  # (3, H, W)
         pixels.div_(255.0).sub_(torch.tensor(self.mean).view(3, 1, 1)).div_(torch.tensor(self.std).view(3, 1, 1))
         return pixels

@@ -106,6 +106,7 @@ def cached_graph(encoder: VisionEncoder, cache_dir: Optional[Path]) -> Union[str
     if path.is_file():
         return str(path)
     graph = export_onnx(encoder)
+    tmp = None
     try:  # atomic: concurrent processes never read a half-written graph
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -114,6 +115,8 @@ def cached_graph(encoder: VisionEncoder, cache_dir: Optional[Path]) -> Union[str
         os.replace(tmp, path)
         _prune(path.parent, keep=CACHE_KEEP)
     except OSError as exc:
+        if tmp is not None and os.path.exists(tmp):  # e.g. a full disk: no half-written file is left behind
+            os.unlink(tmp)
         log.info("could not cache the exported image encoder in %s (%s); it is exported again next time",
                  cache_dir, exc)
         return graph
