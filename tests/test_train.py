@@ -91,12 +91,13 @@ def test_two_process_data_parallel_training(tmp_path, feature_cache):
 
 def test_scst_fine_tunes_a_trained_model(tmp_path, feature_cache, trained_run):
     """scst.init_from: self-critical training starts from a trained model (no cross-entropy phase), samples
-    captions, logs the CIDEr reward, changes the weights, and keeps whichever model is better on val."""
+    captions (half of the images mirrored: scst.hflip), logs the CIDEr reward, changes the weights, and keeps
+    whichever model is better on val."""
     from safetensors.torch import load_file
 
     config = tiny_config(tmp_path, feature_cache)
     config["scst"] = {"epochs": 1, "samples": 3, "batch_images": 8, "lr": 1e-3, "max_len": 8, "warmup_steps": 1,
-                      "init_from": str(trained_run / "best")}
+                      "init_from": str(trained_run / "best"), "hflip": 0.5, "ema_decay": 0.9}
     cfg = write_config(tmp_path / "c.json", config)
     assert main(["train", "--config", str(cfg)]) == 0
     run = tmp_path / "run"
@@ -105,7 +106,9 @@ def test_scst_fine_tunes_a_trained_model(tmp_path, feature_cache, trained_run):
     assert [h["step"] for h in hist] == [3]  # 24 images / 8 per step
     assert 0 <= hist[0]["train_reward"] and "val_CIDEr" in hist[0]
     start = load_file(str(trained_run / "best" / "model.safetensors"))
-    tuned = torch.load(run / "scst" / "last.pt", weights_only=False)["model"]
+    last = torch.load(run / "scst" / "last.pt", weights_only=False)
+    tuned = last["model"]
+    assert last["ema"]  # scst.ema_decay: the phase keeps (and validates) a moving average
     assert any(not torch.allclose(start[k].float(), tuned[k].float(), atol=1e-4) for k in start if k in tuned)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["best_dir"] in (str(run / "best"), str(run / "scst" / "best"))

@@ -8,7 +8,7 @@ the mean reward of the other samples of the same image (the "new self-critical" 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -30,10 +30,27 @@ class SCSTConfig:
     max_len: int = 16
     warmup_steps: int = 20
     init_from: str = ""      # a trained caption model (built-in name or directory): skip cross-entropy, start here
+    hflip: float = 0.0       # share of images replaced by their mirror image (as data.hflip); a mirrored image's
+                             # samples are scored with "left"/"right" swapped back against its references
+    ema_decay: float = 0.0   # as train.ema_decay, for this phase (validate and save a moving average)
 
 
-def make_scst_loss(model: CaptionModel, tokenizer: Tokenizer, references: List[List[str]], cfg: SCSTConfig):
-    """loss_fn(net, (acts, image_rows)) for the shared Trainer."""
+def sample_rewards(scorer, tokenizer: Tokenizer, sampled: List[List[int]], rows: torch.Tensor,
+                   flipped: torch.Tensor, k: int, mirror_table: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B, K) CIDEr-D of each image's ``k`` samples (``sampled[i]`` belongs to image ``i // k``, whose references
+    are row ``rows[i // k]`` of the scorer); a mirrored image's samples are mapped back through ``mirror_table``."""
+    scores = []
+    for i, ids in enumerate(sampled):
+        if flipped[i // k] and ids:
+            ids = mirror_table[torch.tensor(ids, dtype=torch.long)].tolist()
+        scores.append(scorer.score(int(rows[i // k]), " ".join(tokenizer.vocab[t] for t in ids)))
+    return torch.tensor(scores, dtype=torch.float32).view(-1, k)
+
+
+def make_scst_loss(model: CaptionModel, tokenizer: Tokenizer, references: List[List[str]], cfg: SCSTConfig,
+                   mirror_table: Optional[torch.Tensor] = None):
+    """loss_fn(net, (acts, image_rows[, flipped])) for the shared Trainer. ``flipped`` (B,) marks images given as
+    their mirror image; their samples are mapped through ``mirror_table`` (an involution) before scoring."""
     from ..evaluation.cider_d import CiderD
 
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -43,7 +60,10 @@ def make_scst_loss(model: CaptionModel, tokenizer: Tokenizer, references: List[L
     sample_cfg = DecodeConfig(strategy="sample", top_p=1.0, max_len=cfg.max_len, no_repeat_ngram=0)
 
     def loss_fn(net, batch) -> Dict[str, torch.Tensor]:
-        acts, rows = batch
+        acts, rows = batch[0], batch[1]
+        flipped = batch[2] if len(batch) > 2 else torch.zeros(len(rows), dtype=torch.bool)
+        if flipped.any() and mirror_table is None:
+            raise ValueError("mirrored images in an SCST batch need the vocabulary's mirror_table")
         k = cfg.samples
         feats = model.vision.tail(acts)
         image_rows = torch.arange(len(acts), device=acts.device).repeat_interleave(k)  # (B*K,) sample -> image
@@ -53,9 +73,7 @@ def make_scst_loss(model: CaptionModel, tokenizer: Tokenizer, references: List[L
             sampled = [ids for ids, _ in model.generate(
                 ImageFeatures(feats.grid.detach(), feats.pooled.detach()), sample_cfg, per_image=k)]
         model.train(was_training)
-        scores = [scorer.score(int(rows[i // k]), " ".join(tokenizer.vocab[t] for t in ids))
-                  for i, ids in enumerate(sampled)]
-        reward = torch.tensor(scores, dtype=torch.float32).view(-1, k)  # (B, K)
+        reward = sample_rewards(scorer, tokenizer, sampled, rows, flipped, k, mirror_table)  # (B, K)
         baseline = (reward.sum(1, keepdim=True) - reward) / (k - 1)
         advantage = (reward - baseline).view(-1).to(acts.device)
         seqs = [[BOS] + ids + [EOS] for ids in sampled]
