@@ -133,8 +133,8 @@ def test_search_by_text_and_by_image_with_thumbnails(full, index):
 def test_models_readyz_healthz(full):
     models = full.get("/v1/models").json()["models"]
     assert models["caption"] == {"loaded": True, "model": "tiny-caption",  # its saved decoding default, and
-                                 "decode": dataclasses.asdict(DecodeConfig()),  # images encoded by ONNX Runtime
-                                 "image_encoder": "onnxruntime"}
+                                 "decode": dataclasses.asdict(DecodeConfig()),  # images encoded and decoding
+                                 "image_encoder": "onnxruntime", "decoding_step": "onnxruntime"}  # steps run by ORT
     assert models["retrieval"]["index"]["images"] == 4
     assert full.get("/readyz").json() == {"ready": True, "models": {"caption": True, "vqa": True, "retrieval": True}}
     assert full.get("/healthz", headers={"Authorization": ""}).json() == {"status": "ok"}
@@ -466,6 +466,38 @@ def test_importing_vlfuse_does_not_import_fastapi():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
+def test_first_start_builds_the_onnx_graphs_in_a_child_process(caption_dir, tmp_path, monkeypatch, caplog):
+    """With an empty graph cache the server exports the caption model's ONNX Runtime graphs in a child process
+    (the exporter's memory never enters the server) and reads them from the cache; if the child fails, it
+    exports them itself."""
+    import logging
+
+    from vlfuse.models import onnx_decoder, onnx_vision
+    from vlfuse.serving import runtime
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(onnx_vision, "DEFAULT_CACHE_DIR", cache)
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported in the server's own process")
+
+    with monkeypatch.context() as m:
+        m.setattr(onnx_vision, "export_onnx", no_export)
+        m.setattr(onnx_decoder, "export_step", no_export)
+        models = ServiceModels.load(ModelChoice(str(caption_dir)), ModelChoice("none"), ModelChoice("none"))
+    captioner = models.captioner
+    assert sorted(p.name for p in cache.glob("*.onnx")) == sorted(
+        [onnx_vision.graph_name(captioner.model.vision), onnx_decoder.step_graph_name(captioner.model.decoder)])
+    assert (captioner.image_backend, captioner.decoding_backend) == ("onnxruntime", "onnxruntime")
+    assert captioner.onnx_graphs_to_build() == []  # built: a second start has nothing to export
+
+    monkeypatch.setattr(onnx_vision, "DEFAULT_CACHE_DIR", tmp_path / "cache2")
+    monkeypatch.setattr(runtime, "_BUILD_GRAPHS", "raise SystemExit('no luck')")
+    with caplog.at_level(logging.WARNING, logger="vlfuse.serving.runtime"):
+        models = ServiceModels.load(ModelChoice(str(caption_dir)), ModelChoice("none"), ModelChoice("none"))
+    assert "no luck" in caplog.text and models.captioner.decoding_backend == "onnxruntime"  # exported here
+
+
 def test_service_models_load_subset_and_errors(caption_dir):
     models = ServiceModels.load(ModelChoice(str(caption_dir)), ModelChoice("none"), ModelChoice("none"))
     assert models.loaded() == {"caption": True, "vqa": False, "retrieval": False}
@@ -473,6 +505,7 @@ def test_service_models_load_subset_and_errors(caption_dir):
     assert models.describe()["caption"]["image_encoder"] == "onnxruntime"
     plain = ServiceModels.load(ModelChoice(str(caption_dir)), ModelChoice("none"), ModelChoice("none"), onnx=False)
     assert plain.describe()["caption"]["image_encoder"] == "torch"  # `vlfuse serve --no-onnx`
+    assert plain.describe()["caption"]["decoding_step"] == "torchscript"
     from vlfuse.errors import ModelNotFoundError
 
     with pytest.raises(ModelNotFoundError, match="no-such-model"):

@@ -43,7 +43,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--float32", action="store_true",
                    help="decode with the float32 decoder (on a CPU the default is its faster int8 copy)")
     p.add_argument("--no-onnx", action="store_true",
-                   help="encode images with PyTorch (on a CPU the default is ONNX Runtime where it is installed)")
+                   help="encode images with PyTorch and decode with TorchScript (on a CPU the default is ONNX "
+                        "Runtime for both where it is installed)")
     add_decode_arguments(p)
     return p
 

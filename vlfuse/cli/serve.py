@@ -26,8 +26,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                                           "flickr8k-retrieval if installed)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
     p.add_argument("--no-onnx", action="store_true",
-                   help="encode caption images with PyTorch (on a CPU the default is ONNX Runtime where it is "
-                        "installed: ~35 %% faster, ~30 MB more memory)")
+                   help="encode caption images with PyTorch and decode with TorchScript (on a CPU the default is "
+                        "ONNX Runtime for both where it is installed: faster, ~30 MB more memory)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10 MB)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest decoded image, width*height")
     p.add_argument("--max-question-chars", type=int, default=200)

@@ -19,7 +19,7 @@ from ..errors import ImageError
 from ..hub import resolve_model
 from ..registry import DECODERS, VISION_ENCODERS
 from .checkpoint import load_weights, read_config, save_checkpoint
-from .onnx_vision import fast_image_encoder
+from .onnx_vision import fast_image_encoder, use_onnx
 from .vision import ImageFeatures
 
 
@@ -221,8 +221,9 @@ class Captioner:
         self._generator: Optional[nn.Module] = None  # built on first use (saving a model never needs it)
         self._generator_lock = threading.Lock()
         # Images are encoded for inference by ONNX Runtime when ``onnx`` is True, or when it is None and ONNX
-        # Runtime is installed and the model is on a CPU (``fast_image_encoder``); ``self.model.vision`` stays
-        # the PyTorch module.
+        # Runtime is installed and the model is on a CPU (``fast_image_encoder``), and the int8 decoding step
+        # runs there too where its export covers the architecture (``onnx_decoder``); ``self.model`` stays the
+        # PyTorch modules.
         self.onnx = onnx
         self._image_encoder = None
 
@@ -231,7 +232,12 @@ class Captioner:
         """The decoder copy that generates captions (``inference_decoder``)."""
         with self._generator_lock:
             if self._generator is None:
-                self._generator = inference_decoder(self.model.decoder, int8=self.int8)
+                generator = inference_decoder(self.model.decoder, int8=self.int8)
+                if self.int8 and use_onnx(self.onnx, self.device):
+                    from .onnx_decoder import onnx_step_decoder
+
+                    generator = onnx_step_decoder(generator, self.model.decoder, self.onnx)
+                self._generator = generator
             return self._generator
 
     @property
@@ -247,6 +253,30 @@ class Captioner:
         """"onnxruntime" or "torch": what runs the image encoder at inference."""
         return "torch" if self.image_encoder is self.model.vision else "onnxruntime"
 
+    def onnx_graphs_to_build(self) -> List[str]:
+        """The ONNX Runtime graphs that inference would export now, not being in the cache folder yet: "image
+        encoder" and/or "decoding step". Empty where ONNX Runtime is not used, they are built, or there is no
+        cache folder (then each process exports in memory). A server can build them in a child process first."""
+        from . import onnx_decoder, onnx_vision
+
+        if not use_onnx(self.onnx, self.device) or onnx_vision.DEFAULT_CACHE_DIR is None:
+            return []
+        todo = []
+        if self._image_encoder is None and not onnx_vision.is_cached(onnx_vision.graph_name(self.model.vision)):
+            todo.append("image encoder")
+        if (self.int8 and self._generator is None and onnx_decoder.covers(self.model.decoder)
+                and not onnx_vision.is_cached(onnx_decoder.step_graph_name(self.model.decoder))):
+            todo.append("decoding step")
+        return todo
+
+    @property
+    def decoding_backend(self) -> str:
+        """"onnxruntime", "torchscript" or "torch": what runs a decoding step at inference."""
+        from .scripted import ScriptedDecoder
+
+        name = type(self.generator).__name__
+        return {"OnnxStepDecoder": "onnxruntime", ScriptedDecoder.__name__: "torchscript"}.get(name, "torch")
+
     # -- loading and saving -------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path: Union[str, Path], device: Optional[str] = None,
@@ -254,7 +284,8 @@ class Captioner:
         """Load a built-in model or a checkpoint directory. ``int8`` (default: on for CPU) generates with the
         decoder's linear layers quantized to int8 (see ``inference_decoder``); ``int8=False`` keeps them float.
         ``onnx`` (default: on for CPU where onnxruntime is installed) encodes images with ONNX Runtime (see
-        ``onnx_vision``); ``onnx=False`` keeps PyTorch."""
+        ``onnx_vision``) and, with ``int8``, runs the decoding step there (see ``onnx_decoder``); ``onnx=False``
+        keeps PyTorch (and TorchScript)."""
         directory = resolve_model(name_or_path)
         raw = read_config(directory)
         if raw.get("task") != "caption":

@@ -17,7 +17,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -30,7 +30,12 @@ log = logging.getLogger(__name__)
 OPSET = 17
 
 
+CACHE_ENV = "VLFUSE_ONNX_CACHE"  # a folder for the exported graphs instead of ~/.cache/vlfuse/onnx
+
+
 def _user_cache_dir() -> Optional[Path]:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
     try:
         return Path.home() / ".cache" / "vlfuse" / "onnx"
     except RuntimeError:  # no home directory to be found: export in memory every time
@@ -38,13 +43,19 @@ def _user_cache_dir() -> Optional[Path]:
 
 
 DEFAULT_CACHE_DIR = _user_cache_dir()
-CACHE_KEEP = 8  # graphs kept in a cache folder, newest first
+CACHE_KEEP = 12  # graphs kept in a cache folder, newest first (an image encoder's and a decoding step's per model)
 
 
 def onnx_available() -> bool:
     """True if ONNX Runtime and the ``onnx`` package (which torch's exporter needs) are both installed. Only
     looked up, not imported: ``onnx`` costs ~0.6 s and ~12 MB to import, and is needed only to export."""
     return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+
+
+def use_onnx(onnx: Optional[bool], device: torch.device) -> bool:
+    """Whether inference runs in ONNX Runtime: asked for (``onnx=True``), or by default (``None``) on a CPU where
+    ONNX Runtime is installed."""
+    return bool(onnx) or (onnx is None and device.type == "cpu" and onnx_available())
 
 
 class _Features(nn.Module):
@@ -96,16 +107,31 @@ def _prune(cache_dir: Path, keep: int) -> None:
         old.unlink(missing_ok=True)
 
 
+def graph_name(encoder: VisionEncoder) -> str:
+    """The file name of ``encoder``'s exported graph in a cache folder."""
+    return f"{graph_key(encoder)}.onnx"
+
+
+def is_cached(name: str) -> bool:
+    """Whether graph file ``name`` is in the default cache folder (``DEFAULT_CACHE_DIR``, looked up now)."""
+    return DEFAULT_CACHE_DIR is not None and (Path(DEFAULT_CACHE_DIR) / name).is_file()
+
+
 def cached_graph(encoder: VisionEncoder, cache_dir: Optional[Path]) -> Union[str, bytes]:
-    """The exported graph: the path of its file in ``cache_dir`` (exported and written there first if it is
+    """The exported graph of ``encoder``: see ``cached_file``."""
+    return cached_file(graph_name(encoder), lambda: export_onnx(encoder), cache_dir)
+
+
+def cached_file(name: str, build: Callable[[], bytes], cache_dir: Optional[Path]) -> Union[str, bytes]:
+    """A graph: the path of file ``name`` in ``cache_dir`` (built by ``build`` and written there first if it is
     not yet), or the graph itself where it cannot be cached. ONNX Runtime loads a file with one copy of the
-    weights less than bytes held in Python (~12 MB)."""
+    weights less than bytes held in Python (~12 MB for the image encoder)."""
     if cache_dir is None:
-        return export_onnx(encoder)
-    path = Path(cache_dir) / f"{graph_key(encoder)}.onnx"
+        return build()
+    path = Path(cache_dir) / name
     if path.is_file():
         return str(path)
-    graph = export_onnx(encoder)
+    graph = build()
     tmp = None
     try:  # atomic: concurrent processes never read a half-written graph
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,10 +143,29 @@ def cached_graph(encoder: VisionEncoder, cache_dir: Optional[Path]) -> Union[str
     except OSError as exc:
         if tmp is not None and os.path.exists(tmp):  # e.g. a full disk: no half-written file is left behind
             os.unlink(tmp)
-        log.info("could not cache the exported image encoder in %s (%s); it is exported again next time",
-                 cache_dir, exc)
+        log.info("could not cache the graph %s in %s (%s); it is built again next time", name, cache_dir, exc)
         return graph
     return str(path)
+
+
+def session_options(threads: int, prepack: bool = False, arena: bool = True):
+    """ONNX Runtime session options for inference on a small CPU: ``threads`` intra-op threads that do not spin
+    (a spinning pool takes cores from the work that runs between calls). Without ``prepack``, no prepacked weight
+    copies: for the image encoder they cost ~40 MB more resident memory and were no faster here (9.2 vs 9.4 ms an
+    image)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    if not arena:
+        options.enable_cpu_mem_arena = False
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # warnings about unused initializers etc. are not the user's concern
+    return options
 
 
 class OnnxImageEncoder:
@@ -140,18 +185,9 @@ class OnnxImageEncoder:
                               "packages: pip install onnxruntime onnx")
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # Prepacked copies of the convolution weights cost ~40 MB more resident memory and were no faster here
-        # (9.2 vs 9.4 ms an image).
-        options.add_session_config_entry("session.disable_prepacking", "1")
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # warnings about unused initializers etc. are not the user's concern
-        self.session = ort.InferenceSession(cached_graph(encoder, cache_dir), options,
+        self.threads = threads or torch.get_num_threads()
+        self.session = ort.InferenceSession(cached_graph(encoder, cache_dir), session_options(self.threads),
                                             providers=["CPUExecutionProvider"])
-        self.threads = options.intra_op_num_threads
         self.chunk = chunk
         self.transform = encoder.transform
 
@@ -170,7 +206,7 @@ def fast_image_encoder(encoder: VisionEncoder, onnx: Optional[bool], device: tor
     """The callable that encodes images for inference: an ``OnnxImageEncoder`` if ``onnx`` is True, or if it is
     None (the default) on a CPU where ONNX Runtime is installed and the export works; else the encoder itself.
     ``onnx=True`` where it cannot work raises ConfigError."""
-    if onnx is False or (onnx is None and (device.type != "cpu" or not onnx_available())):
+    if not use_onnx(onnx, device):
         return encoder
     if device.type != "cpu":
         raise ConfigError(f"onnx=True runs the image encoder on the CPU, but the model is on {device}")

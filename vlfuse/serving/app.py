@@ -172,10 +172,13 @@ class GuardMiddleware:
             resp = error_response(401, "unauthorized", msg, {"WWW-Authenticate": "Bearer"})
             return await resp(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
-        too_large = error_response(413, "payload_too_large",
-                                   f"request body is over the limit of {self.max_body:,} bytes")
+
+        def too_large():  # built only when needed: most requests are not
+            return error_response(413, "payload_too_large",
+                                  f"request body is over the limit of {self.max_body:,} bytes")
+
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            return await too_large(scope, receive, send)
+            return await too_large()(scope, receive, send)
         if scope["method"] in ("POST", "PUT", "PATCH"):
             chunks, size, more = [], 0, True
             while more:
@@ -185,7 +188,7 @@ class GuardMiddleware:
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > self.max_body:
-                    return await too_large(scope, receive, send)
+                    return await too_large()(scope, receive, send)
                 chunks.append(chunk)
                 more = message.get("more_body", False)
             body = b"".join(chunks)

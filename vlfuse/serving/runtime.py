@@ -42,10 +42,52 @@ def _device_kw(device: Optional[str]) -> dict:
     return {"device": device} if device else {}
 
 
+# Run in a child process: load the caption model and build its ONNX Runtime graphs into the cache folder.
+_BUILD_GRAPHS = """
+import sys, torch
+torch.set_num_threads(1)
+from vlfuse.models.captioner import Captioner
+name, device, onnx = sys.argv[1], sys.argv[2] or None, {"None": None, "True": True, "False": False}[sys.argv[3]]
+captioner = Captioner.from_pretrained(name, device=device, onnx=onnx)
+captioner.image_encoder, captioner.generator
+"""
+
+
+def build_graphs_in_child(name: str, device: Optional[str], onnx: Optional[bool], what: Sequence[str]) -> bool:
+    """Export the caption model's ONNX Runtime graphs (``what``) into the cache folder from a child process, so
+    that the exporter's memory (torch's exporter, ``onnx``, the quantizer: ~60 MB that stay resident, and a peak
+    of ~600 MB for the three-model server) never enters the server's. True if the child succeeded."""
+    import os
+    import subprocess
+    import sys
+
+    import vlfuse
+    from ..models import onnx_vision
+
+    log.info("building the caption model's ONNX Runtime graphs (%s) once, in a child process", ", ".join(what))
+    root = str(Path(vlfuse.__file__).resolve().parents[1])
+    env = {**os.environ, onnx_vision.CACHE_ENV: str(onnx_vision.DEFAULT_CACHE_DIR),
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    try:
+        proc = subprocess.run([sys.executable, "-c", _BUILD_GRAPHS, name, device or "", repr(onnx)], env=env,
+                              capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("could not build the ONNX Runtime graphs in a child process (%s); building them here", exc)
+        return False
+    if proc.returncode != 0:
+        log.warning("building the ONNX Runtime graphs in a child process failed (%s); building them here",
+                    (proc.stderr.strip().splitlines() or ["no output"])[-1])
+        return False
+    return True
+
+
 def _load_captioner(name: str, device: Optional[str], onnx: Optional[bool] = None):
     from ..models.captioner import Captioner
 
     captioner = Captioner.from_pretrained(name, device=device, onnx=onnx)
+    missing = captioner.onnx_graphs_to_build()
+    if missing:  # the first start with this model: export out of process, then read them from the cache
+        build_graphs_in_child(str(name), device, onnx, missing)
     captioner.generator  # noqa: B018 — build the decoding copy now, not during the first request
     captioner.image_encoder  # noqa: B018 — and the ONNX Runtime image encoder (exported, or read from its cache)
     return captioner
@@ -149,6 +191,7 @@ class ServiceModels:
         if out["caption"]["loaded"]:
             out["caption"]["decode"] = dataclasses.asdict(self.captioner.decode_defaults)
             out["caption"]["image_encoder"] = self.captioner.image_backend  # "onnxruntime" or "torch"
+            out["caption"]["decoding_step"] = self.captioner.decoding_backend  # "onnxruntime", "torchscript", ...
         if out["retrieval"]["loaded"]:
             out["retrieval"]["index"] = {"path": self.names.get("index"), "images": len(self.index.paths)}
         return out

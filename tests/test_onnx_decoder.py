@@ -1,0 +1,145 @@
+"""The decoding step in ONNX Runtime: the TorchScript step's arithmetic, exported with dynamic rows, images and
+past length; an int8 graph cached by weights; beam search over its stacked state; clear fallbacks."""
+from __future__ import annotations
+
+import logging
+
+import onnxruntime as ort
+import pytest
+import torch
+
+from vlfuse.config import Part
+from vlfuse.decoding import DecodeConfig
+from vlfuse.errors import ConfigError
+from vlfuse.models import onnx_decoder
+from vlfuse.models.captioner import CaptionModel, CaptionModelConfig, Captioner, inference_decoder
+from vlfuse.models.onnx_decoder import OnnxStepDecoder, onnx_step_decoder, step_key
+from vlfuse.models.scripted import ScriptableCrossAttentionStep, ScriptedDecoder
+
+from conftest import flickr_or_skip
+
+
+def _model(fusion_dim: int = 32, vocab: int = 40) -> CaptionModel:
+    torch.manual_seed(0)
+    cfg = CaptionModelConfig(vision=Part("small-cnn", {"image_size": 32, "channels": 16, "num_layers": 2}),
+                             fusion=Part("cross-attention", {"dim": fusion_dim, "num_layers": 2, "num_heads": 4}),
+                             decoder=Part("transformer", {"dim": 32, "num_heads": 4, "num_layers": 1}), max_len=8)
+    return CaptionModel(cfg, vocab_size=vocab).eval()
+
+
+def test_exported_step_computes_the_scripted_step():
+    """The export's restated step, in torch and as a float ONNX graph, equals the (float) TorchScript step for
+    2 images x 3 rows over 4 words: log-probabilities and every block's keys/values."""
+    model = _model()
+    fused = inference_decoder(model.decoder, int8=False, script=False)
+    scripted = inference_decoder(model.decoder, int8=False)
+    step = onnx_decoder._ExportStep(ScriptableCrossAttentionStep(fused)).eval()
+    memory_names, past_names, (heads, hd) = onnx_decoder._layout(ScriptableCrossAttentionStep(fused))
+    session = ort.InferenceSession(onnx_decoder.export_step(fused, quantize=False),
+                                   providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        image = model.vision(torch.randn(2, 3, 32, 32))
+        state = scripted.init_state(image)
+        memory = torch.stack([torch.stack([state[memory_names[i]], state[memory_names[i + 1]]], 1)
+                              for i in range(0, len(memory_names), 2)], 1)
+        past = torch.zeros(6, len(past_names) // 2, 2, heads, 0, hd)
+        tokens = torch.full((6, 1), 1)  # 3 rows per image, the image's keys/values held once
+        for t in range(4):
+            want, state = scripted.step(tokens, state)
+            got, past = step(tokens[:, -1:], torch.tensor([t]), memory, past)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            for i in range(len(past_names) // 2):
+                torch.testing.assert_close(past[:, i, 0], state[past_names[2 * i]], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(past[:, i, 1], state[past_names[2 * i + 1]], atol=1e-5, rtol=1e-5)
+            onnx_logp, onnx_past = session.run(None, {"last": tokens[:, -1:].numpy(), "position": [t],
+                                                      "memory": memory.numpy(),
+                                                      "past": past[..., :t, :].contiguous().numpy()})
+            torch.testing.assert_close(torch.from_numpy(onnx_logp), want, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(torch.from_numpy(onnx_past), past, atol=1e-4, rtol=1e-4)
+            tokens = torch.cat([tokens, torch.randint(3, 40, (6, 1))], 1)
+
+
+def test_int8_step_decodes_greedy_and_beam_and_is_cached(tmp_path, monkeypatch):
+    """The int8 graph decodes close to the TorchScript int8 step (both quantize the same weights per row),
+    greedy and beam search run through it (beams reorder its stacked state), and a second decoder with the same
+    weights reads the cached graph instead of exporting again."""
+    model = _model()
+    base = inference_decoder(model.decoder)
+    fast = OnnxStepDecoder(base, model.decoder, max_images=8, cache_dir=tmp_path)
+    assert [p.name for p in tmp_path.glob("*.onnx")] == [f"{step_key(model.decoder)}.step.onnx"]
+    with torch.no_grad():
+        image = model.vision(torch.randn(3, 3, 32, 32))
+        s0, s1 = base.init_state(image), fast.init_state(image)
+        assert s1[onnx_decoder.PAST].shape[:2] == (3, 3) and s1[onnx_decoder.MEMORY].shape[:3] == (3, 2, 2)
+        tokens = torch.full((3, 1), 1)
+        for _ in range(4):
+            a, s0 = base.step(tokens, s0)
+            b, s1 = fast.step(tokens, s1)
+            assert (a - b).abs().max() < 0.1  # int8 rounding of activations differs slightly between runtimes
+            tokens = torch.cat([tokens, a.argmax(-1, keepdim=True)], 1)
+        for decode in (DecodeConfig(strategy="greedy"), DecodeConfig(strategy="beam", beam_size=3)):
+            out = model.generate(image, decode, decoder=fast)
+            assert len(out) == 3 and all(0 <= i < 40 for ids, _ in out for i in ids)
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again although the graph was cached")
+
+    monkeypatch.setattr(onnx_decoder, "export_step", no_export)
+    OnnxStepDecoder(inference_decoder(model.decoder), model.decoder, cache_dir=tmp_path)
+
+    threads = torch.get_num_threads()
+    try:  # by default as measured: ONNX Runtime's one-thread step up to 8 images with one torch thread, up to 4
+        torch.set_num_threads(1)  # with more (TorchScript's step uses them)
+        one = OnnxStepDecoder(base, model.decoder, cache_dir=tmp_path)
+        assert fast.runs_onnx(1) and one.runs_onnx(8) and not one.runs_onnx(9)
+        torch.set_num_threads(2)
+        default = OnnxStepDecoder(base, model.decoder, cache_dir=tmp_path)
+        assert default.runs_onnx(4) and not default.runs_onnx(5)
+    finally:
+        torch.set_num_threads(threads)
+    few = OnnxStepDecoder(base, model.decoder, max_images=2, cache_dir=tmp_path)  # 3 images: TorchScript's step
+    with torch.no_grad():
+        state = few.init_state(image)
+        assert onnx_decoder.PAST not in state
+        torch.testing.assert_close(few.step(torch.full((3, 1), 1), state)[0], base.step(torch.full((3, 1), 1),
+                                                                                         base.init_state(image))[0])
+
+
+def test_fallbacks_and_explicit_request_errors(monkeypatch, caplog):
+    model = _model()
+    base = inference_decoder(model.decoder)
+    wide = _model(fusion_dim=48)  # fusion blocks wider than the decoder's: their keys/values do not stack
+    assert onnx_step_decoder(inference_decoder(wide.decoder), wide.decoder, None).__class__ is ScriptedDecoder
+    eager = inference_decoder(model.decoder, script=False)
+    assert onnx_step_decoder(eager, model.decoder, None) is eager  # no TorchScript step: nothing to stand in for
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(onnx_decoder, "export_step", broken)
+    with caplog.at_level(logging.WARNING, logger="vlfuse.models.onnx_decoder"):
+        assert onnx_step_decoder(base, model.decoder, None) is base
+    assert "unsupported operator" in caplog.text
+    with pytest.raises(ConfigError, match="unsupported operator"):
+        onnx_step_decoder(base, model.decoder, True)
+
+
+def test_shipped_captioner_decodes_with_onnx_runtime_by_default():
+    """The shipped model: ONNX Runtime runs the int8 step by default (TorchScript with onnx=False, float
+    TorchScript with int8=False), and its greedy captions of real val photos are those of the TorchScript int8
+    step but for the odd word."""
+    data = flickr_or_skip()
+    fast = Captioner.from_pretrained("flickr8k-caption")
+    plain = Captioner.from_pretrained("flickr8k-caption", onnx=False)
+    assert (fast.decoding_backend, plain.decoding_backend) == ("onnxruntime", "torchscript")
+    assert Captioner.from_pretrained("flickr8k-caption", int8=False).decoding_backend == "torchscript"
+    photos = [data / "images" / name for name in (data / "val.txt").read_text().split()[:12]]
+    features = plain.encode(plain.preprocess(photos))
+    greedy = plain.decode_config(beam=1)
+    got = [r.caption for r in fast.caption_features(features, greedy)]
+    want = [r.caption for r in plain.caption_features(features, greedy)]
+    assert sum(a == b for a, b in zip(got, want)) >= 10, list(zip(got, want))
+    beam = plain.decode_config(beam=3)
+    got = [r.caption for r in fast.caption_features(features, beam)]
+    want = [r.caption for r in plain.caption_features(features, beam)]
+    assert sum(a == b for a, b in zip(got, want)) >= 10, list(zip(got, want))
