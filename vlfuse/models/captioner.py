@@ -271,11 +271,20 @@ class Captioner:
 
     @property
     def decoding_backend(self) -> str:
-        """"onnxruntime", "torchscript" or "torch": what runs a decoding step at inference."""
+        """"onnxruntime", "torchscript" or "torch": what runs a decoding step at inference (for batches of a few
+        images where it is "onnxruntime": see ``decoding_backend_for``)."""
+        return self.decoding_backend_for(1)
+
+    def decoding_backend_for(self, images: int) -> str:
+        """What runs the decoding steps of a batch of ``images`` images: "onnxruntime", "torchscript" or
+        "torch"."""
+        from .onnx_decoder import OnnxStepDecoder
         from .scripted import ScriptedDecoder
 
-        name = type(self.generator).__name__
-        return {"OnnxStepDecoder": "onnxruntime", ScriptedDecoder.__name__: "torchscript"}.get(name, "torch")
+        generator = self.generator
+        if isinstance(generator, OnnxStepDecoder):
+            return "onnxruntime" if generator.runs_onnx(images) else "torchscript"
+        return "torchscript" if isinstance(generator, ScriptedDecoder) else "torch"
 
     # -- loading and saving -------------------------------------------------------------------------
     @classmethod
