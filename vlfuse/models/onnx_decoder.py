@@ -12,7 +12,6 @@ quantized to int8 weights (a scale per output row, as the PyTorch int8 decoder's
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import tempfile
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .onnx_vision import DEFAULT_CACHE_DIR, OPSET, cached_file, session_options
+from .onnx_vision import DEFAULT_CACHE_DIR, OPSET, cached_file, session_options, weights_key
 from .scripted import ScriptableCrossAttentionStep
 
 log = logging.getLogger(__name__)
@@ -87,12 +86,7 @@ def step_key(decoder: nn.Module) -> str:
     that export and quantize it."""
     import onnxruntime
 
-    h = hashlib.sha256(f"step{STEP_VERSION}|{torch.__version__}|{onnxruntime.__version__}|{OPSET}".encode())
-    for name, tensor in decoder.state_dict().items():
-        h.update(name.encode())
-        h.update(str(tuple(tensor.shape)).encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:32]
+    return weights_key(decoder, f"step{STEP_VERSION}|{torch.__version__}|{onnxruntime.__version__}|{OPSET}")
 
 
 def covers(decoder: nn.Module) -> bool:

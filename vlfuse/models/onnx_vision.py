@@ -70,15 +70,20 @@ class _Features(nn.Module):
         return features.grid, features.pooled
 
 
-def graph_key(encoder: VisionEncoder) -> str:
-    """A hash of what the exported graph depends on: the encoder's class, input size, weights and buffers, and
-    the torch and opset versions that export it."""
-    h = hashlib.sha256(f"{type(encoder).__qualname__}|{encoder.transform.size}|{torch.__version__}|{OPSET}".encode())
-    for name, tensor in encoder.state_dict().items():
+def weights_key(module: nn.Module, context: str) -> str:
+    """A hash of ``context`` (what else shapes a graph: versions, sizes) and ``module``'s weights and buffers."""
+    h = hashlib.sha256(context.encode())
+    for name, tensor in module.state_dict().items():
         h.update(name.encode())
         h.update(str(tuple(tensor.shape)).encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def graph_key(encoder: VisionEncoder) -> str:
+    """A hash of what the exported graph depends on: the encoder's class, input size, weights and buffers, and
+    the torch and opset versions that export it."""
+    return weights_key(encoder, f"{type(encoder).__qualname__}|{encoder.transform.size}|{torch.__version__}|{OPSET}")
 
 
 def export_onnx(encoder: VisionEncoder) -> bytes:
