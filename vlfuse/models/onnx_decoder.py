@@ -59,7 +59,7 @@ class _ExportStep(nn.Module):
         v = torch.cat([past_v, v.reshape(-1, h, 1, hd)], 2)
         x = x + block.self_out(self._attend(q.reshape(-1, h, 1, hd), k, v, scale).reshape(-1, 1, d))
         if block.cross:  # memory (B_img, H, S, hd), shared by the g consecutive rows of an image
-            q = block.cross_q(block.ln_c(x)).reshape(memory_k.shape[0], -1, h, hd).transpose(1, 2)  # (B_img, H, g, hd)
+            q = block.cross_q(block.ln_c(x)).reshape(memory_k.shape[0], -1, h, hd).transpose(1, 2)  # (B_img,H,g,hd)
             y = self._attend(q, memory_k, memory_v, scale).transpose(1, 2).reshape(-1, 1, d)
             x = x + block.cross_out(y)
         return x + block.fc2(block.act(block.fc1(block.ln2(x)))), k, v
@@ -104,12 +104,6 @@ def covers(decoder: nn.Module) -> bool:
 def step_graph_name(decoder: nn.Module) -> str:
     """The file name of ``decoder``'s int8 step graph in a cache folder."""
     return f"{step_key(decoder)}.step.onnx"
-
-
-def supports(step: ScriptableCrossAttentionStep) -> bool:
-    """Whether the export covers this step: its blocks' keys/values stack, i.e. all have the same heads and
-    head width (not so where the fusion is wider or narrower than the decoder blocks after it)."""
-    return len({(b.num_heads, b.head_dim) for b in list(step.fusion_blocks) + list(step.blocks)}) == 1
 
 
 def _layout(step: ScriptableCrossAttentionStep) -> Tuple[List[str], List[str], Tuple[int, int]]:
@@ -228,7 +222,7 @@ def onnx_step_decoder(base: nn.Module, decoder: nn.Module, onnx: Optional[bool])
     ``onnx`` is True (asked for explicitly)."""
     from .scripted import ScriptedDecoder
 
-    if not isinstance(base, ScriptedDecoder) or not supports(ScriptableCrossAttentionStep(base.decoder)):
+    if not isinstance(base, ScriptedDecoder) or not covers(decoder):
         return base
     from . import onnx_vision
 
