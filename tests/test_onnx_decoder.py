@@ -143,3 +143,28 @@ def test_shipped_captioner_decodes_with_onnx_runtime_by_default():
     got = [r.caption for r in fast.caption_features(features, beam)]
     want = [r.caption for r in plain.caption_features(features, beam)]
     assert sum(a == b for a, b in zip(got, want)) >= 10, list(zip(got, want))
+
+
+def test_dropping_the_weights_the_fast_copies_replace(tmp_path):
+    """A server frees the PyTorch weights that captioning no longer reads (the decoder's, and the CNN's where ONNX
+    Runtime encodes): the captions stay the same; saving and attention maps then say what is missing."""
+    from conftest import photo
+
+    photos = [photo(tmp_path / "a.jpg", size=(200, 150)), photo(tmp_path / "b.jpg", seed=1)]
+    cap = Captioner.from_pretrained("flickr8k-caption")
+    before = cap(photos)
+    freed = cap.drop_unused_weights()
+    assert freed > 20 * 2 ** 20  # ~29 MB: the float decoder and the PyTorch CNN
+    assert cap(photos) == before and cap.device.type == "cpu"
+    assert all(p.device.type == "meta" for p in cap.model.parameters())
+    with pytest.raises(ConfigError, match="drop_unused_weights"):
+        cap.save_pretrained(tmp_path / "saved")
+    with pytest.raises(ConfigError, match="drop_unused_weights"):
+        cap.attention_map(photos[0])
+    assert not (tmp_path / "saved").exists()
+
+    plain = Captioner.from_pretrained("flickr8k-caption", onnx=False)  # PyTorch encodes: its CNN stays
+    want = plain(photos)
+    plain.drop_unused_weights()
+    assert all(p.device.type == "cpu" for p in plain.model.vision.parameters())
+    assert plain(photos) == want

@@ -485,9 +485,9 @@ def test_first_start_builds_the_onnx_graphs_in_a_child_process(caption_dir, tmp_
         m.setattr(onnx_vision, "export_onnx", no_export)
         m.setattr(onnx_decoder, "export_step", no_export)
         models = ServiceModels.load(ModelChoice(str(caption_dir)), ModelChoice("none"), ModelChoice("none"))
-    captioner = models.captioner
+    captioner, weights = models.captioner, Captioner.from_pretrained(str(caption_dir)).model
     assert sorted(p.name for p in cache.glob("*.onnx")) == sorted(
-        [onnx_vision.graph_name(captioner.model.vision), onnx_decoder.step_graph_name(captioner.model.decoder)])
+        [onnx_vision.graph_name(weights.vision), onnx_decoder.step_graph_name(weights.decoder)])
     assert (captioner.image_backend, captioner.decoding_backend) == ("onnxruntime", "onnxruntime")
     assert captioner.onnx_graphs_to_build() == []  # built: a second start has nothing to export
 
