@@ -139,8 +139,8 @@ class ServiceModels:
              retrieval: ModelChoice = ModelChoice(), index: Optional[str] = None, device: Optional[str] = None,
              thumbnail_size: int = 192, onnx: Optional[bool] = None) -> "ServiceModels":
         """Load the chosen models. Raises VlfuseError if an explicitly chosen model or the index fails.
-        ``onnx`` is the caption model's (``Captioner.from_pretrained``): None = ONNX Runtime's image encoder on
-        a CPU where it is installed, False = PyTorch's."""
+        ``onnx`` is the caption model's (``Captioner.from_pretrained``): None = ONNX Runtime's image encoder and
+        decoding step on a CPU where it is installed, False = PyTorch's encoder and TorchScript's step."""
         loaded: Dict[str, Any] = {}
         names: Dict[str, str] = {}
         problems: Dict[str, str] = {}
