@@ -192,3 +192,31 @@ def test_pretrained_lr_scale_slows_only_the_pretrained_weights(tmp_path):
     for lrs in seen:  # pretrained matrix (4, 4) and bias (4,) vs new matrix (1, 4) and bias (1,)
         assert abs(lrs[(4, 4)] - 0.25 * lrs[(1, 4)]) < 1e-12 and abs(lrs[(4,)] - 0.25 * lrs[(1,)]) < 1e-12
     assert seen[0][(1, 4)] == 0.05 and seen[-1][(1, 4)] < seen[1][(1, 4)]  # warm-up, then cosine
+
+
+def test_cpu_amp_runs_the_forward_pass_in_bfloat16_and_keeps_float_weights(tmp_path):
+    """train.cpu_amp autocasts the loss function's forward pass to bfloat16 on the CPU (off by default); the
+    weights, their gradients and the checkpoint stay float32."""
+    from vlfuse.training.trainer import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 8)
+    for cpu_amp in (False, True):
+        model = torch.nn.Linear(8, 1)
+        dtypes = []
+
+        def loss_fn(net, idx):
+            out = net(x[idx])
+            dtypes.append(out.dtype)
+            return {"loss": out.float().pow(2).mean()}
+
+        cfg = TrainConfig(epochs=1, batch_size=8, lr=0.1, warmup_steps=0, out_dir=str(tmp_path / f"run{cpu_amp}"),
+                          progress=False, checkpoint_every=0, patience=0, select_metric="m", cpu_amp=cpu_amp,
+                          device="cpu")
+        before = model.weight.detach().clone()
+        Trainer(model, list(range(32)), torch.tensor, loss_fn, lambda net: {"m": 0.0}, lambda net, d: None,
+                cfg).fit()
+        assert set(dtypes) == {torch.bfloat16 if cpu_amp else torch.float32}
+        assert model.weight.dtype == torch.float32 and not torch.equal(model.weight, before)
+        saved = torch.load(tmp_path / f"run{cpu_amp}" / "last.pt", weights_only=False)["model"]
+        assert saved["weight"].dtype == torch.float32

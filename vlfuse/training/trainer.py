@@ -41,6 +41,7 @@ class TrainConfig:
     out_dir: str = "runs/caption"
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     amp: bool = True                  # bf16 autocast on CUDA; ignored on CPU
+    cpu_amp: bool = False             # bf16 autocast on CPU too (fast where the CPU has avx512_bf16 or AMX)
     checkpoint_every: int = 500       # also checkpoint mid-epoch every N steps (0 = only at epoch ends)
     max_steps: int = 0                # stop after N optimizer steps in total (0 = no limit; for smoke tests)
     threads: int = 0                  # torch CPU threads (0 = leave as is)
@@ -199,7 +200,7 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         cfg = self.cfg
         net = self.ddp or self.model
-        amp = cfg.amp and self.device.type == "cuda"
+        amp = (cfg.amp and self.device.type == "cuda") or (cfg.cpu_amp and self.device.type == "cpu")
         start_epoch = self.state["epoch"]
         stop = bool(self.state.get("stopped"))  # a resumed run that had stopped early stays stopped
         for epoch in range(start_epoch, cfg.epochs if not stop else start_epoch):
