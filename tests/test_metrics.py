@@ -72,3 +72,33 @@ def test_cider_d_reward_matches_pycocoevalcap_with_corpus_idf():
     assert abs(sum(ours) / len(ours) - mean) < 1e-9 and max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-9
     scorer = CiderD(refs)
     assert scorer.score(0, refs[0][0]) > 1.0 > scorer.score(0, "a a a a a a a a a a") and scorer.score(0, "") == 0.0
+
+
+def test_sentence_bleu_reward_matches_pycocoevalcaps_per_caption_bleu_and_mixes_into_the_scst_reward():
+    """scst.bleu_reward_weight's BLEU-4 equals pycocoevalcap's per-caption BLEU-4 (closest reference length,
+    short and long captions included); the SCST reward adds it, weighted, to CIDEr-D."""
+    import re
+
+    import pytest
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    from vlfuse.data.captions import read_captions
+    from vlfuse.errors import ConfigError
+    from vlfuse.evaluation.cider_d import CiderD
+    from vlfuse.evaluation.sentence_bleu import SentenceBleu
+    from vlfuse.training.scst import Reward, SCSTConfig
+
+    val = read_captions(flickr_or_skip(), split="val").subset(40)
+    refs = [[" ".join(re.findall(r"[a-z]+", r.lower())) for r in caps] for caps in val.captions]
+    hyps = [refs[(i + 1) % len(refs)][0] if i % 3 else refs[i][0] for i in range(len(refs))]
+    hyps[1], hyps[2] = "a dog", " ".join([refs[2][1]] * 3)  # far too short, far too long
+    _, theirs = Bleu(4).compute_score({str(i): r for i, r in enumerate(refs)},
+                                      {str(i): [h] for i, h in enumerate(hyps)}, verbose=0)
+    ours = [SentenceBleu(refs).score(i, h) for i, h in enumerate(hyps)]
+    assert max(abs(a - b) for a, b in zip(ours, theirs[3])) < 1e-12 and max(ours) > 0.5
+    cider = CiderD(refs)
+    assert all(Reward(refs).score(i, h) == cider.score(i, h) for i, h in enumerate(hyps))
+    mixed = Reward(refs, bleu_weight=2.0)
+    assert all(abs(mixed.score(i, h) - cider.score(i, h) - 2 * b) < 1e-12 for i, (h, b) in enumerate(zip(hyps, ours)))
+    with pytest.raises(ConfigError, match="bleu_reward_weight"):
+        SCSTConfig(bleu_reward_weight=-1)

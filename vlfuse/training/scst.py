@@ -2,8 +2,9 @@
 
 Each image gets ``samples`` captions sampled from the model (through the one decoding module); the reward
 is each sample's CIDEr-D against the image's references (idf over all training references, see
-:mod:`vlfuse.evaluation.cider_d`) minus
-the mean reward of the other samples of the same image (the "new self-critical" baseline, no greedy pass).
+:mod:`vlfuse.evaluation.cider_d`), plus ``bleu_reward_weight`` times its sentence BLEU-4 if set (as
+self-critical.pytorch's option of that name), minus the mean reward of the other samples of the same image (the
+"new self-critical" baseline, no greedy pass).
 """
 from __future__ import annotations
 
@@ -33,6 +34,28 @@ class SCSTConfig:
     hflip: float = 0.0       # share of images replaced by their mirror image (as data.hflip); a mirrored image's
                              # samples are scored with "left"/"right" swapped back against its references
     ema_decay: float = 0.0   # as train.ema_decay, for this phase (validate and save a moving average)
+    bleu_reward_weight: float = 0.0  # reward = CIDEr-D + this x sentence BLEU-4 (pycocoevalcap's, 0..1)
+
+    def __post_init__(self):
+        if self.bleu_reward_weight < 0:
+            raise ConfigError(f"scst.bleu_reward_weight must be >= 0, got {self.bleu_reward_weight}")
+
+
+class Reward:
+    """An SCST reward: ``score(image, caption)`` = CIDEr-D + ``bleu_weight`` x sentence BLEU-4, against the
+    references of image ``image`` (space-separated tokens)."""
+
+    def __init__(self, references: List[List[str]], bleu_weight: float = 0.0):
+        from ..evaluation.cider_d import CiderD
+        from ..evaluation.sentence_bleu import SentenceBleu
+
+        self.cider = CiderD(references)
+        self.bleu = SentenceBleu(references) if bleu_weight else None
+        self.bleu_weight = bleu_weight
+
+    def score(self, image: int, caption: str) -> float:
+        reward = self.cider.score(image, caption)
+        return reward + self.bleu_weight * self.bleu.score(image, caption) if self.bleu else reward
 
 
 def sample_rewards(scorer, tokenizer: Tokenizer, sampled: List[List[int]], rows: torch.Tensor,
@@ -51,12 +74,10 @@ def make_scst_loss(model: CaptionModel, tokenizer: Tokenizer, references: List[L
                    mirror_table: Optional[torch.Tensor] = None):
     """loss_fn(net, (acts, image_rows[, flipped])) for the shared Trainer. ``flipped`` (B,) marks images given as
     their mirror image; their samples are mapped through ``mirror_table`` (an involution) before scoring."""
-    from ..evaluation.cider_d import CiderD
-
     if dist.is_initialized() and dist.get_world_size() > 1:
         raise ConfigError("scst runs in a single process; start it without torchrun")
     refs_simple = [[" ".join(tokenizer.tokenize(r)) for r in refs] for refs in references]
-    scorer = CiderD(refs_simple)
+    scorer = Reward(refs_simple, cfg.bleu_reward_weight)
     sample_cfg = DecodeConfig(strategy="sample", top_p=1.0, max_len=cfg.max_len, no_repeat_ngram=0)
 
     def loss_fn(net, batch) -> Dict[str, torch.Tensor]:
