@@ -274,7 +274,6 @@ class Trainer:
                     params[n].copy_(v)
 
     def _end_epoch(self, epoch: int, running: Dict[str, float], seconds: float) -> bool:
-        cfg = self.cfg
         stop = False
         if _is_main():
             self.model.eval()
