@@ -131,6 +131,23 @@ def test_scst_rewards_score_a_mirrored_images_samples_with_left_and_right_swappe
     assert mirrored[1, 1] == plain[0, 0] and mirrored[1, 0] == plain[0, 1]  # "right" for the mirror = "left"
 
 
+def test_scst_policy_loss_token_average_weights_every_token_alike_and_sequence_average_each_sample():
+    """scst.loss_average: "token" is the REINFORCE gradient (each token of sample i gets -A_i / all tokens, however
+    long its sample); "sequence" gives each sample's tokens -A_i / (samples x its length). Bad values are named."""
+    from vlfuse.errors import ConfigError
+    from vlfuse.training.scst import SCSTConfig, policy_loss
+
+    advantage = torch.tensor([0.5, -0.25])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])  # 4 and 2 tokens
+    for average, expected in [("token", [[-0.5 / 6] * 4, [0.25 / 6] * 2 + [0.0] * 2]),
+                              ("sequence", [[-0.5 / 8] * 4, [0.25 / 4] * 2 + [0.0] * 2])]:
+        logp = torch.randn(2, 4, requires_grad=True)
+        policy_loss(advantage, logp, mask, average).backward()
+        assert torch.allclose(logp.grad, torch.tensor(expected)), average
+    with pytest.raises(ConfigError, match="scst.loss_average"):
+        SCSTConfig(loss_average="tokens")
+
+
 def test_vision_encoder_inference_chunks_match_one_batch():
     """On CPU without gradients the encoder runs in chunks of ``cpu_inference_chunk`` (faster per image);
     the result must not depend on it."""

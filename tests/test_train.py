@@ -91,14 +91,15 @@ def test_two_process_data_parallel_training(tmp_path, feature_cache):
 
 def test_scst_fine_tunes_a_trained_model(tmp_path, feature_cache, trained_run):
     """scst.init_from: self-critical training starts from a trained model (no cross-entropy phase), samples
-    captions (half of the images mirrored: scst.hflip), logs the reward (CIDEr-D + BLEU-4), changes the weights, and keeps
+    captions (half of the images mirrored: scst.hflip; dropout on: scst.sample_dropout), logs the reward (CIDEr-D +
+    BLEU-4), changes the weights (the token-averaged loss: scst.loss_average), and keeps
     whichever model is better on val."""
     from safetensors.torch import load_file
 
     config = tiny_config(tmp_path, feature_cache)
     config["scst"] = {"epochs": 1, "samples": 3, "batch_images": 8, "lr": 1e-3, "max_len": 8, "warmup_steps": 1,
                       "init_from": str(trained_run / "best"), "hflip": 0.5, "ema_decay": 0.9,
-                      "bleu_reward_weight": 1.0}
+                      "bleu_reward_weight": 1.0, "loss_average": "token", "sample_dropout": True}
     cfg = write_config(tmp_path / "c.json", config)
     assert main(["train", "--config", str(cfg)]) == 0
     run = tmp_path / "run"

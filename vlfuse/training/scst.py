@@ -35,10 +35,16 @@ class SCSTConfig:
                              # samples are scored with "left"/"right" swapped back against its references
     ema_decay: float = 0.0   # as train.ema_decay, for this phase (validate and save a moving average)
     bleu_reward_weight: float = 0.0  # reward = CIDEr-D + this x sentence BLEU-4 (pycocoevalcap's, 0..1)
+    loss_average: str = "sequence"   # "sequence": each sample's mean token log-prob x its advantage, averaged over
+                                     # samples; "token": the summed log-prob (the REINFORCE gradient), averaged over
+                                     # all tokens of the batch (self-critical.pytorch's RewardCriterion)
+    sample_dropout: bool = False     # sample with the model in train mode (dropout on), as self-critical.pytorch
 
     def __post_init__(self):
         if self.bleu_reward_weight < 0:
             raise ConfigError(f"scst.bleu_reward_weight must be >= 0, got {self.bleu_reward_weight}")
+        if self.loss_average not in ("sequence", "token"):
+            raise ConfigError(f"scst.loss_average must be 'sequence' or 'token', got {self.loss_average!r}")
 
 
 class Reward:
@@ -70,6 +76,15 @@ def sample_rewards(scorer, tokenizer: Tokenizer, sampled: List[List[int]], rows:
     return torch.tensor(scores, dtype=torch.float32).view(-1, k)
 
 
+def policy_loss(advantage: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor, average: str) -> torch.Tensor:
+    """The self-critical loss from (N,) advantages and (N, T) token log-probs under (N, T) mask (see
+    ``SCSTConfig.loss_average``): "token" = -sum(A_i log p(sample_i)) / all tokens; "sequence" = the mean over
+    samples of -A_i x the mean token log-prob of sample i."""
+    if average == "token":
+        return -(advantage[:, None] * logp * mask).sum() / mask.sum()
+    return -(advantage * (logp * mask).sum(1) / mask.sum(1)).mean()
+
+
 def make_scst_loss(model: CaptionModel, tokenizer: Tokenizer, references: List[List[str]], cfg: SCSTConfig,
                    mirror_table: Optional[torch.Tensor] = None):
     """loss_fn(net, (acts, image_rows[, flipped])) for the shared Trainer. ``flipped`` (B,) marks images given as
@@ -89,7 +104,7 @@ def make_scst_loss(model: CaptionModel, tokenizer: Tokenizer, references: List[L
         feats = model.vision.tail(acts)
         image_rows = torch.arange(len(acts), device=acts.device).repeat_interleave(k)  # (B*K,) sample -> image
         was_training = model.training
-        model.eval()
+        model.train(was_training and cfg.sample_dropout)
         with torch.no_grad():
             sampled = [ids for ids, _ in model.generate(
                 ImageFeatures(feats.grid.detach(), feats.pooled.detach()), sample_cfg, per_image=k)]
@@ -104,8 +119,7 @@ def make_scst_loss(model: CaptionModel, tokenizer: Tokenizer, references: List[L
         logits, _ = model.decoder(feats, inputs, inputs != PAD, rows=image_rows)
         logp = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B*K, T) log p(target)
         mask = (targets != PAD).float()
-        seq_logp = (logp * mask).sum(1) / mask.sum(1)
-        loss = -(advantage * seq_logp).mean()
+        loss = policy_loss(advantage, logp, mask, cfg.loss_average)
         return {"loss": loss, "reward": reward.mean()}
 
     return loss_fn
