@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -22,10 +23,14 @@ def onnx_cache_in_tmp(tmp_path_factory):
     """Image encoders exported for ONNX Runtime are cached in a temporary folder, not the user's ~/.cache."""
     from vlfuse.models import onnx_vision
 
-    saved = onnx_vision.DEFAULT_CACHE_DIR
-    onnx_vision.DEFAULT_CACHE_DIR = tmp_path_factory.mktemp("onnx-cache")
-    yield onnx_vision.DEFAULT_CACHE_DIR
-    onnx_vision.DEFAULT_CACHE_DIR = saved
+    saved = os.environ.get(onnx_vision.CACHE_ENV)
+    cache = tmp_path_factory.mktemp("onnx-cache")
+    os.environ[onnx_vision.CACHE_ENV] = str(cache)  # read when a graph is cached, so setting it now counts
+    yield cache
+    if saved is None:
+        os.environ.pop(onnx_vision.CACHE_ENV, None)
+    else:
+        os.environ[onnx_vision.CACHE_ENV] = saved
 
 
 def flickr_or_skip() -> Path:

@@ -10,7 +10,7 @@ from vlfuse.data.images import load_image
 from vlfuse.errors import ConfigError
 from vlfuse.models import onnx_vision
 from vlfuse.models.captioner import Captioner
-from vlfuse.models.onnx_vision import OnnxImageEncoder, fast_image_encoder, graph_key
+from vlfuse.models.onnx_vision import OnnxImageEncoder, fast_image_encoder, graph_key, graph_name
 from vlfuse.models.vision import build_vision_encoder
 
 from conftest import photo
@@ -36,6 +36,15 @@ def test_onnx_features_equal_pytorch_features_at_any_batch_size(lite0, tmp_path)
         assert got.grid.shape == want.grid[: len(batch)].shape == (len(batch), 49, 1280)
         torch.testing.assert_close(got.grid, want.grid[: len(batch)], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(got.pooled, want.pooled[: len(batch)], atol=1e-4, rtol=1e-4)
+
+
+def test_the_default_cache_folder_is_read_when_a_graph_is_cached_not_at_import(lite0, tmp_path, monkeypatch):
+    """VLFUSE_ONNX_CACHE set after vlfuse was imported still decides where the graphs go."""
+    cache = tmp_path / "late"
+    monkeypatch.setenv(onnx_vision.CACHE_ENV, str(cache))
+    assert onnx_vision.default_cache_dir() == cache and not onnx_vision.is_cached(graph_name(lite0))
+    OnnxImageEncoder(lite0, threads=1)
+    assert [f.name for f in cache.glob("*.onnx")] == [graph_name(lite0)] and onnx_vision.is_cached(graph_name(lite0))
 
 
 def test_export_is_cached_by_weights(lite0, tmp_path, monkeypatch):

@@ -476,7 +476,7 @@ def test_first_start_builds_the_onnx_graphs_in_a_child_process(caption_dir, tmp_
     from vlfuse.serving import runtime
 
     cache = tmp_path / "cache"
-    monkeypatch.setattr(onnx_vision, "DEFAULT_CACHE_DIR", cache)
+    monkeypatch.setenv(onnx_vision.CACHE_ENV, str(cache))
 
     def no_export(*args, **kwargs):
         raise AssertionError("exported in the server's own process")
@@ -491,7 +491,7 @@ def test_first_start_builds_the_onnx_graphs_in_a_child_process(caption_dir, tmp_
     assert (captioner.image_backend, captioner.decoding_backend) == ("onnxruntime", "onnxruntime")
     assert captioner.onnx_graphs_to_build() == []  # built: a second start has nothing to export
 
-    monkeypatch.setattr(onnx_vision, "DEFAULT_CACHE_DIR", tmp_path / "cache2")
+    monkeypatch.setenv(onnx_vision.CACHE_ENV, str(tmp_path / "cache2"))
     monkeypatch.setattr(runtime, "_BUILD_GRAPHS", "raise SystemExit('no luck')")
     with caplog.at_level(logging.WARNING, logger="vlfuse.serving.runtime"):
         models = ServiceModels.load(ModelChoice(str(caption_dir)), ModelChoice("none"), ModelChoice("none"))

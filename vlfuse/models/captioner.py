@@ -260,7 +260,7 @@ class Captioner:
         cache folder (then each process exports in memory). A server can build them in a child process first."""
         from . import onnx_decoder, onnx_vision
 
-        if not use_onnx(self.onnx, self.device) or onnx_vision.DEFAULT_CACHE_DIR is None:
+        if not use_onnx(self.onnx, self.device) or onnx_vision.default_cache_dir() is None:
             return []
         todo = []
         if self._image_encoder is None and not onnx_vision.is_cached(onnx_vision.graph_name(self.model.vision)):

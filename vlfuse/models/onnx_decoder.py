@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .onnx_vision import DEFAULT_CACHE_DIR, OPSET, cached_file, session_options, weights_key
+from .onnx_vision import DEFAULT, OPSET, cached_file, session_options, weights_key
 from .scripted import ScriptableCrossAttentionStep
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ class OnnxStepDecoder(nn.Module):
     step hands ONNX Runtime four inputs."""
 
     def __init__(self, base: nn.Module, decoder: nn.Module, max_images: Optional[int] = None,
-                 cache_dir: Optional[Path] = DEFAULT_CACHE_DIR):
+                 cache_dir: Union[Path, str, None] = DEFAULT):
         super().__init__()
         import onnxruntime as ort
 
@@ -227,7 +227,7 @@ def onnx_step_decoder(base: nn.Module, decoder: nn.Module, onnx: Optional[bool])
     from . import onnx_vision
 
     try:
-        return OnnxStepDecoder(base, decoder, cache_dir=onnx_vision.DEFAULT_CACHE_DIR)
+        return OnnxStepDecoder(base, decoder)
     except Exception as exc:  # noqa: BLE001 — an exporter or runtime limitation: TorchScript still decodes
         if onnx:
             raise ConfigError(f"could not run the decoding step with ONNX Runtime: {exc}") from exc

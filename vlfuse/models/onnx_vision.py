@@ -33,7 +33,9 @@ OPSET = 17
 CACHE_ENV = "VLFUSE_ONNX_CACHE"  # a folder for the exported graphs instead of ~/.cache/vlfuse/onnx
 
 
-def _user_cache_dir() -> Optional[Path]:
+def default_cache_dir() -> Optional[Path]:
+    """The folder exported graphs are cached in, looked up at each call (so ``VLFUSE_ONNX_CACHE`` set after import
+    counts): ``$VLFUSE_ONNX_CACHE``, else ~/.cache/vlfuse/onnx; None where there is no home directory."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
     try:
@@ -42,7 +44,7 @@ def _user_cache_dir() -> Optional[Path]:
         return None
 
 
-DEFAULT_CACHE_DIR = _user_cache_dir()
+DEFAULT = "<default>"  # a cache_dir argument meaning ``default_cache_dir()`` at the time of the call
 CACHE_KEEP = 12  # graphs kept in a cache folder, newest first (an image encoder's and a decoding step's per model)
 
 
@@ -118,8 +120,9 @@ def graph_name(encoder: VisionEncoder) -> str:
 
 
 def is_cached(name: str) -> bool:
-    """Whether graph file ``name`` is in the default cache folder (``DEFAULT_CACHE_DIR``, looked up now)."""
-    return DEFAULT_CACHE_DIR is not None and (Path(DEFAULT_CACHE_DIR) / name).is_file()
+    """Whether graph file ``name`` is in the default cache folder (``default_cache_dir()``, looked up now)."""
+    folder = default_cache_dir()
+    return folder is not None and (folder / name).is_file()
 
 
 def cached_graph(encoder: VisionEncoder, cache_dir: Optional[Path]) -> Union[str, bytes]:
@@ -131,6 +134,8 @@ def cached_file(name: str, build: Callable[[], bytes], cache_dir: Optional[Path]
     """A graph: the path of file ``name`` in ``cache_dir`` (built by ``build`` and written there first if it is
     not yet), or the graph itself where it cannot be cached. ONNX Runtime loads a file with one copy of the
     weights less than bytes held in Python (~12 MB for the image encoder)."""
+    if cache_dir == DEFAULT:
+        cache_dir = default_cache_dir()
     if cache_dir is None:
         return build()
     path = Path(cache_dir) / name
@@ -184,7 +189,7 @@ class OnnxImageEncoder:
     """
 
     def __init__(self, encoder: VisionEncoder, threads: Optional[int] = None,
-                 cache_dir: Optional[Path] = DEFAULT_CACHE_DIR, chunk: int = 1):
+                 cache_dir: Union[Path, str, None] = DEFAULT, chunk: int = 1):
         if not onnx_available():
             raise ConfigError("running the image encoder with ONNX Runtime needs the onnxruntime and onnx "
                               "packages: pip install onnxruntime onnx")
@@ -216,7 +221,7 @@ def fast_image_encoder(encoder: VisionEncoder, onnx: Optional[bool], device: tor
     if device.type != "cpu":
         raise ConfigError(f"onnx=True runs the image encoder on the CPU, but the model is on {device}")
     try:
-        return OnnxImageEncoder(encoder, cache_dir=DEFAULT_CACHE_DIR)
+        return OnnxImageEncoder(encoder)
     except ConfigError:
         raise
     except Exception as exc:  # an exporter or runtime limitation: the PyTorch encoder still works

@@ -66,8 +66,10 @@ def build_graphs_in_child(name: str, device: Optional[str], onnx: Optional[bool]
 
     log.info("building the caption model's ONNX Runtime graphs (%s) once, in a child process", ", ".join(what))
     root = str(Path(vlfuse.__file__).resolve().parents[1])
-    env = {**os.environ, onnx_vision.CACHE_ENV: str(onnx_vision.DEFAULT_CACHE_DIR),
-           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    cache = onnx_vision.default_cache_dir()
+    if cache is not None:
+        env[onnx_vision.CACHE_ENV] = str(cache)
     try:
         proc = subprocess.run([sys.executable, "-c", _BUILD_GRAPHS, name, device or "", repr(onnx)], env=env,
                               capture_output=True, text=True, timeout=600)
