@@ -114,7 +114,7 @@ def test_scst_rewards_score_a_mirrored_images_samples_with_left_and_right_swappe
     """SCST with scst.hflip: a sample for a mirrored image says "right" where its references say "left"; it is
     mapped back before scoring, so it earns what the same words earn for the unmirrored image."""
     from vlfuse.data.tokenizer import Tokenizer
-    from vlfuse.evaluation.cider_d import CiderD
+    from vlfuse.similarity.cider_d import CiderD
     from vlfuse.training.caption import mirrored_ids
     from vlfuse.training.scst import sample_rewards
 

@@ -15,12 +15,13 @@ import torch
 from .errors import ConfigError
 
 StepFn = Callable[[torch.Tensor, Dict[str, torch.Tensor]], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
-STRATEGIES = ("greedy", "beam", "sample")
+STRATEGIES = ("greedy", "beam", "sample", "rerank")
 
 
 @dataclasses.dataclass(frozen=True)  # hashable: the service batches requests that decode alike
 class DecodeConfig:
-    strategy: str = "beam"        # greedy | beam | sample
+    strategy: str = "beam"        # greedy | beam | sample | rerank (a Captioner with a caption memory: the
+                                  # greedy caption and `candidates` samples, the one its memory agrees with most)
     beam_size: int = 3
     max_len: int = 20             # words, not counting <bos>/<eos>
     length_penalty: float = 0.0   # final beam score = sum logprob / length ** length_penalty
@@ -28,6 +29,7 @@ class DecodeConfig:
     top_p: float = 0.9            # nucleus size for sampling
     temperature: float = 1.0
     seed: Optional[int] = None
+    candidates: int = 16          # rerank: samples drawn (at temperature / top_p) besides the greedy caption
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -40,6 +42,8 @@ class DecodeConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
+        if self.candidates < 0:
+            raise ConfigError(f"candidates must be >= 0, got {self.candidates}")
 
     def override(self, beam: Optional[int] = None, **fields) -> "DecodeConfig":
         """This config with the given fields changed; ``None`` keeps a field as it is. ``beam`` is the
@@ -115,6 +119,9 @@ def generate(step: StepFn, state: Dict[str, torch.Tensor], batch_size: int, cfg:
              bos: int = 1, eos: int = 2, pad: int = 0, per_image: FrozenSet[str] = frozenset()
              ) -> List[Tuple[List[int], float]]:
     """Decode ``batch_size`` sequences; returns (token ids without <bos>/<eos>, score) per item."""
+    if cfg.strategy == "rerank":
+        raise ConfigError("the rerank strategy picks among a caption model's greedy caption and samples with its "
+                          "caption memory: use a Captioner whose checkpoint has one (or greedy, beam or sample)")
     if cfg.strategy == "beam":
         return beam_search(step, state, batch_size, cfg, bos, eos, pad, per_image)
     return _greedy_or_sample(step, state, batch_size, cfg, bos, eos, pad)

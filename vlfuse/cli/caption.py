@@ -15,6 +15,10 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
                    help="beam width: 1 = greedy, more = beam search (default: the model's, e.g. greedy for "
                         "flickr8k-caption)")
     p.add_argument("--sample", action="store_true", help="top-p sampling instead")
+    p.add_argument("--rerank", action="store_true",
+                   help="consensus reranking: the greedy caption and --candidates samples, the one the model's "
+                        "caption memory agrees with most (models with a memory, e.g. flickr8k-caption)")
+    p.add_argument("--candidates", type=int, default=None, help="samples drawn for --rerank (default: the model's, or 16)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus size for --sample (default 0.9)")
     p.add_argument("--temperature", type=float, default=None, help="(default 1.0)")
     p.add_argument("--seed", type=int, default=None)
@@ -26,9 +30,11 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
 
 def decode_config(args, defaults: DecodeConfig) -> DecodeConfig:
     """The model's decoding ``defaults`` with the options given on the command line."""
-    return defaults.override(beam=args.beam, strategy="sample" if args.sample else None, max_len=args.max_len,
+    strategy = "sample" if args.sample else "rerank" if args.rerank else None
+    return defaults.override(beam=args.beam, strategy=strategy, max_len=args.max_len,
                              top_p=args.top_p, temperature=args.temperature, seed=args.seed,
-                             length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram)
+                             length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram,
+                             candidates=args.candidates)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ COMMANDS = {
     "vqa": "vqa",
     "index": "index",
     "search": "search",
+    "memory": "memory",
 }
 
 

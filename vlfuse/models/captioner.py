@@ -18,6 +18,7 @@ from ..decoding import DecodeConfig, generate, reorder_state
 from ..errors import ConfigError, ImageError
 from ..hub import resolve_model
 from ..registry import DECODERS, VISION_ENCODERS
+from .caption_memory import CaptionMemory, ConsensusReranker, rerank_config
 from .checkpoint import load_weights, read_config, save_checkpoint
 from .onnx_vision import fast_image_encoder, use_onnx
 from .vision import ImageFeatures
@@ -202,18 +203,30 @@ class Captioner:
     >>> cap = Captioner.from_pretrained("flickr8k-caption")
     >>> cap(["photo.jpg", pil_image])          # -> ["a dog runs on the grass", ...]
     >>> cap("photo.jpg", beam=5)               # beam search of width 5 instead of the model's default
+    >>> cap("photo.jpg", strategy="rerank")    # consensus reranking with the model's caption memory
 
     A checkpoint may carry its own decoding default (``"decode"`` in its config.json, as Hugging Face's
     generation config): the decoding it was selected with on val. ``decode_defaults`` holds it
     (``DecodeConfig()`` where a checkpoint has none); every option given to a call overrides it.
+
+    A checkpoint may also carry a caption memory (``"rerank"`` in its config.json, see ``caption_memory``) for
+    the ``rerank`` strategy; ``memory_dir`` is the directory its files are in (``from_pretrained`` sets it).
     """
 
     def __init__(self, model: CaptionModel, tokenizer: Tokenizer, extra_config: Optional[dict] = None,
-                 int8: bool = False, onnx: Optional[bool] = False):
+                 int8: bool = False, onnx: Optional[bool] = False, memory_dir: Optional[Path] = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.extra_config = extra_config or {}
         self.decode_defaults = from_dict(DecodeConfig, self.extra_config.get("decode", {}), "decode")
+        self.rerank_config = rerank_config(self.extra_config.get("rerank"))
+        self.memory_dir = memory_dir
+        self._reranker: Optional[ConsensusReranker] = None  # loaded on first use of the rerank strategy
+        if self.decode_defaults.strategy == "rerank" and self.rerank_unavailable():
+            import warnings
+
+            warnings.warn(f"{self.rerank_unavailable()}; decoding greedily instead", stacklevel=2)
+            self.decode_defaults = self.decode_defaults.override(strategy="greedy")
         # Captions are generated with a copy of the decoder arranged for decoding (``inference_decoder``), its
         # linear layers int8 when asked (CPU only); ``self.model`` stays as trained for saving, attention maps
         # and training.
@@ -240,6 +253,29 @@ class Captioner:
                     generator = onnx_step_decoder(generator, self.model.decoder, self.onnx)
                 self._generator = generator
             return self._generator
+
+    def rerank_unavailable(self) -> str:
+        """Why the rerank strategy cannot run here ("" when it can)."""
+        if self.rerank_config is None or self.memory_dir is None:
+            return "this caption model has no caption memory for the rerank strategy (build one: vlfuse memory)"
+        if self.rerank_config.bleu_weight:
+            import importlib.util
+
+            if importlib.util.find_spec("pycocoevalcap") is None:
+                return "the rerank strategy scores BLEU with pycocoevalcap: pip install pycocoevalcap"
+        return ""
+
+    @property
+    def reranker(self) -> ConsensusReranker:
+        """The retriever's image tower, the caption memory and its scorer (loaded on first use)."""
+        with self._generator_lock:
+            if self._reranker is None:
+                why = self.rerank_unavailable()
+                if why:
+                    raise ConfigError(f"{why}; decode with greedy, beam or sample instead")
+                self._reranker = ConsensusReranker.load(self.memory_dir, self.rerank_config)
+                self._reranker.tower.to(self.device)
+            return self._reranker
 
     @property
     def image_encoder(self) -> Callable[[torch.Tensor], ImageFeatures]:
@@ -310,7 +346,7 @@ class Captioner:
         device = torch.device(device or "cpu")
         if int8 is None:
             int8 = device.type == "cpu"
-        return cls(model.to(device), tokenizer, extra, int8=int8, onnx=onnx)
+        return cls(model.to(device), tokenizer, extra, int8=int8, onnx=onnx, memory_dir=Path(directory))
 
     def drop_unused_weights(self) -> int:
         """Free the PyTorch weights that captioning no longer reads once its fast copies are built: the decoder's
@@ -340,6 +376,10 @@ class Captioner:
                   "decode": to_dict(self.decode_defaults), **extra}
         directory = save_checkpoint(directory, self.model, config, self.model.persistent_prefixes(), half=half)
         self.tokenizer.save(directory)
+        if self.rerank_config is not None and self.memory_dir is not None:
+            if Path(directory).resolve() != Path(self.memory_dir).resolve():
+                memory = self._reranker.memory if self._reranker else CaptionMemory.load(self.memory_dir)
+                memory.save(directory)
         return directory
 
     @property
@@ -364,7 +404,16 @@ class Captioner:
     cpu_beam_chunk = 16
 
     @torch.inference_mode()
-    def caption_features(self, image: ImageFeatures, decode: DecodeConfig) -> List[CaptionResult]:
+    def caption_pixels(self, pixels: torch.Tensor, decode: DecodeConfig) -> List[CaptionResult]:
+        """Transformed images (B, 3, H, W) -> one caption each."""
+        return self.caption_features(self.encode(pixels), decode, pixels)
+
+    @torch.inference_mode()
+    def caption_features(self, image: ImageFeatures, decode: DecodeConfig,
+                         pixels: Optional[torch.Tensor] = None) -> List[CaptionResult]:
+        """Encoded images -> one caption each. The rerank strategy also needs the images' ``pixels``."""
+        if decode.strategy == "rerank":
+            return self._rerank(image, decode, pixels)
         n, step = image.grid.shape[0], self.cpu_beam_chunk
         if decode.strategy == "beam" and image.grid.device.type == "cpu" and n > step:
             return [r for i in range(0, n, step)
@@ -374,6 +423,34 @@ class Captioner:
         for ids, score in self.model.generate(image, decode, decoder=self.generator):
             words = [self.tokenizer.vocab[i] for i in ids]
             results.append(CaptionResult(self.tokenizer.decode(ids), score, words))
+        return results
+
+    def _rerank(self, image: ImageFeatures, decode: DecodeConfig, pixels: Optional[torch.Tensor]
+                ) -> List[CaptionResult]:
+        """The greedy caption and ``decode.candidates`` samples of each image; keeps the one that agrees most
+        with the image's nearest memory captions, plus a little of the model's own preference
+        (``caption_memory``)."""
+        if pixels is None:
+            raise ConfigError("the rerank strategy needs the images' pixels: use caption_pixels(), not "
+                              "caption_features(), or another strategy")
+        reranker = self.reranker
+        neighbours = reranker.neighbours(pixels)
+        candidates = [[r] for r in self.caption_features(image, decode.override(strategy="greedy"))]
+        k = decode.candidates
+        if k:
+            sampled = self.model.generate(image, decode.override(strategy="sample"), per_image=k,
+                                          decoder=self.generator)
+            for i, (ids, score) in enumerate(sampled):
+                words = [self.tokenizer.vocab[t] for t in ids]
+                candidates[i // k].append(CaptionResult(self.tokenizer.decode(ids), score, words))
+        results = []
+        for options, refs in zip(candidates, neighbours):
+            unique: Dict[str, CaptionResult] = {}
+            for r in options:  # the greedy caption first; a caption sampled again is scored once
+                unique.setdefault(" ".join(r.tokens), r)
+            texts = list(unique)
+            logprobs = [unique[t].score / max(1, len(unique[t].tokens)) for t in texts]
+            results.append(unique[texts[reranker.choose(texts, refs, logprobs)]])
         return results
 
     def decode_config(self, beam: Optional[int] = None, **options) -> DecodeConfig:
@@ -393,7 +470,7 @@ class Captioner:
         captions: List[str] = []
         for start in range(0, len(items), batch_size):
             pixels = self.preprocess(items[start:start + batch_size])
-            captions += [r.caption for r in self.caption_features(self.encode(pixels), decode)]
+            captions += [r.caption for r in self.caption_pixels(pixels, decode)]
         return captions[0] if single else captions
 
     def caption_files(self, paths: Sequence[Union[str, Path]], decode: Optional[DecodeConfig] = None,
@@ -407,7 +484,7 @@ class Captioner:
 
         def flush():
             pixels = torch.stack([p for _, p in batch]).to(self.device)
-            for (name, _), res in zip(batch, self.caption_features(self.encode(pixels), decode)):
+            for (name, _), res in zip(batch, self.caption_pixels(pixels, decode)):
                 yield name, res, None
             batch.clear()
 
@@ -429,7 +506,7 @@ class Captioner:
         self._needs_weights("attention_map")
         pixels = self.preprocess([image])
         feats = self.encode(pixels)
-        result = self.caption_features(feats, decode or self.decode_defaults)[0]
+        result = self.caption_features(feats, decode or self.decode_defaults, pixels)[0]
         ids = [BOS] + [self.tokenizer.index[w] for w in result.tokens]
         _, att = self.model.decoder(feats, torch.tensor([ids], device=self.device), need_weights=True)
         if att is None:

@@ -62,8 +62,10 @@ def read_config(directory: str | Path) -> Dict[str, Any]:
         raise ModelNotFoundError(f"{path} is not valid JSON: {exc}") from None
 
 
-def load_weights(directory: str | Path, model: nn.Module, allowed_missing_prefixes: Iterable[str] = ()) -> None:
-    """Load model.safetensors into ``model``; every parameter must be found except allowed prefixes."""
+def load_weights(directory: str | Path, model: nn.Module, allowed_missing_prefixes: Iterable[str] = (),
+                 only_prefixes: Iterable[str] = ()) -> None:
+    """Load model.safetensors into ``model``; every parameter must be found except allowed prefixes.
+    With ``only_prefixes``, stored weights outside them are ignored (loading one part of a saved model)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -71,6 +73,9 @@ def load_weights(directory: str | Path, model: nn.Module, allowed_missing_prefix
     if not path.is_file():
         raise ModelNotFoundError(f"checkpoint '{directory}' has no {WEIGHTS_NAME}")
     state = load_file(str(path))
+    only = tuple(only_prefixes)
+    if only:
+        state = {k: v for k, v in state.items() if k.startswith(only)}
     with safe_open(str(path), framework="pt") as f:
         aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
     own = model.state_dict()

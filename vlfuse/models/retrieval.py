@@ -213,6 +213,54 @@ class DualEncoder(nn.Module):
         return tuple(prefixes)
 
 
+class RetrievalImageTower(nn.Module):
+    """The image side of a trained ``DualEncoder`` alone, without its text encoder: pixels -> unit vectors in
+    the retrieval space, exactly as ``Retriever.embed_pixels``. Loads in a fraction of the time (no MiniLM);
+    consensus reranking of captions uses it to find an image's neighbours in a caption memory."""
+
+    PREFIXES = ("vision.", "pool.", "image_proj.")
+
+    def __init__(self, config: RetrievalModelConfig):
+        super().__init__()
+        self.config = config
+        self.vision = VISION_ENCODERS.build(config.vision.name, **config.vision.kwargs)
+        self.pool = AttentionPool(self.vision.out_dim, config.pool_heads, config.cell_dropout)
+        self.image_proj = Projection(self.vision.out_dim, config.hidden_dim, config.embed_dim, config.dropout)
+        self.eval()
+
+    # the image tower's own code is the dual encoder's
+    image_views = DualEncoder.image_views
+    embed_views = DualEncoder.embed_views
+    embed_cells = DualEncoder.embed_cells
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: Union[str, Path]) -> "RetrievalImageTower":
+        directory = resolve_model(name_or_path)
+        raw = read_config(directory)
+        if raw.get("task") != "retrieval":
+            raise ModelNotFoundError(f"'{name_or_path}' is a '{raw.get('task')}' model, not a retrieval model")
+        tower = cls(from_dict(RetrievalModelConfig, raw["model"], "model"))
+        load_weights(directory, tower, allowed_missing_prefixes=tower.persistent_prefixes(),
+                     only_prefixes=cls.PREFIXES)
+        tower.name = raw.get("name") or Path(directory).name
+        return tower
+
+    @torch.inference_mode()
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Transformed images (B, 3, H, W) -> (B, D) float32, unit length."""
+        views = self.image_views(pixels)
+        grids = self.vision(torch.cat(views)).grid.split(len(pixels))
+        return self.embed_views(grids).float()
+
+    def persistent_prefixes(self) -> Tuple[str, ...]:
+        return ("vision.stem_layers.",) if getattr(self.vision, "pretrained", False) else ()
+
+    def digest(self) -> str:
+        """Hash of the tower's config and saved (fp16) weights: a caption memory records the tower it was
+        embedded with, and refuses another."""
+        return weights_digest(self, identity_config(self.config))
+
+
 # Config fields added after models shipped, with the value that means the old behaviour. At that value they are
 # left out of the model id, so checkpoints (and the indexes they built) from before the field keep their id.
 _ADDED_FIELDS = {"mirror_average": False}
@@ -223,7 +271,7 @@ def identity_config(config: RetrievalModelConfig) -> dict:
     return {k: v for k, v in to_dict(config).items() if not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])}
 
 
-def weights_digest(model: DualEncoder, config: dict) -> str:
+def weights_digest(model: nn.Module, config: dict) -> str:
     """Hash of the saved config and the fp16 saved weights: identical before saving and after loading."""
     h = hashlib.sha1(json.dumps(config, sort_keys=True).encode())
     state, _ = _storable_state(model, model.persistent_prefixes(), half=True)

@@ -83,10 +83,17 @@ def build_graphs_in_child(name: str, device: Optional[str], onnx: Optional[bool]
     return True
 
 
-def _load_captioner(name: str, device: Optional[str], onnx: Optional[bool] = None):
+def _load_captioner(name: str, device: Optional[str], onnx: Optional[bool] = None, rerank: bool = False):
     from ..models.captioner import Captioner
 
     captioner = Captioner.from_pretrained(name, device=device, onnx=onnx)
+    if captioner.decode_defaults.strategy == "rerank" and not rerank:
+        # consensus reranking costs ~4x the time per image and ~150 MB (memory, idf, retriever tower): the
+        # service decodes greedily unless started with --caption-rerank
+        captioner.decode_defaults = captioner.decode_defaults.override(strategy="greedy")
+        log.info("caption model: decoding greedily (its default, rerank, needs --caption-rerank)")
+    elif rerank:
+        captioner.reranker  # load the memory now, not during the first request (raises if the model has none)
     missing = captioner.onnx_graphs_to_build()
     if missing:  # the first start with this model: export out of process, then read them from the cache
         build_graphs_in_child(str(name), device, onnx, missing)
@@ -139,10 +146,12 @@ class ServiceModels:
     @classmethod
     def load(cls, caption: ModelChoice = ModelChoice(), vqa: ModelChoice = ModelChoice(),
              retrieval: ModelChoice = ModelChoice(), index: Optional[str] = None, device: Optional[str] = None,
-             thumbnail_size: int = 192, onnx: Optional[bool] = None) -> "ServiceModels":
+             thumbnail_size: int = 192, onnx: Optional[bool] = None,
+             caption_rerank: bool = False) -> "ServiceModels":
         """Load the chosen models. Raises VlfuseError if an explicitly chosen model or the index fails.
         ``onnx`` is the caption model's (``Captioner.from_pretrained``): None = ONNX Runtime's image encoder and
-        decoding step on a CPU where it is installed, False = PyTorch's encoder and TorchScript's step."""
+        decoding step on a CPU where it is installed, False = PyTorch's encoder and TorchScript's step.
+        ``caption_rerank`` keeps a caption model's rerank decoding default (else it decodes greedily)."""
         loaded: Dict[str, Any] = {}
         names: Dict[str, str] = {}
         problems: Dict[str, str] = {}
@@ -156,7 +165,7 @@ class ServiceModels:
                 continue
             name = choice.name or DEFAULT_MODELS[task]
             try:
-                options = {"onnx": onnx} if task == "caption" else {}
+                options = {"onnx": onnx, "rerank": caption_rerank} if task == "caption" else {}
                 loaded[task] = LOADERS[task](name, device, **options)
                 names[task] = str(name)
             except VlfuseError as exc:
@@ -217,7 +226,7 @@ class ServiceModels:
 
         step, out = self.captioner.cpu_beam_chunk, []
         for i in range(0, len(pixels), step):
-            out += self.captioner.caption_features(self.captioner.encode(torch.cat(list(pixels[i:i + step]))), decode)
+            out += self.captioner.caption_pixels(torch.cat(list(pixels[i:i + step])), decode)
         return out
 
     # -- VQA ------------------------------------------------------------------------------------------

@@ -20,16 +20,27 @@ def _ngrams(words: Sequence[str], n: int) -> Counter:
 
 
 class CiderD:
-    """``CiderD(references)``: ``references[i]`` lists image i's reference captions (space-separated tokens)."""
+    """``CiderD(references)``: ``references[i]`` lists image i's reference captions (space-separated tokens).
+    The document frequencies come from all of them (one document per image); ``score`` compares a caption with
+    image i's references, ``similarity`` with any captions (consensus reranking). Vectors are computed on first
+    use and kept (reference vectors per image; up to ``cache_size`` other captions)."""
 
-    def __init__(self, references: Sequence[Sequence[str]], n: int = 4, sigma: float = 6.0):
+    def __init__(self, references: Sequence[Sequence[str]], n: int = 4, sigma: float = 6.0,
+                 cache_size: int = 200_000):
         self.n, self.sigma = n, sigma
-        cooked = [[_ngrams(r.split(), n) for r in refs] for refs in references]
+        self._references = [list(refs) for refs in references]
         self.df: Counter = Counter()
-        for refs in cooked:
-            self.df.update(set(g for c in refs for g in c))
-        self.log_docs = math.log(float(max(len(references), 1)))
-        self._refs = [[self._vec(c) for c in refs] for refs in cooked]
+        for refs in self._references:
+            grams = set()
+            for r in refs:
+                words = r.split()
+                for k in range(1, n + 1):
+                    grams.update(zip(*[words[i:] for i in range(k)]))
+            self.df.update(grams)
+        self.log_docs = math.log(float(max(len(self._references), 1)))
+        self._refs: Dict[int, List[Vec]] = {}
+        self._texts: Dict[str, Vec] = {}
+        self.cache_size = cache_size
 
     def _vec(self, counts: Counter) -> Vec:
         vec: List[Dict[tuple, float]] = [defaultdict(float) for _ in range(self.n)]
@@ -55,6 +66,22 @@ class CiderD:
 
     def score(self, image: int, hypothesis: str) -> float:
         """CIDEr-D of one caption against the references of image ``image`` (index into the corpus)."""
+        refs = self._refs.get(image)
+        if refs is None:
+            refs = self._refs[image] = [self._vec(_ngrams(r.split(), self.n)) for r in self._references[image]]
         hyp = self._vec(_ngrams(hypothesis.split(), self.n))
-        refs = self._refs[image]
         return 10.0 * sum(self._sim(hyp, r) for r in refs) / max(len(refs), 1)
+
+    def text_vector(self, text: str) -> Vec:
+        """The CIDEr-D vector of any caption (kept for reuse: neighbours recur across queries)."""
+        vec = self._texts.get(text)
+        if vec is None:
+            if len(self._texts) >= self.cache_size:
+                self._texts.clear()
+            vec = self._texts[text] = self._vec(_ngrams(text.split(), self.n))
+        return vec
+
+    def similarity(self, hypothesis: str, references: Sequence[str]) -> float:
+        """CIDEr-D of ``hypothesis`` against ``references`` (any captions), with this corpus's idf."""
+        hyp = self.text_vector(hypothesis)
+        return 10.0 * sum(self._sim(hyp, self.text_vector(r)) for r in references) / max(len(references), 1)

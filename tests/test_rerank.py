@@ -1,0 +1,166 @@
+"""Consensus reranking: CIDEr-D/BLEU consensus, the caption memory, the retriever's image tower alone, the
+``rerank`` strategy of a Captioner, ``vlfuse memory``, and the shipped model's memory."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from vlfuse.data.captions import read_captions
+from vlfuse.decoding import DecodeConfig, generate
+from vlfuse.errors import ConfigError, ModelNotFoundError
+from vlfuse.hub import resolve_model
+from vlfuse.models.caption_memory import CaptionMemory, RerankConfig, attach_memory
+from vlfuse.models.captioner import Captioner
+from vlfuse.similarity.cider_d import CiderD
+from vlfuse.similarity.consensus import ConsensusScorer
+
+from conftest import flickr_or_skip, photo
+
+REFS = [["a dog runs on the grass", "a brown dog running in a field", "the dog is running"],
+        ["two children play in the snow", "kids playing in snow", "two kids in the snow"],
+        ["a man rides a bike on a road", "a cyclist on the road", "a man riding a bicycle"]]
+
+
+def test_cider_d_similarity_with_any_references_equals_its_score_against_an_images_references():
+    cider = CiderD(REFS)
+    for i, refs in enumerate(REFS):
+        for hyp in ("a dog running on grass", "two kids play in the snow", "a man on a bike", ""):
+            assert cider.similarity(hyp, refs) == pytest.approx(cider.score(i, hyp), abs=1e-12)
+    assert cider.similarity("a dog", []) == 0.0
+
+
+def test_consensus_scorer_prefers_the_candidate_the_references_agree_with():
+    pytest.importorskip("pycocoevalcap")
+    scorer = ConsensusScorer(CiderD(REFS), bleu_weight=2.0)
+    candidates = ["two kids play in the snow", "a dog runs in a field", "a dog dog dog"]
+    scores = scorer.scores(candidates, REFS[0])
+    assert scorer.choose(candidates, REFS[0]) == 1 and scores[1] > scores[2] and scores[1] > scores[0]
+    assert scorer.choose(candidates, REFS[1]) == 0
+    plain = ConsensusScorer(CiderD(REFS), bleu_weight=0.0).scores(candidates, REFS[0])
+    assert all(s >= p for s, p in zip(scores, plain)) and scores != plain  # the BLEU term adds
+    assert scorer.choose(["x", "y"], []) == 0  # nothing to agree with: the first (greedy) candidate
+    with pytest.raises(ValueError, match="bleu_weight"):
+        ConsensusScorer(CiderD(REFS), bleu_weight=-1)
+
+
+def test_caption_memory_saves_loads_and_finds_nearest(tmp_path):
+    emb = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
+    texts = [f"caption {i}" for i in range(6)]
+    memory = CaptionMemory(texts, emb, torch.tensor([0, 0, 1, 1, 2, 2]))
+    memory.save(tmp_path)
+    back = CaptionMemory.load(tmp_path)
+    assert back.texts == texts and back.groups.tolist() == [0, 0, 1, 1, 2, 2]
+    assert torch.allclose(back.embeddings, emb, atol=1e-3)  # stored in fp16
+    assert back.references() == [["caption 0", "caption 1"], ["caption 2", "caption 3"], ["caption 4", "caption 5"]]
+    near = back.nearest(emb[[3, 5]], k=2)
+    assert [row[0] for row in near] == ["caption 3", "caption 5"] and len(near[0]) == 2
+    assert len(back.nearest(emb[:1], k=50)[0]) == 6
+    with pytest.raises(ConfigError, match="one embedding"):
+        CaptionMemory(texts, emb[:5], torch.zeros(6))
+    with pytest.raises(ConfigError, match="neighbours"):
+        RerankConfig(neighbours=0)
+
+
+def test_retrieval_image_tower_alone_embeds_as_the_whole_retriever():
+    pytest.importorskip("tokenizers")
+    from vlfuse.models.retrieval import RetrievalImageTower, Retriever
+
+    tower, full = RetrievalImageTower.from_pretrained("flickr8k-retrieval"), Retriever.from_pretrained("flickr8k-retrieval")
+    pixels = torch.randn(3, 3, 224, 224)
+    assert torch.allclose(tower(pixels), torch.from_numpy(full.embed_pixels(pixels)), atol=1e-6)
+    assert not any(name.startswith("text") for name, _ in tower.named_parameters())
+    assert tower.digest() == RetrievalImageTower.from_pretrained("flickr8k-retrieval").digest()
+
+
+@pytest.fixture(scope="module")
+def reranking_model(trained_run, tmp_path_factory):
+    """The tiny trained caption model with a memory of its training captions embedded by flickr8k-retrieval."""
+    pytest.importorskip("tokenizers")
+    from vlfuse.cli.main import main
+
+    model = tmp_path_factory.mktemp("rerank") / "model"
+    shutil.copytree(trained_run / "best", model)
+    assert main(["memory", "--model", str(model), "--data", str(flickr_or_skip()), "--split", "val",
+                 "--limit", "40", "--neighbours", "5"]) == 0
+    return model
+
+
+def test_memory_command_writes_a_memory_the_model_reranks_with(reranking_model, tmp_path):
+    raw = json.loads((reranking_model / "config.json").read_text())
+    assert raw["rerank"]["neighbours"] == 5 and raw["rerank"]["tower_digest"]
+    assert raw["decode"]["strategy"] != "rerank"  # without --default the model's default is unchanged
+    cap = Captioner.from_pretrained(reranking_model)
+    assert len(cap.reranker.memory) == 5 * 40  # every caption of the first 40 val images
+    images = [photo(tmp_path / f"p{i}.jpg", seed=i) for i in range(3)]
+    greedy = cap(images, strategy="greedy")
+    # no samples: the greedy caption is the only candidate
+    assert cap(images, strategy="rerank", candidates=0) == greedy
+    # with samples, the chosen caption agrees with the image's neighbours at least as well as the greedy one
+    reranked = cap(images, strategy="rerank", candidates=6, temperature=1.0, seed=0)
+    pixels = cap.preprocess(images)
+    neighbours = cap.reranker.neighbours(pixels)
+    tokens = [r.tokens for r in cap.caption_pixels(pixels, cap.decode_config(strategy="rerank", candidates=6,
+                                                                               temperature=1.0, seed=0))]
+    g_tokens = [r.tokens for r in cap.caption_pixels(pixels, cap.decode_config(strategy="greedy"))]
+    scorer = cap.reranker.scorer
+    for chosen, g, refs in zip(tokens, g_tokens, neighbours):
+        a, b = scorer.scores([" ".join(chosen), " ".join(g)], refs)
+        assert a >= b
+    assert all(c.strip() for c in reranked)
+    # saved elsewhere, the memory goes along
+    cap.save_pretrained(tmp_path / "copy")
+    assert Captioner.from_pretrained(tmp_path / "copy")(images, strategy="rerank", candidates=6, temperature=1.0,
+                                                         seed=0) == reranked
+
+
+def test_rerank_errors_name_the_problem(trained_run, reranking_model, tmp_path):
+    plain = Captioner.from_pretrained(trained_run / "best")
+    with pytest.raises(ConfigError, match="no caption memory"):
+        plain(str(photo(tmp_path / "a.jpg")), strategy="rerank")
+    with pytest.raises(ConfigError, match="rerank"):
+        generate(lambda t, s: None, {"x": torch.zeros(1)}, 1, DecodeConfig(strategy="rerank"))
+    with pytest.raises(ConfigError, match="candidates"):
+        DecodeConfig(candidates=-1)
+    cap = Captioner.from_pretrained(reranking_model)
+    with pytest.raises(ConfigError, match="pixels"):
+        cap.caption_features(cap.encode(cap.preprocess([str(photo(tmp_path / "a.jpg"))])),
+                             cap.decode_config(strategy="rerank"))
+    # a memory embedded with another retriever version is refused, not silently used
+    other = tmp_path / "other"
+    shutil.copytree(reranking_model, other)
+    raw = json.loads((other / "config.json").read_text())
+    raw["rerank"]["tower_digest"] = "0123456789abcdef"
+    (other / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelNotFoundError, match="another version"):
+        Captioner.from_pretrained(other).reranker
+    (other / "memory.txt").unlink()
+    with pytest.raises(ModelNotFoundError, match="memory.txt"):
+        Captioner.from_pretrained(other).reranker
+    with pytest.raises(ModelNotFoundError, match="not a caption model"):  # refused before anything is written
+        attach_memory(resolve_model("flickr8k-retrieval"), None, RerankConfig())
+
+
+def test_shipped_model_reranks_by_default_and_its_memory_is_its_training_captions():
+    flickr = flickr_or_skip()
+    cap = Captioner.from_pretrained("flickr8k-caption")
+    assert cap.decode_defaults.strategy == "rerank" and cap.decode_defaults.seed is not None
+    memory = cap.reranker.memory
+    assert len(memory) == 30000 and int(memory.groups.max()) == 5999
+    train = read_captions(flickr, split="train")  # the train split only: val is what the model is judged on
+    tokenised = [[" ".join(cap.tokenizer.tokenize(c)) for c in caps] for caps in train.captions]
+    assert memory.texts[:5] == tokenised[0] and memory.texts[-5:] == tokenised[-1]
+    assert memory.texts[2500:2505] == tokenised[500]
+
+
+def test_service_decodes_greedily_unless_started_with_caption_rerank():
+    from vlfuse.serving.runtime import DISABLED, ModelChoice, ServiceModels
+
+    plain = ServiceModels.load(ModelChoice(), ModelChoice(DISABLED), ModelChoice(DISABLED))
+    assert plain.captioner.decode_defaults.strategy == "greedy" and plain.captioner._reranker is None
+    rerank = ServiceModels.load(ModelChoice(), ModelChoice(DISABLED), ModelChoice(DISABLED),
+                                caption_rerank=True)
+    assert rerank.captioner.decode_defaults.strategy == "rerank" and rerank.captioner._reranker is not None
+    assert rerank.describe()["caption"]["decode"]["strategy"] == "rerank"

@@ -1,0 +1,54 @@
+"""``vlfuse memory --model DIR --data ...``: give a caption checkpoint a caption memory for the ``rerank``
+decoding strategy (training captions embedded by a retrieval model; see ``vlfuse.models.caption_memory``)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("memory", help="build a caption model's memory for consensus reranking (--rerank)")
+    p.add_argument("--model", required=True, help="caption checkpoint directory (written in place)")
+    p.add_argument("--data", required=True, help="captions the memory holds: a dataset directory or file")
+    p.add_argument("--split", default="train", help="their split (default train; never the split you evaluate on)")
+    p.add_argument("--format", default="auto", help="dataset format (default: detected)")
+    p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
+    p.add_argument("--retriever", default="flickr8k-retrieval", help="retrieval model: built-in name or directory")
+    p.add_argument("--neighbours", type=int, default=50, help="memory captions each image is compared with")
+    p.add_argument("--bleu-weight", type=float, default=2.0, help="consensus = CIDEr-D + this x BLEU-4")
+    p.add_argument("--logprob-weight", type=float, default=0.5,
+                   help="score = consensus + this x the candidate's mean log-probability per word")
+    p.add_argument("--default", action="store_true",
+                   help="make rerank the model's decoding default (with --candidates, --temperature, --seed)")
+    p.add_argument("--candidates", type=int, default=16, help="samples drawn besides the greedy caption")
+    p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed of the default (reproducible captions)")
+    return p
+
+
+def run(args) -> int:
+    from ..config import to_dict
+    from ..data.captions import read_captions
+    from ..data.tokenizer import Tokenizer
+    from ..models.caption_memory import RerankConfig, attach_memory, build_memory
+    from ..models.captioner import Captioner
+    from ..models.retrieval import RetrievalImageTower, Retriever
+
+    captioner = Captioner.from_pretrained(args.model)
+    data = read_captions(args.data, split=args.split, fmt=args.format)
+    if args.limit:
+        data = data.subset(args.limit)
+    retriever = Retriever.from_pretrained(args.retriever)
+    config = RerankConfig(retriever=args.retriever, neighbours=args.neighbours, bleu_weight=args.bleu_weight,
+                          logprob_weight=args.logprob_weight,
+                          tower_digest=RetrievalImageTower.from_pretrained(args.retriever).digest())
+    memory = build_memory(retriever, data, Tokenizer.load(args.model))
+    decode = None
+    if args.default:
+        decode = to_dict(dataclasses.replace(captioner.decode_defaults, strategy="rerank", top_p=1.0,
+                                             candidates=args.candidates, temperature=args.temperature,
+                                             seed=args.seed))
+    attach_memory(args.model, memory, config, decode)
+    print(f"{args.model}: memory of {len(memory)} captions ({len(data)} images, {args.split}) in the space of "
+          f"{args.retriever}; {'rerank is now its decoding default' if decode else 'decode with --rerank'}")
+    return 0

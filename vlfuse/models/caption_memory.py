@@ -1,0 +1,173 @@
+"""Consensus reranking of captions with a caption memory.
+
+A caption model may carry a *memory*: training captions embedded in a retrieval model's space. At inference the
+``rerank`` decoding strategy draws candidates from the caption model (its greedy caption and a few samples),
+finds the memory captions nearest the image (the retrieval model's image tower, no text encoder), and keeps the
+candidate that agrees best with them (``vlfuse.similarity.consensus``). The memory is two files beside the
+checkpoint — ``memory.safetensors`` (embeddings (N, D) fp16, and which training image each caption describes)
+and ``memory.txt`` (the captions, tokenised as the caption model does, one per line) — and the ``rerank`` section
+of its config.json (``RerankConfig``).
+
+Build one for a trained caption model with ``vlfuse memory --model DIR --data ... --split train``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+from ..data.captions import CaptionSet
+from ..data.tokenizer import Tokenizer
+from ..errors import ConfigError, ModelNotFoundError
+
+MEMORY_WEIGHTS = "memory.safetensors"
+MEMORY_TEXTS = "memory.txt"
+
+
+@dataclasses.dataclass
+class RerankConfig:
+    retriever: str = "flickr8k-retrieval"  # retrieval model (built-in name or directory) whose space the memory is in
+    neighbours: int = 50                   # memory captions an image's candidates are compared with
+    bleu_weight: float = 2.0               # consensus = CIDEr-D + bleu_weight x BLEU-4 against the neighbours
+    logprob_weight: float = 0.5            # score = consensus + logprob_weight x the caption model's mean
+                                           # log-probability per word of the candidate (fluency)
+    tower_digest: str = ""                 # identity of the retriever's image tower the memory was embedded with
+
+    def __post_init__(self):
+        if self.neighbours < 1:
+            raise ConfigError(f"rerank.neighbours must be at least 1, got {self.neighbours}")
+        if self.bleu_weight < 0:
+            raise ConfigError(f"rerank.bleu_weight must be >= 0, got {self.bleu_weight}")
+
+
+class CaptionMemory:
+    """Captions (space-separated tokens) with unit embeddings (N, D) and the index of the image each describes."""
+
+    def __init__(self, texts: Sequence[str], embeddings: torch.Tensor, groups: torch.Tensor):
+        if not (len(texts) == embeddings.shape[0] == groups.shape[0]) or not len(texts):
+            raise ConfigError(f"a caption memory needs one embedding and one image index per caption, got "
+                              f"{len(texts)} captions, {embeddings.shape[0]} embeddings, {groups.shape[0]} indices")
+        self.texts = list(texts)
+        self.embeddings = embeddings.float()  # (N, D)
+        self.groups = groups.long()           # (N,)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def references(self) -> List[List[str]]:
+        """The captions grouped by image: the corpus CIDEr-D takes its document frequencies from."""
+        grouped: dict = {}
+        for text, g in zip(self.texts, self.groups.tolist()):
+            grouped.setdefault(g, []).append(text)
+        return list(grouped.values())
+
+    def nearest(self, queries: torch.Tensor, k: int) -> List[List[str]]:
+        """For each query (B, D), the texts of its ``k`` most similar memory captions, best first."""
+        k = min(k, len(self))
+        top = (queries.float() @ self.embeddings.T).topk(k, dim=1).indices  # (B, k)
+        return [[self.texts[j] for j in row] for row in top.tolist()]
+
+    def save(self, directory: Union[str, Path]) -> None:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        tmp = directory / (MEMORY_WEIGHTS + ".tmp")
+        save_file({"embeddings": self.embeddings.half().contiguous(), "groups": self.groups.int().contiguous()},
+                  str(tmp))
+        tmp.replace(directory / MEMORY_WEIGHTS)
+        tmp = directory / (MEMORY_TEXTS + ".tmp")
+        tmp.write_text("".join(t + "\n" for t in self.texts), encoding="utf-8")
+        tmp.replace(directory / MEMORY_TEXTS)
+
+    @classmethod
+    def load(cls, directory: Union[str, Path]) -> "CaptionMemory":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        for name in (MEMORY_WEIGHTS, MEMORY_TEXTS):
+            if not (directory / name).is_file():
+                raise ModelNotFoundError(f"'{directory}' has a rerank section in its config.json but no {name}; "
+                                         f"rebuild its memory with `vlfuse memory --model {directory}`")
+        arrays = load_file(str(directory / MEMORY_WEIGHTS))
+        texts = (directory / MEMORY_TEXTS).read_text(encoding="utf-8").split("\n")[:-1]
+        return cls(texts, arrays["embeddings"], arrays["groups"])
+
+
+class ConsensusReranker:
+    """Everything the ``rerank`` strategy needs: the retriever's image tower, the memory and the scorer."""
+
+    def __init__(self, tower, memory: CaptionMemory, config: RerankConfig):
+        from ..similarity.cider_d import CiderD
+        from ..similarity.consensus import ConsensusScorer
+
+        if config.tower_digest and tower.digest() != config.tower_digest:
+            raise ModelNotFoundError(
+                f"the caption memory was embedded with another version of retrieval model '{config.retriever}' "
+                f"(image tower {config.tower_digest}, found {tower.digest()}); rebuild it with `vlfuse memory`")
+        self.tower, self.memory, self.config = tower, memory, config
+        self.scorer = ConsensusScorer(CiderD(memory.references()), config.bleu_weight)
+
+    @classmethod
+    def load(cls, directory: Union[str, Path], config: RerankConfig) -> "ConsensusReranker":
+        from .retrieval import RetrievalImageTower
+
+        return cls(RetrievalImageTower.from_pretrained(config.retriever), CaptionMemory.load(directory), config)
+
+    def neighbours(self, pixels: torch.Tensor) -> List[List[str]]:
+        """Transformed images (B, 3, H, W) -> the texts of each image's nearest memory captions."""
+        return self.memory.nearest(self.tower(pixels.to(next(self.tower.parameters()).device)).cpu(),
+                                   self.config.neighbours)
+
+    def choose(self, candidates: Sequence[str], neighbours: Sequence[str],
+               logprobs: Optional[Sequence[float]] = None) -> int:
+        """Index of the best of ``candidates`` (space-separated tokens) given the image's ``neighbours``;
+        ``logprobs`` are the candidates' mean log-probabilities per word under the caption model."""
+        scores = self.scorer.scores(candidates, neighbours)
+        if logprobs is not None:
+            scores = [s + self.config.logprob_weight * lp for s, lp in zip(scores, logprobs)]
+        return max(range(len(candidates)), key=lambda i: (scores[i], -i))
+
+
+def build_memory(retriever, data: CaptionSet, tokenizer: Tokenizer, batch_size: int = 256,
+                 progress: bool = True) -> CaptionMemory:
+    """Embed every caption of ``data`` with ``retriever`` (a ``Retriever``: its text tower) into a memory whose
+    texts are tokenised by ``tokenizer`` (the caption model's, so candidates and neighbours compare alike)."""
+    from tqdm import tqdm
+
+    texts = [c for caps in data.captions for c in caps]
+    groups = torch.tensor([i for i, caps in enumerate(data.captions) for _ in caps])
+    chunks = []
+    bar = tqdm(total=len(texts), desc="memory captions", unit="cap", disable=not progress)
+    for s in range(0, len(texts), batch_size):
+        chunks.append(torch.from_numpy(retriever.embed_texts(texts[s:s + batch_size])))
+        bar.update(min(batch_size, len(texts) - s))
+    bar.close()
+    tokenised = [" ".join(tokenizer.tokenize(t)) for t in texts]
+    return CaptionMemory(tokenised, torch.cat(chunks), groups)
+
+
+def rerank_config(raw: Optional[dict]) -> Optional[RerankConfig]:
+    from ..config import from_dict
+
+    return None if raw is None else from_dict(RerankConfig, raw, "rerank")
+
+
+def attach_memory(directory: Union[str, Path], memory: CaptionMemory, config: RerankConfig,
+                  default_decode: Optional[dict] = None) -> Path:
+    """Write ``memory`` into the caption checkpoint ``directory`` and its ``rerank`` section into config.json;
+    with ``default_decode`` (DecodeConfig fields) that also becomes the model's decoding default."""
+    from ..config import save_json, to_dict
+    from .checkpoint import CONFIG_NAME, read_config
+
+    directory = Path(directory)
+    raw = read_config(directory)
+    if raw.get("task") != "caption":
+        raise ModelNotFoundError(f"'{directory}' is a '{raw.get('task')}' model, not a caption model")
+    memory.save(directory)
+    raw["rerank"] = to_dict(config)
+    if default_decode is not None:
+        raw["decode"] = default_decode
+    save_json(raw, directory / CONFIG_NAME)
+    return directory
