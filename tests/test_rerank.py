@@ -30,6 +30,24 @@ def test_cider_d_similarity_with_any_references_equals_its_score_against_an_imag
         for hyp in ("a dog running on grass", "two kids play in the snow", "a man on a bike", ""):
             assert cider.similarity(hyp, refs) == pytest.approx(cider.score(i, hyp), abs=1e-12)
     assert cider.similarity("a dog", []) == 0.0
+    hyps = ["a dog running on grass", "two kids play in the snow", "a a a a", "", "a man riding a bike on the road"]
+    for refs in REFS + [REFS[0] + REFS[2]]:
+        many = cider.similarities(hyps, refs)
+        one_by_one = [cider.similarity(h, refs) for h in hyps]  # one hypothesis per index of the references
+        assert many == pytest.approx(one_by_one, abs=1e-12) and max(many) > 1.0
+
+
+def test_bleu_against_shared_references_equals_bleu_per_caption():
+    pytest.importorskip("pycocoevalcap")
+    from vlfuse.similarity.sentence_bleu import SentenceBleu, bleu_against
+
+    hyps = ["a dog running on grass", "a dog", "the dog is running in a field of grass", "two kids in the snow"]
+    for refs in REFS:
+        together = bleu_against(hyps, refs)  # the references cooked once for all four
+        assert together == pytest.approx([SentenceBleu([refs]).score(0, h) for h in hyps], abs=1e-12)
+        assert together == pytest.approx([bleu_against([h], refs)[0] for h in hyps], abs=1e-12)
+    assert bleu_against([REFS[0][1], "a cat"], REFS[0]) == pytest.approx([1.0, 0.0], abs=1e-6)  # a reference itself
+    assert bleu_against([], REFS[0]) == []
 
 
 def test_consensus_scorer_prefers_the_candidate_the_references_agree_with():

@@ -30,7 +30,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "ONNX Runtime for both where it is installed: faster, ~30 MB more memory)")
     p.add_argument("--caption-rerank", action="store_true",
                    help="caption with the model's consensus reranking where it is the model's default "
-                        "(flickr8k-caption: better captions, ~4x the time per image, ~150 MB more memory); "
+                        "(flickr8k-caption: better captions, ~4x the time per image, ~130 MB more memory); "
                         "without it the service decodes greedily")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10 MB)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest decoded image, width*height")

@@ -110,10 +110,15 @@ class ConsensusReranker:
         self.scorer = ConsensusScorer(CiderD(memory.references()), config.bleu_weight)
 
     @classmethod
-    def load(cls, directory: Union[str, Path], config: RerankConfig) -> "ConsensusReranker":
+    def load(cls, directory: Union[str, Path], config: RerankConfig, device: Optional[torch.device] = None,
+             onnx: Optional[bool] = None) -> "ConsensusReranker":
+        """The memory in ``directory``; the retriever's tower on ``device``, its CNN run as ``onnx`` says
+        (``Captioner.from_pretrained``'s switch)."""
         from .retrieval import RetrievalImageTower
 
-        return cls(RetrievalImageTower.from_pretrained(config.retriever), CaptionMemory.load(directory), config)
+        tower = RetrievalImageTower.from_pretrained(config.retriever).to(device or "cpu")
+        tower.use_fast_encoder(onnx)
+        return cls(tower, CaptionMemory.load(directory), config)
 
     def neighbours(self, pixels: torch.Tensor) -> List[List[str]]:
         """Transformed images (B, 3, H, W) -> the texts of each image's nearest memory captions."""

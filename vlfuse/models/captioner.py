@@ -273,8 +273,7 @@ class Captioner:
                 why = self.rerank_unavailable()
                 if why:
                     raise ConfigError(f"{why}; decode with greedy, beam or sample instead")
-                self._reranker = ConsensusReranker.load(self.memory_dir, self.rerank_config)
-                self._reranker.tower.to(self.device)
+                self._reranker = ConsensusReranker.load(self.memory_dir, self.rerank_config, self.device, self.onnx)
             return self._reranker
 
     @property

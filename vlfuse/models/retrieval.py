@@ -226,7 +226,15 @@ class RetrievalImageTower(nn.Module):
         self.vision = VISION_ENCODERS.build(config.vision.name, **config.vision.kwargs)
         self.pool = AttentionPool(self.vision.out_dim, config.pool_heads, config.cell_dropout)
         self.image_proj = Projection(self.vision.out_dim, config.hidden_dim, config.embed_dim, config.dropout)
+        self.onnx_encoder = None  # the CNN's ONNX Runtime copy, where ``use_fast_encoder`` made one
         self.eval()
+
+    def use_fast_encoder(self, onnx: Optional[bool] = None) -> None:
+        """Run the CNN through ONNX Runtime where ``onnx`` allows (as a Captioner's image encoder)."""
+        from .onnx_vision import fast_image_encoder
+
+        encoder = fast_image_encoder(self.vision, onnx, next(self.parameters()).device)
+        self.onnx_encoder = None if encoder is self.vision else encoder
 
     # the image tower's own code is the dual encoder's
     image_views = DualEncoder.image_views
@@ -249,7 +257,7 @@ class RetrievalImageTower(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Transformed images (B, 3, H, W) -> (B, D) float32, unit length."""
         views = self.image_views(pixels)
-        grids = self.vision(torch.cat(views)).grid.split(len(pixels))
+        grids = (self.onnx_encoder or self.vision)(torch.cat(views)).grid.split(len(pixels))
         return self.embed_views(grids).float()
 
     def persistent_prefixes(self) -> Tuple[str, ...]:

@@ -88,7 +88,7 @@ def _load_captioner(name: str, device: Optional[str], onnx: Optional[bool] = Non
 
     captioner = Captioner.from_pretrained(name, device=device, onnx=onnx)
     if captioner.decode_defaults.strategy == "rerank" and not rerank:
-        # consensus reranking costs ~4x the time per image and ~150 MB (memory, idf, retriever tower): the
+        # consensus reranking costs ~4x the time per image and ~130 MB (memory, idf, retriever tower): the
         # service decodes greedily unless started with --caption-rerank
         captioner.decode_defaults = captioner.decode_defaults.override(strategy="greedy")
         log.info("caption model: decoding greedily (its default, rerank, needs --caption-rerank)")

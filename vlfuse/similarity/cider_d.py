@@ -4,7 +4,7 @@ pycocoevalcap's ``Cider`` takes its idf from whatever references it is given, wh
 one batch: the reward then changes with the batch and rewards n-grams that are rare only in those 32 images.
 Like self-critical.pytorch, this scorer computes the idf once over all training references and adds CIDEr-D's
 clipping and Gaussian length penalty (sigma 6), so samples cannot game the reward with repetition or length.
-Reference vectors are computed once per image. Scores are on pycocoevalcap's scale (x10).
+Caption vectors are computed once and cached. Scores are on pycocoevalcap's scale (x10).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ def _ngrams(words: Sequence[str], n: int) -> Counter:
 class CiderD:
     """``CiderD(references)``: ``references[i]`` lists image i's reference captions (space-separated tokens).
     The document frequencies come from all of them (one document per image); ``score`` compares a caption with
-    image i's references, ``similarity`` with any captions (consensus reranking). Vectors are computed on first
-    use and kept (reference vectors per image; up to ``cache_size`` other captions)."""
+    image i's references, ``similarity`` with any captions (consensus reranking). Caption vectors are computed on
+    first use and kept (up to ``cache_size`` of them)."""
 
     def __init__(self, references: Sequence[Sequence[str]], n: int = 4, sigma: float = 6.0,
                  cache_size: int = 200_000):
@@ -38,7 +38,6 @@ class CiderD:
                     grams.update(zip(*[words[i:] for i in range(k)]))
             self.df.update(grams)
         self.log_docs = math.log(float(max(len(self._references), 1)))
-        self._refs: Dict[int, List[Vec]] = {}
         self._texts: Dict[str, Vec] = {}
         self.cache_size = cache_size
 
@@ -53,24 +52,9 @@ class CiderD:
         length = sum(tf for g, tf in counts.items() if len(g) == 1)
         return vec, [math.sqrt(x) for x in norm], length
 
-    def _sim(self, hyp: Vec, ref: Vec) -> float:
-        (vh, nh, lh), (vr, nr, lr) = hyp, ref
-        penalty = math.exp(-((lh - lr) ** 2) / (2 * self.sigma ** 2))
-        total = 0.0
-        for k in range(self.n):
-            if nh[k] == 0 or nr[k] == 0:
-                continue
-            dot = sum(min(w, vr[k].get(g, 0.0)) * vr[k].get(g, 0.0) for g, w in vh[k].items())
-            total += dot / (nh[k] * nr[k])
-        return total / self.n * penalty
-
     def score(self, image: int, hypothesis: str) -> float:
         """CIDEr-D of one caption against the references of image ``image`` (index into the corpus)."""
-        refs = self._refs.get(image)
-        if refs is None:
-            refs = self._refs[image] = [self._vec(_ngrams(r.split(), self.n)) for r in self._references[image]]
-        hyp = self._vec(_ngrams(hypothesis.split(), self.n))
-        return 10.0 * sum(self._sim(hyp, r) for r in refs) / max(len(refs), 1)
+        return self.similarities([hypothesis], self._references[image])[0]
 
     def text_vector(self, text: str) -> Vec:
         """The CIDEr-D vector of any caption (kept for reuse: neighbours recur across queries)."""
@@ -83,5 +67,33 @@ class CiderD:
 
     def similarity(self, hypothesis: str, references: Sequence[str]) -> float:
         """CIDEr-D of ``hypothesis`` against ``references`` (any captions), with this corpus's idf."""
-        hyp = self.text_vector(hypothesis)
-        return 10.0 * sum(self._sim(hyp, self.text_vector(r)) for r in references) / max(len(references), 1)
+        return self.similarities([hypothesis], references)[0]
+
+    def similarities(self, hypotheses: Sequence[str], references: Sequence[str]) -> List[float]:
+        """``similarity`` of each hypothesis against the same references. The references' n-grams are indexed
+        once, so a hypothesis costs a look-up per n-gram of its own instead of a pass over every reference."""
+        if not references:
+            return [0.0] * len(hypotheses)
+        refs = [self.text_vector(r) for r in references]
+        postings: List[Dict[tuple, List[Tuple[int, float]]]] = [defaultdict(list) for _ in range(self.n)]
+        for j, (vr, _, _) in enumerate(refs):
+            for k in range(self.n):
+                for gram, w in vr[k].items():
+                    postings[k][gram].append((j, w))
+        scores = []
+        for hypothesis in hypotheses:
+            vh, nh, lh = self.text_vector(hypothesis)
+            total = [0.0] * len(refs)
+            for k in range(self.n):
+                if nh[k] == 0:
+                    continue
+                dot = [0.0] * len(refs)
+                for gram, w in vh[k].items():
+                    for j, wr in postings[k].get(gram, ()):
+                        dot[j] += min(w, wr) * wr
+                for j, (_, nr, _) in enumerate(refs):
+                    if nr[k]:
+                        total[j] += dot[j] / (nh[k] * nr[k])
+            penalties = [math.exp(-((lh - lr) ** 2) / (2 * self.sigma ** 2)) for _, _, lr in refs]
+            scores.append(10.0 * sum(t / self.n * p for t, p in zip(total, penalties)) / len(refs))
+        return scores

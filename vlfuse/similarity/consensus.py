@@ -24,12 +24,11 @@ class ConsensusScorer:
         """One score per candidate (space-separated tokens) against ``references`` (the same)."""
         if not references:
             return [0.0] * len(candidates)
-        scores = [self.cider.similarity(c, references) for c in candidates]
+        scores = self.cider.similarities(candidates, references)
         if self.bleu_weight:
-            from .sentence_bleu import SentenceBleu
+            from .sentence_bleu import bleu_against
 
-            bleu = SentenceBleu([list(references)])
-            scores = [s + self.bleu_weight * bleu.score(0, c) for s, c in zip(scores, candidates)]
+            scores = [s + self.bleu_weight * b for s, b in zip(scores, bleu_against(candidates, references))]
         return scores
 
     def choose(self, candidates: Sequence[str], references: Sequence[str]) -> int:
