@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Iterable, Tuple
 
-import torch
 from torch import nn
 
 from ..config import save_json
