@@ -182,3 +182,23 @@ def test_service_decodes_greedily_unless_started_with_caption_rerank():
                                 caption_rerank=True)
     assert rerank.captioner.decode_defaults.strategy == "rerank" and rerank.captioner._reranker is not None
     assert rerank.describe()["caption"]["decode"]["strategy"] == "rerank"
+
+
+def test_training_config_memory_section_gives_the_best_checkpoint_a_memory(tmp_path, feature_cache):
+    """``memory: {build: true}`` in a training config: the run's last step embeds the training captions and makes
+    rerank the best checkpoint's decoding default."""
+    pytest.importorskip("tokenizers")
+    from conftest import tiny_config, write_config
+    from vlfuse.cli.main import main
+
+    cfg = tiny_config(tmp_path, feature_cache, epochs=1)
+    cfg["memory"] = {"build": True, "rerank": {"neighbours": 7}, "candidates": 3}
+    assert main(["train", "--config", str(write_config(tmp_path / "c.json", cfg))]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    cap = Captioner.from_pretrained(summary["best_dir"])
+    assert cap.decode_defaults.strategy == "rerank" and cap.decode_defaults.candidates == 3
+    assert cap.rerank_config.neighbours == 7 and len(cap.reranker.memory) == 5 * summary["train_images"]
+    assert summary["memory_minutes"] > 0
+    assert cap(str(photo(tmp_path / "x.jpg"))).strip()
+    cfg["memory"] = {"build": True, "rerank": {"neighbours": 0}}
+    assert main(["train", "--config", str(write_config(tmp_path / "bad.json", cfg))]) == 2  # names the bad key

@@ -3,7 +3,6 @@ decoding strategy (training captions embedded by a retrieval model; see ``vlfuse
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -21,34 +20,24 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--default", action="store_true",
                    help="make rerank the model's decoding default (with --candidates, --temperature, --seed)")
     p.add_argument("--candidates", type=int, default=16, help="samples drawn besides the greedy caption")
-    p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--temperature", type=float, default=0.5, help="of the samples (default 0.5; top-p 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the default (reproducible captions)")
     return p
 
 
 def run(args) -> int:
-    from ..config import to_dict
     from ..data.captions import read_captions
-    from ..data.tokenizer import Tokenizer
-    from ..models.caption_memory import RerankConfig, attach_memory, build_memory
-    from ..models.captioner import Captioner
-    from ..models.retrieval import RetrievalImageTower, Retriever
+    from ..models.caption_memory import MemoryConfig, RerankConfig, build_and_attach
 
-    captioner = Captioner.from_pretrained(args.model)
+    config = MemoryConfig(build=True, rerank=RerankConfig(retriever=args.retriever, neighbours=args.neighbours,
+                                                          bleu_weight=args.bleu_weight,
+                                                          logprob_weight=args.logprob_weight),
+                          default=args.default, candidates=args.candidates, temperature=args.temperature,
+                          seed=args.seed)
     data = read_captions(args.data, split=args.split, fmt=args.format)
     if args.limit:
         data = data.subset(args.limit)
-    retriever = Retriever.from_pretrained(args.retriever)
-    config = RerankConfig(retriever=args.retriever, neighbours=args.neighbours, bleu_weight=args.bleu_weight,
-                          logprob_weight=args.logprob_weight,
-                          tower_digest=RetrievalImageTower.from_pretrained(args.retriever).digest())
-    memory = build_memory(retriever, data, Tokenizer.load(args.model))
-    decode = None
-    if args.default:
-        decode = to_dict(dataclasses.replace(captioner.decode_defaults, strategy="rerank", top_p=1.0,
-                                             candidates=args.candidates, temperature=args.temperature,
-                                             seed=args.seed))
-    attach_memory(args.model, memory, config, decode)
+    memory = build_and_attach(args.model, data, config)
     print(f"{args.model}: memory of {len(memory)} captions ({len(data)} images, {args.split}) in the space of "
-          f"{args.retriever}; {'rerank is now its decoding default' if decode else 'decode with --rerank'}")
+          f"{args.retriever}; {'rerank is now its decoding default' if args.default else 'decode with --rerank'}")
     return 0

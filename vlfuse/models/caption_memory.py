@@ -20,6 +20,7 @@ import torch
 
 from ..data.captions import CaptionSet
 from ..data.tokenizer import Tokenizer
+from ..decoding import DecodeConfig
 from ..errors import ConfigError, ModelNotFoundError
 
 MEMORY_WEIGHTS = "memory.safetensors"
@@ -40,6 +41,26 @@ class RerankConfig:
             raise ConfigError(f"rerank.neighbours must be at least 1, got {self.neighbours}")
         if self.bleu_weight < 0:
             raise ConfigError(f"rerank.bleu_weight must be >= 0, got {self.bleu_weight}")
+
+
+@dataclasses.dataclass
+class MemoryConfig:
+    """Giving a trained caption model a memory (``vlfuse memory``, or the ``memory`` section of a training config,
+    which builds it from the training captions as the run's last step)."""
+
+    build: bool = False            # training configs: build one for the best checkpoint
+    rerank: RerankConfig = dataclasses.field(default_factory=RerankConfig)
+    default: bool = True           # make rerank the model's decoding default, drawing:
+    candidates: int = 16           # samples besides the greedy caption
+    temperature: float = 0.5       # (top-p 1: the whole distribution, sharpened)
+    seed: int = 0                  # fixed: the same photo gets the same caption
+
+    def default_decode(self, base: DecodeConfig) -> Optional[DecodeConfig]:
+        """The decoding default to save with the model (``base`` with rerank), or None to keep its own."""
+        if not self.default:
+            return None
+        return dataclasses.replace(base, strategy="rerank", top_p=1.0, candidates=self.candidates,
+                                   temperature=self.temperature, seed=self.seed)
 
 
 class CaptionMemory:
@@ -176,3 +197,22 @@ def attach_memory(directory: Union[str, Path], memory: CaptionMemory, config: Re
         raw["decode"] = default_decode
     save_json(raw, directory / CONFIG_NAME)
     return directory
+
+
+def build_and_attach(directory: Union[str, Path], data: CaptionSet, config: MemoryConfig,
+                     progress: bool = True) -> CaptionMemory:
+    """Embed ``data``'s captions with ``config.rerank.retriever`` and attach them to the caption checkpoint in
+    ``directory`` (with the decoding default ``config`` asks for)."""
+    from ..config import from_dict, to_dict
+    from .checkpoint import read_config
+    from .retrieval import RetrievalImageTower, Retriever
+
+    directory = Path(directory)
+    base = from_dict(DecodeConfig, read_config(directory).get("decode", {}), "decode")
+    rerank = dataclasses.replace(config.rerank,
+                                 tower_digest=RetrievalImageTower.from_pretrained(config.rerank.retriever).digest())
+    memory = build_memory(Retriever.from_pretrained(rerank.retriever), data, Tokenizer.load(directory),
+                          progress=progress)
+    decode = config.default_decode(base)
+    attach_memory(directory, memory, rerank, to_dict(decode) if decode else None)
+    return memory

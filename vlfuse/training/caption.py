@@ -15,10 +15,11 @@ from ..data.features import FeatureCache
 from ..data.tokenizer import PAD, Tokenizer
 from ..decoding import DecodeConfig
 from ..errors import ConfigError, DataError
+from ..models.caption_memory import MemoryConfig, build_and_attach
 from ..models.captioner import CaptionModel, CaptionModelConfig, Captioner
 from ..models.vision import ImageFeatures
 from .scst import SCSTConfig, make_scst_loss
-from .trainer import TrainConfig, Trainer, seed_everything
+from .trainer import TrainConfig, Trainer, is_main_process, seed_everything
 
 
 @dataclasses.dataclass
@@ -47,6 +48,7 @@ class CaptionExperiment:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     val_decode: DecodeConfig = dataclasses.field(default_factory=lambda: DecodeConfig(strategy="greedy"))
     scst: SCSTConfig = dataclasses.field(default_factory=SCSTConfig)  # optional second phase: CIDEr reward
+    memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)  # optional last step: a caption memory
 
 
 def load_split(cfg: CaptionDataConfig, split: str, limit: int) -> CaptionSet:
@@ -197,12 +199,18 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     if exp.scst.epochs:
         result, best_dir = _scst_phase(exp, model, tokenizer, train_set, train_feats, evaluate, save_best,
                                        result, resume)
+    memory_minutes = 0.0
+    if exp.memory.build and is_main_process():  # the training captions (of the images kept), for reranking
+        t_memory = time.time()
+        build_and_attach(best_dir, train_set, exp.memory, progress=exp.train.progress)
+        memory_minutes = (time.time() - t_memory) / 60
     summary = {"best_" + exp.train.select_metric: result["best"], "best_epoch": result["best_epoch"],
                "train_images": len(train_set), "train_captions": sum(len(caps) for _, caps in items),
                "vocab_size": len(tokenizer),
                "skipped_images": len(bad_train) + len(bad_val),
                "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-               "feature_cache_minutes": cache_minutes, "total_minutes": (time.time() - t_start) / 60,
+               "feature_cache_minutes": cache_minutes, "memory_minutes": memory_minutes,
+               "total_minutes": (time.time() - t_start) / 60,
                "best_dir": str(best_dir)}
     save_json(summary, out / "summary.json")
     return summary

@@ -82,7 +82,7 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _is_main() -> bool:
+def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
@@ -140,7 +140,7 @@ class Trainer:
         return self.out / "last.pt"
 
     def save_last(self) -> None:
-        if not _is_main():
+        if not is_main_process():
             return
         self.out.mkdir(parents=True, exist_ok=True)
         tmp = self.last_path.with_suffix(".pt.tmp")
@@ -191,7 +191,7 @@ class Trainer:
         return [i for p in perm for i in batches[p]]
 
     def _log(self, record: Dict[str, Any]) -> None:
-        if not _is_main():
+        if not is_main_process():
             return
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -208,7 +208,7 @@ class Trainer:
             order = self._epoch_order(epoch)
             skip = self.state["step_in_epoch"]
             bar = tqdm(total=self.steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       unit="step", disable=not (cfg.progress and _is_main()), dynamic_ncols=True)
+                       unit="step", disable=not (cfg.progress and is_main_process()), dynamic_ncols=True)
             t0, seen, running = time.time(), 0, {}
             for step in range(skip, self.steps_per_epoch):
                 batch_idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
@@ -241,7 +241,7 @@ class Trainer:
             stop = self._end_epoch(epoch, running, time.time() - t0) or stop
             if stop:
                 break
-        if _is_main():
+        if is_main_process():
             self._plot()
         return {"best": self.state["best"], "best_epoch": self.state["best_epoch"], "history": self.state["history"]}
 
@@ -275,7 +275,7 @@ class Trainer:
 
     def _end_epoch(self, epoch: int, running: Dict[str, float], seconds: float) -> bool:
         stop = False
-        if _is_main():
+        if is_main_process():
             self.model.eval()
             with self._ema_weights():
                 stop = self._validate(epoch, running, seconds)
