@@ -7,7 +7,7 @@ import argparse
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("memory", help="build a caption model's memory for consensus reranking (--rerank)")
-    p.add_argument("--model", required=True, help="caption checkpoint directory (written in place)")
+    p.add_argument("--model", required=True, help="caption checkpoint directory or built-in name (written in place)")
     p.add_argument("--data", required=True, help="captions the memory holds: a dataset directory or file")
     p.add_argument("--split", default="train", help="their split (default train; never the split you evaluate on)")
     p.add_argument("--format", default="auto", help="dataset format (default: detected)")

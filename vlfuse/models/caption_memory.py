@@ -204,10 +204,11 @@ def build_and_attach(directory: Union[str, Path], data: CaptionSet, config: Memo
     """Embed ``data``'s captions with ``config.rerank.retriever`` and attach them to the caption checkpoint in
     ``directory`` (with the decoding default ``config`` asks for)."""
     from ..config import from_dict, to_dict
+    from ..hub import resolve_model
     from .checkpoint import read_config
     from .retrieval import RetrievalImageTower, Retriever
 
-    directory = Path(directory)
+    directory = resolve_model(directory)  # a built-in name is written in place too
     base = from_dict(DecodeConfig, read_config(directory).get("decode", {}), "decode")
     rerank = dataclasses.replace(config.rerank,
                                  tower_digest=RetrievalImageTower.from_pretrained(config.rerank.retriever).digest())

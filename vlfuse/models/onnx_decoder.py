@@ -224,8 +224,6 @@ def onnx_step_decoder(base: nn.Module, decoder: nn.Module, onnx: Optional[bool])
 
     if not isinstance(base, ScriptedDecoder) or not covers(decoder):
         return base
-    from . import onnx_vision
-
     try:
         return OnnxStepDecoder(base, decoder)
     except Exception as exc:  # noqa: BLE001 — an exporter or runtime limitation: TorchScript still decodes
