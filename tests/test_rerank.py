@@ -202,3 +202,16 @@ def test_training_config_memory_section_gives_the_best_checkpoint_a_memory(tmp_p
     assert cap(str(photo(tmp_path / "x.jpg"))).strip()
     cfg["memory"] = {"build": True, "rerank": {"neighbours": 0}}
     assert main(["train", "--config", str(write_config(tmp_path / "bad.json", cfg))]) == 2  # names the bad key
+
+
+def test_without_pycocoevalcap_a_rerank_default_falls_back_to_greedy_with_a_warning(monkeypatch):
+    """A base install (no [train] extra) still captions with the shipped model: greedily, saying why."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pycocoevalcap" else real(name, *a))
+    with pytest.warns(UserWarning, match="pycocoevalcap"):
+        cap = Captioner.from_pretrained("flickr8k-caption")
+    assert cap.decode_defaults.strategy == "greedy"
+    with pytest.raises(ConfigError, match="pip install pycocoevalcap"):
+        cap.reranker
