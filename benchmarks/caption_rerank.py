@@ -8,6 +8,7 @@ Candidates and neighbours are drawn once per seed (the largest setting) and ever
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -67,8 +68,11 @@ def main() -> None:
 
     refs = {str(i): caps for i, caps in enumerate(data.captions)}
     rows = []
-    for setting in SETTINGS:
-        scorer = ConsensusScorer(reranker.scorer.cider, setting["bleu_weight"])
+    cider = reranker.scorer.cider
+    for setting in SETTINGS:  # the reranker itself, with this setting's weights
+        reranker.config = dataclasses.replace(reranker.config, bleu_weight=setting["bleu_weight"],
+                                              logprob_weight=setting["logprob_weight"])
+        reranker.scorer = ConsensusScorer(cider, setting["bleu_weight"])
         per_seed = []
         for seed in range(args.seeds if setting["candidates"] else 1):
             hyps = {}
@@ -77,9 +81,8 @@ def main() -> None:
                 for text, lp in [greedy[i]] + samples[seed][i][:setting["candidates"]]:
                     options.setdefault(text, lp)
                 texts = list(options)
-                scores = scorer.scores(texts, neighbours[i][:setting["neighbours"]])
-                scores = [sc + setting["logprob_weight"] * options[t] for sc, t in zip(scores, texts)]
-                hyps[str(i)] = texts[max(range(len(texts)), key=lambda j: (scores[j], -j))]
+                best = reranker.choose(texts, neighbours[i][:setting["neighbours"]], [options[t] for t in texts])
+                hyps[str(i)] = texts[best]
             m = score_captions(refs, hyps, metrics=("BLEU", "CIDEr"))
             per_seed.append({"BLEU-4": m["BLEU-4"], "CIDEr": m["CIDEr"]})
         row = {**setting, "seeds": len(per_seed)}

@@ -147,6 +147,9 @@ def main() -> None:
         "throughput_ge_50": thr_greedy >= 50,
         "cold_cli_lt_5s": result["cold_cli_seconds_median"] < 5.0,
     }
+    rerank_key = f"throughput_images_per_s_batch{args.batch_size}_rerank"
+    if rerank_key in result:  # the goal is met greedily; said plainly for the model's default decoding too
+        result["meets_targets"]["default_decoding_throughput_ge_50"] = result[rerank_key] >= 50
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -150,10 +150,8 @@ class ConsensusReranker:
                logprobs: Optional[Sequence[float]] = None) -> int:
         """Index of the best of ``candidates`` (space-separated tokens) given the image's ``neighbours``;
         ``logprobs`` are the candidates' mean log-probabilities per word under the caption model."""
-        scores = self.scorer.scores(candidates, neighbours)
-        if logprobs is not None:
-            scores = [s + self.config.logprob_weight * lp for s, lp in zip(scores, logprobs)]
-        return max(range(len(candidates)), key=lambda i: (scores[i], -i))
+        bonus = None if logprobs is None else [self.config.logprob_weight * lp for lp in logprobs]
+        return self.scorer.choose(candidates, neighbours, bonus)
 
 
 def build_memory(retriever, data: CaptionSet, tokenizer: Tokenizer, batch_size: int = 256,

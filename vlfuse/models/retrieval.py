@@ -250,7 +250,6 @@ class RetrievalImageTower(nn.Module):
         tower = cls(from_dict(RetrievalModelConfig, raw["model"], "model"))
         load_weights(directory, tower, allowed_missing_prefixes=tower.persistent_prefixes(),
                      only_prefixes=cls.PREFIXES)
-        tower.name = raw.get("name") or Path(directory).name
         return tower
 
     @torch.inference_mode()

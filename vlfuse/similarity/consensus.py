@@ -8,7 +8,7 @@ retrieved or generated captions).
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from .cider_d import CiderD
 
@@ -31,7 +31,10 @@ class ConsensusScorer:
             scores = [s + self.bleu_weight * b for s, b in zip(scores, bleu_against(candidates, references))]
         return scores
 
-    def choose(self, candidates: Sequence[str], references: Sequence[str]) -> int:
-        """Index of the best candidate (the first of equals)."""
+    def choose(self, candidates: Sequence[str], references: Sequence[str],
+               bonus: Optional[Sequence[float]] = None) -> int:
+        """Index of the best candidate (the first of equals); ``bonus`` adds a term per candidate to its score."""
         scores = self.scores(candidates, references)
+        if bonus is not None:
+            scores = [s + b for s, b in zip(scores, bonus)]
         return max(range(len(candidates)), key=lambda i: (scores[i], -i))
