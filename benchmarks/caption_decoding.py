@@ -31,11 +31,15 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/caption_decoding.json"))
     args = ap.parse_args()
     from vlfuse.data.captions import read_captions
-    from vlfuse.data.features import FeatureCache
-    from vlfuse.decoding import DecodeConfig
-    from vlfuse.evaluation.caption_metrics import score_captions
-    from vlfuse.models.captioner import Captioner
-    from vlfuse.training.caption import cached_features, generate_captions, references_and_hypotheses
+    from vlfuse.generation import DecodeConfig
+    from vlfuse.metrics.caption import score_captions
+    from vlfuse.tasks.caption.pipeline import Captioner
+    from vlfuse.training.caption import (
+        cached_features,
+        generate_captions,
+        references_and_hypotheses,
+    )
+    from vlfuse.training.features import FeatureCache
 
     cap = Captioner.from_pretrained(args.model)
     val = read_captions(args.data, split="val")

@@ -21,9 +21,9 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     from vlfuse.config import apply_overrides, read_config_file
-    from vlfuse.decoding import DecodeConfig
     from vlfuse.evaluation.caption import evaluate_captioner
-    from vlfuse.models.captioner import Captioner
+    from vlfuse.generation import DecodeConfig
+    from vlfuse.tasks.caption.pipeline import Captioner
     from vlfuse.training.caption import train
 
     rows = json.loads(OUT.read_text()) if OUT.is_file() else {}

@@ -22,7 +22,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/caption_quality.json"))
     args = ap.parse_args()
     from vlfuse.evaluation.caption import evaluate_captioner
-    from vlfuse.models.captioner import Captioner
+    from vlfuse.tasks.caption.pipeline import Captioner
 
     cap = Captioner.from_pretrained(args.model)
     decode = cap.decode_config(beam=args.beam)

@@ -38,9 +38,9 @@ def main() -> None:
     from tqdm import tqdm
 
     from vlfuse.data.captions import read_captions
-    from vlfuse.evaluation.caption_metrics import score_captions
-    from vlfuse.models.captioner import Captioner
-    from vlfuse.similarity.consensus import ConsensusScorer
+    from vlfuse.metrics.caption import score_captions
+    from vlfuse.metrics.consensus import ConsensusScorer
+    from vlfuse.tasks.caption.pipeline import Captioner
 
     cap = Captioner.from_pretrained(args.model)
     reranker = cap.reranker

@@ -57,8 +57,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from vlfuse.data.images import load_image
-    from vlfuse.decoding import DecodeConfig
-    from vlfuse.models.captioner import Captioner
+    from vlfuse.generation import DecodeConfig
+    from vlfuse.tasks.caption.pipeline import Captioner
 
     # The default image encoder (ONNX Runtime where installed) and, unless --no-onnx, PyTorch's for comparison:
     # every per-image figure is measured for both in turn on the same item (interleaved), so machine noise hits

@@ -29,8 +29,8 @@ def unit_vectors(n, d, seed):
 
 def main(argv=None):
     from vlfuse.data.captions import read_captions
-    from vlfuse.index import ImageIndex, exact_topk
-    from vlfuse.models.retrieval import Retriever
+    from vlfuse.tasks.retrieval.index import ImageIndex, exact_topk
+    from vlfuse.tasks.retrieval.pipeline import Retriever
 
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="flickr8k-retrieval")

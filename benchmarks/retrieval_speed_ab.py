@@ -18,7 +18,7 @@ import torch
 
 def main(argv=None):
     from vlfuse.data.captions import read_captions
-    from vlfuse.models.retrieval import Retriever
+    from vlfuse.tasks.retrieval.pipeline import Retriever
 
     p = argparse.ArgumentParser()
     p.add_argument("--old", required=True)

@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     from vlfuse.data.vqa import read_vqa
     from vlfuse.evaluation.vqa import evaluate_model
     from vlfuse.hub import resolve_model
-    from vlfuse.models.vqa import VQAModel
+    from vlfuse.tasks.vqa.pipeline import QuestionAnswerer
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="easyvqa")
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/vqa_easyvqa.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    model = VQAModel.from_pretrained(args.model)
+    model = QuestionAnswerer.from_pretrained(args.model)
     directory = resolve_model(args.model)
     result = {"model": args.model, "config": json.loads((directory / "config.json").read_text())["model"],
               "size_bytes": sum(f.stat().st_size for f in directory.iterdir()),

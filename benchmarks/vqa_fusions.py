@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None) -> int:
+    import vlfuse.nn  # noqa: F401  (registers the fusion modules)
     from vlfuse.config import apply_overrides, read_config_file, save_json
     from vlfuse.registry import FUSIONS
     from vlfuse.training.vqa import train
-    import vlfuse.models  # noqa: F401  (registers the fusion modules)
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fusions", nargs="*", default=None, help="default: every registered fusion module")

@@ -21,7 +21,7 @@ FLICKR = (REPO / ".." / "shared" / "data" / "flickr8k").resolve()
 @pytest.fixture(autouse=True, scope="session")
 def onnx_cache_in_tmp(tmp_path_factory):
     """Image encoders exported for ONNX Runtime are cached in a temporary folder, not the user's ~/.cache."""
-    from vlfuse.models import onnx_vision
+    from vlfuse.runtime import onnx_vision
 
     saved = os.environ.get(onnx_vision.CACHE_ENV)
     cache = tmp_path_factory.mktemp("onnx-cache")

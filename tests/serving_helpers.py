@@ -24,7 +24,8 @@ def make_tiny_captioner(directory: Path) -> Path:
 
     from vlfuse.config import Part
     from vlfuse.data.tokenizer import Tokenizer
-    from vlfuse.models.captioner import Captioner, CaptionModel, CaptionModelConfig
+    from vlfuse.tasks.caption.model import CaptionModel, CaptionModelConfig
+    from vlfuse.tasks.caption.pipeline import Captioner
 
     torch.manual_seed(0)
     tok = Tokenizer.build(["a dog runs on the grass", "a red ball", "two people walk on the beach"], min_count=1)
@@ -57,14 +58,14 @@ def nearest_colour(image: Image.Image) -> str:
 
 
 @dataclasses.dataclass
-class Answer:  # the fields of vlfuse.models.vqa.VQAAnswer
+class Answer:  # the fields of vlfuse.tasks.vqa.pipeline.VQAAnswer
     answer: str
     probability: float
     top: List[Tuple[str, float]]
 
 
 class ColourVQA:
-    """VQAModel's ``predict`` API; answers 'what colour' questions from the pixels. Records its batch sizes."""
+    """QuestionAnswerer's ``predict`` API; answers 'what colour' questions from the pixels. Records its batch sizes."""
 
     def __init__(self, delay_s: float = 0.0):
         self.batches: List[int] = []
@@ -97,7 +98,7 @@ class ColourVQA:
 
 
 @dataclasses.dataclass
-class Hit:  # the fields of vlfuse.index.SearchHit
+class Hit:  # the fields of vlfuse.tasks.retrieval.index.SearchHit
     path: str
     score: float
 

@@ -9,9 +9,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import FLICKR, REPO, bad_images, huge_png, photo, write_config
 from PIL import Image
 
-from conftest import FLICKR, REPO, bad_images, huge_png, photo, write_config
 from vlfuse.cli.main import main
 from vlfuse.data.images import load_image
 from vlfuse.errors import ImageError
@@ -101,7 +101,7 @@ def test_unknown_model_and_missing_input(capsys, tmp_path):
 
 
 def test_checkpoint_round_trip_gives_identical_captions(trained_run, mixed_folder, tmp_path):
-    from vlfuse.models.captioner import Captioner
+    from vlfuse.tasks.caption.pipeline import Captioner
 
     _, good, _ = mixed_folder
     cap = Captioner.from_pretrained(trained_run / "best")
@@ -122,9 +122,9 @@ def test_checkpoint_round_trip_gives_identical_captions(trained_run, mixed_folde
 
 def test_a_checkpoints_decoding_default_drives_api_and_cli_until_overridden(trained_run, mixed_folder, tmp_path,
                                                                             capsys):
-    from vlfuse.decoding import DecodeConfig
     from vlfuse.errors import ConfigError
-    from vlfuse.models.captioner import Captioner
+    from vlfuse.generation import DecodeConfig
+    from vlfuse.tasks.caption.pipeline import Captioner
 
     _, good, _ = mixed_folder
     # training saves the decoding the model was selected with on val (greedy) as its default

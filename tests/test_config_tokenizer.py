@@ -39,7 +39,7 @@ def test_type_errors(section, value, match):
 
 
 def test_bad_part_option_is_named():
-    from vlfuse.models.captioner import CaptionModel, CaptionModelConfig
+    from vlfuse.tasks.caption.model import CaptionModel, CaptionModelConfig
 
     cfg = from_dict(CaptionModelConfig, {"vision": {"name": "small-cnn", "image_size": 32},
                                          "fusion": {"name": "concat", "dimm": 8}})

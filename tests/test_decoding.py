@@ -1,11 +1,11 @@
-"""Decoding (vlfuse.decoding): greedy == beam 1, batched == unbatched, n-gram blocking, max_len, top-p."""
+"""Decoding (vlfuse.generation): greedy == beam 1, batched == unbatched, n-gram blocking, max_len, top-p."""
 import math
 
 import pytest
 import torch
 
-from vlfuse.decoding import DecodeConfig, generate
 from vlfuse.errors import ConfigError
+from vlfuse.generation import DecodeConfig, generate
 
 PAD, BOS, EOS = 0, 1, 2
 V = 10  # 0 pad, 1 bos, 2 eos, 3 unk, 4..9 words
@@ -121,7 +121,7 @@ def test_decode_config_rejects_bad_values():
 def model_and_features(trained_run):
     from conftest import FLICKR
 
-    from vlfuse.models.captioner import Captioner
+    from vlfuse.tasks.caption.pipeline import Captioner
 
     cap = Captioner.from_pretrained(trained_run / "best")
     names = (FLICKR / "val.txt").read_text().split()[:5]
@@ -153,7 +153,7 @@ def test_batched_beam_search_equals_unbatched(model_and_features):
 
 def test_beam_search_copies_only_the_state_that_changes(model_and_features, monkeypatch):
     """Entries the step never replaces (the image memory) are not reordered; results equal a full reorder."""
-    import vlfuse.decoding as decoding
+    import vlfuse.generation as decoding
 
     cap, feats = model_and_features
     cfg = DecodeConfig(strategy="beam", beam_size=4)

@@ -4,11 +4,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import bad_images, photo
-from vlfuse.data.features import FeatureCache
+
 from vlfuse.data.images import load_image
 from vlfuse.registry import VISION_ENCODERS
+from vlfuse.training.features import FeatureCache
 
 
 class CountingEncoder(torch.nn.Module):

@@ -2,9 +2,9 @@
 import shutil
 
 import pytest
-
 from conftest import flickr_or_skip
-from vlfuse.evaluation.caption_metrics import score_captions
+
+from vlfuse.metrics.caption import score_captions
 
 REFS = {
     "1.jpg": ["a black dog runs across the green grass", "a dog is running on the grass",
@@ -61,7 +61,7 @@ def test_cider_d_reward_matches_pycocoevalcap_with_corpus_idf():
     from pycocoevalcap.cider.cider import Cider
 
     from vlfuse.data.captions import read_captions
-    from vlfuse.similarity.cider_d import CiderD
+    from vlfuse.metrics.cider_d import CiderD
 
     val = read_captions(flickr_or_skip(), split="val").subset(40)
     refs = [[" ".join(re.findall(r"[a-z]+", r.lower())) for r in caps] for caps in val.captions]
@@ -84,8 +84,8 @@ def test_sentence_bleu_reward_matches_pycocoevalcaps_per_caption_bleu_and_mixes_
 
     from vlfuse.data.captions import read_captions
     from vlfuse.errors import ConfigError
-    from vlfuse.similarity.cider_d import CiderD
-    from vlfuse.similarity.sentence_bleu import SentenceBleu
+    from vlfuse.metrics.cider_d import CiderD
+    from vlfuse.metrics.sentence_bleu import SentenceBleu
     from vlfuse.training.scst import Reward, SCSTConfig
 
     val = read_captions(flickr_or_skip(), split="val").subset(40)

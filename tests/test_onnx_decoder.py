@@ -7,16 +7,16 @@ import logging
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import flickr_or_skip
 
 from vlfuse.config import Part
-from vlfuse.decoding import DecodeConfig
 from vlfuse.errors import ConfigError
-from vlfuse.models import onnx_decoder
-from vlfuse.models.captioner import CaptionModel, CaptionModelConfig, Captioner, inference_decoder
-from vlfuse.models.onnx_decoder import OnnxStepDecoder, onnx_step_decoder, step_key
-from vlfuse.models.scripted import ScriptableCrossAttentionStep, ScriptedDecoder
-
-from conftest import flickr_or_skip
+from vlfuse.generation import DecodeConfig
+from vlfuse.runtime import onnx_step as onnx_decoder
+from vlfuse.runtime.onnx_step import OnnxStepDecoder, onnx_step_decoder, step_key
+from vlfuse.runtime.torchscript import ScriptableCrossAttentionStep, ScriptedDecoder
+from vlfuse.tasks.caption.model import CaptionModel, CaptionModelConfig
+from vlfuse.tasks.caption.pipeline import Captioner, inference_decoder
 
 
 def _model(fusion_dim: int = 32, vocab: int = 40) -> CaptionModel:
@@ -117,7 +117,7 @@ def test_fallbacks_and_explicit_request_errors(monkeypatch, caplog):
         raise RuntimeError("unsupported operator")
 
     monkeypatch.setattr(onnx_decoder, "export_step", broken)
-    with caplog.at_level(logging.WARNING, logger="vlfuse.models.onnx_decoder"):
+    with caplog.at_level(logging.WARNING, logger="vlfuse.runtime.onnx_step"):
         assert onnx_step_decoder(base, model.decoder, None) is base
     assert "unsupported operator" in caplog.text
     with pytest.raises(ConfigError, match="unsupported operator"):

@@ -5,15 +5,19 @@ import logging
 
 import pytest
 import torch
+from conftest import photo
 
 from vlfuse.data.images import load_image
 from vlfuse.errors import ConfigError
-from vlfuse.models import onnx_vision
-from vlfuse.models.captioner import Captioner
-from vlfuse.models.onnx_vision import OnnxImageEncoder, fast_image_encoder, graph_key, graph_name
-from vlfuse.models.vision import build_vision_encoder
-
-from conftest import photo
+from vlfuse.nn.vision import build_vision_encoder
+from vlfuse.runtime import onnx_vision
+from vlfuse.runtime.onnx_vision import (
+    OnnxImageEncoder,
+    fast_image_encoder,
+    graph_key,
+    graph_name,
+)
+from vlfuse.tasks.caption.pipeline import Captioner
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +88,7 @@ def test_fallback_to_pytorch_and_explicit_request_errors(lite0, monkeypatch, cap
         raise RuntimeError("unsupported operator")
 
     monkeypatch.setattr(onnx_vision, "cached_graph", broken)
-    with caplog.at_level(logging.WARNING, logger="vlfuse.models.onnx_vision"):
+    with caplog.at_level(logging.WARNING, logger="vlfuse.runtime.onnx_vision"):
         assert fast_image_encoder(lite0, None, cpu) is lite0
     assert "unsupported operator" in caplog.text
     with pytest.raises(ConfigError, match="unsupported operator"):

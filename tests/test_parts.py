@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from vlfuse.config import Part
-from vlfuse.models.captioner import CaptionModel, CaptionModelConfig
 from vlfuse.registry import DECODERS, FUSIONS
+from vlfuse.tasks.caption.model import CaptionModel, CaptionModelConfig
 
 TINY = {"dim": 16, "num_layers": 1, "num_heads": 2, "rank": 32, "attn_dim": 16, "embed_dim": 16, "hidden_dim": 16,
         "max_len": 12}
@@ -77,8 +77,8 @@ def test_images_given_once_for_several_captions_equal_repeated_images(fusion, de
 def test_memory_layers_make_grid_cells_see_each_other():
     """cross-attention's ``memory_layers`` refine each cell with the others: changing one cell changes what the
     text reads at every cell; without them the projection is per cell."""
-    from vlfuse.models.fusion import build_fusion
-    from vlfuse.models.vision import ImageFeatures
+    from vlfuse.nn.fusion import build_fusion
+    from vlfuse.nn.vision import ImageFeatures
 
     torch.manual_seed(0)
     grid = torch.randn(1, 4, 8)
@@ -114,7 +114,7 @@ def test_scst_rewards_score_a_mirrored_images_samples_with_left_and_right_swappe
     """SCST with scst.hflip: a sample for a mirrored image says "right" where its references say "left"; it is
     mapped back before scoring, so it earns what the same words earn for the unmirrored image."""
     from vlfuse.data.tokenizer import Tokenizer
-    from vlfuse.similarity.cider_d import CiderD
+    from vlfuse.metrics.cider_d import CiderD
     from vlfuse.training.caption import mirrored_ids
     from vlfuse.training.scst import sample_rewards
 
@@ -170,7 +170,7 @@ def test_efficientnet_lite_speedups_keep_the_packaged_networks_output(variant):
     efficientnet-lite-pytorch network computes with the same ImageNet weights."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    from vlfuse.models.vision import _lite_weights_path, fold_same_padding
+    from vlfuse.nn.vision import _lite_weights_path, fold_same_padding
     from vlfuse.registry import VISION_ENCODERS
 
     enc = VISION_ENCODERS.build(f"efficientnet-lite{variant}").eval()
@@ -198,7 +198,7 @@ def test_minilm_matches_transformers_on_real_captions():
     from transformers import AutoModel, AutoTokenizer
 
     from vlfuse.data.captions import read_captions
-    from vlfuse.models.text import MiniLMEncoder, WordPieceTokenizer, minilm_path, pad_batch
+    from vlfuse.nn.text import MiniLMEncoder, WordPieceTokenizer, minilm_path, pad_batch
 
     flickr = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
     texts = [c for caps in read_captions(flickr, split="val").subset(12).captions for c in caps]
@@ -221,7 +221,8 @@ def test_inference_decoder_int8_linears_equal_torchs_dynamic_quantized_linear():
 
     from torch.ao.quantization import quantize_dynamic
 
-    from vlfuse.models.captioner import _Int8Linear, inference_decoder
+    from vlfuse.runtime.decoder import inference_decoder
+    from vlfuse.runtime.int8 import _Int8Linear
 
     net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
     from torch.ao.quantization import per_channel_dynamic_qconfig
@@ -243,14 +244,15 @@ def test_inference_decoder_computes_what_the_decoder_computes(fusion, fusion_dim
     """The decoding copy (fused query/key/value projection in self-attention steps; the TorchScript step for
     cross-attention, also when the fusion's width differs from the decoder's) is the same function: equal step
     log-probabilities and equal greedy and beam captions, in float."""
-    from vlfuse.decoding import DecodeConfig
-    from vlfuse.models.captioner import CaptionModel, CaptionModelConfig, inference_decoder
+    from vlfuse.generation import DecodeConfig
+    from vlfuse.runtime.decoder import inference_decoder
+    from vlfuse.tasks.caption.model import CaptionModel, CaptionModelConfig
 
     torch.manual_seed(0)
     cfg = CaptionModelConfig(vision=Part("small-cnn", {"image_size": 32, "channels": 16, "num_layers": 2}),
                              fusion=Part(fusion, {"dim": fusion_dim, "num_layers": 2, "num_heads": 4}),
                              decoder=Part("transformer", {"dim": 32, "num_heads": 4, "num_layers": 1}), max_len=8)
-    from vlfuse.models.scripted import ScriptedDecoder
+    from vlfuse.runtime.torchscript import ScriptedDecoder
 
     model = CaptionModel(cfg, vocab_size=30).eval()
     fast = inference_decoder(model.decoder, int8=False)
@@ -271,10 +273,11 @@ def test_inference_decoder_computes_what_the_decoder_computes(fusion, fusion_dim
 
 
 def test_scripted_int8_step_equals_the_eager_int8_step():
-    """The TorchScript step (vlfuse.models.scripted) re-expresses the eager step over the same int8 modules:
+    """The TorchScript step (vlfuse.runtime.torchscript) re-expresses the eager step over the same int8 modules:
     identical log-probabilities and state at every step, with beams sharing one image's keys/values."""
-    from vlfuse.models.captioner import CaptionModel, CaptionModelConfig, inference_decoder
-    from vlfuse.models.scripted import ScriptedDecoder
+    from vlfuse.runtime.decoder import inference_decoder
+    from vlfuse.runtime.torchscript import ScriptedDecoder
+    from vlfuse.tasks.caption.model import CaptionModel, CaptionModelConfig
 
     torch.manual_seed(0)
     cfg = CaptionModelConfig(vision=Part("small-cnn", {"image_size": 32, "channels": 16, "num_layers": 2}),

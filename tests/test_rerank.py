@@ -7,17 +7,16 @@ import shutil
 
 import pytest
 import torch
+from conftest import flickr_or_skip, photo
 
 from vlfuse.data.captions import read_captions
-from vlfuse.decoding import DecodeConfig, generate
 from vlfuse.errors import ConfigError, ModelNotFoundError
+from vlfuse.generation import DecodeConfig, generate
 from vlfuse.hub import resolve_model
-from vlfuse.models.caption_memory import CaptionMemory, RerankConfig, attach_memory
-from vlfuse.models.captioner import Captioner
-from vlfuse.similarity.cider_d import CiderD
-from vlfuse.similarity.consensus import ConsensusScorer
-
-from conftest import flickr_or_skip, photo
+from vlfuse.metrics.cider_d import CiderD
+from vlfuse.metrics.consensus import ConsensusScorer
+from vlfuse.tasks.caption.pipeline import Captioner
+from vlfuse.tasks.caption.rerank import CaptionMemory, RerankConfig, attach_memory
 
 REFS = [["a dog runs on the grass", "a brown dog running in a field", "the dog is running"],
         ["two children play in the snow", "kids playing in snow", "two kids in the snow"],
@@ -39,7 +38,7 @@ def test_cider_d_similarity_with_any_references_equals_its_score_against_an_imag
 
 def test_bleu_against_shared_references_equals_bleu_per_caption():
     pytest.importorskip("pycocoevalcap")
-    from vlfuse.similarity.sentence_bleu import SentenceBleu, bleu_against
+    from vlfuse.metrics.sentence_bleu import SentenceBleu, bleu_against
 
     hyps = ["a dog running on grass", "a dog", "the dog is running in a field of grass", "two kids in the snow"]
     for refs in REFS:
@@ -84,7 +83,7 @@ def test_caption_memory_saves_loads_and_finds_nearest(tmp_path):
 
 def test_retrieval_image_tower_alone_embeds_as_the_whole_retriever():
     pytest.importorskip("tokenizers")
-    from vlfuse.models.retrieval import RetrievalImageTower, Retriever
+    from vlfuse.tasks.retrieval.pipeline import RetrievalImageTower, Retriever
 
     tower, full = RetrievalImageTower.from_pretrained("flickr8k-retrieval"), Retriever.from_pretrained("flickr8k-retrieval")
     pixels = torch.randn(3, 3, 224, 224)
@@ -189,6 +188,7 @@ def test_training_config_memory_section_gives_the_best_checkpoint_a_memory(tmp_p
     rerank the best checkpoint's decoding default."""
     pytest.importorskip("tokenizers")
     from conftest import tiny_config, write_config
+
     from vlfuse.cli.main import main
 
     cfg = tiny_config(tmp_path, feature_cache, epochs=1)

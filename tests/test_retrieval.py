@@ -12,9 +12,14 @@ import torch
 from vlfuse.cli.main import main
 from vlfuse.data.captions import read_captions
 from vlfuse.errors import InputError
-from vlfuse.evaluation.retrieval import recall_metrics
-from vlfuse.index import ImageIndex, IndexFileError, ModelMismatchError, exact_topk
-from vlfuse.models.retrieval import Retriever
+from vlfuse.metrics.retrieval import recall_metrics
+from vlfuse.tasks.retrieval.index import (
+    ImageIndex,
+    IndexFileError,
+    ModelMismatchError,
+    exact_topk,
+)
+from vlfuse.tasks.retrieval.pipeline import Retriever
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "flickr8k"
 if not DATA.is_dir():
@@ -292,7 +297,7 @@ def test_checkpoint_without_mirror_average_loads_as_before(retriever, tmp_path, 
     assert old.model.config.mirror_average is False
     # its model id is computed as before the field existed, so indexes it built stay valid
     from vlfuse.config import to_dict
-    from vlfuse.models.retrieval import weights_digest
+    from vlfuse.tasks.retrieval.pipeline import weights_digest
 
     before = {"model": {k: v for k, v in to_dict(old.model.config).items() if k != "mirror_average"},
               "transform": old.model.vision.transform.to_dict()}
@@ -302,11 +307,11 @@ def test_checkpoint_without_mirror_average_loads_as_before(retriever, tmp_path, 
 
 def test_token_state_cache_round_trips_and_matches_the_live_encoder(tmp_path, val):
     from vlfuse.config import Part
-    from vlfuse.models.retrieval import DualEncoder, RetrievalModelConfig
-    from vlfuse.models.text import pad_batch
+    from vlfuse.nn.text import pad_batch
+    from vlfuse.tasks.retrieval.model import RetrievalModel, RetrievalModelConfig
     from vlfuse.training.retrieval import cached_text_states
 
-    model = DualEncoder(RetrievalModelConfig(text=Part("minilm", {"trainable_layers": 1}), embed_dim=16,
+    model = RetrievalModel(RetrievalModelConfig(text=Part("minilm", {"trainable_layers": 1}), embed_dim=16,
                                              hidden_dim=32, pool_heads=4))
     tok = model.text.make_tokenizer()
     caps = [c for cs in val.captions[:3] for c in cs]
@@ -326,11 +331,11 @@ def test_token_state_cache_round_trips_and_matches_the_live_encoder(tmp_path, va
 
 def test_training_from_cached_token_states_equals_training_live(tmp_path, val):
     from vlfuse.config import Part
-    from vlfuse.models.retrieval import DualEncoder, RetrievalModelConfig
+    from vlfuse.tasks.retrieval.model import RetrievalModel, RetrievalModelConfig
     from vlfuse.training.retrieval import cached_text_states, make_collate
 
     torch.manual_seed(0)
-    model = DualEncoder(RetrievalModelConfig(text=Part("minilm", {"trainable_layers": 1}), embed_dim=16,
+    model = RetrievalModel(RetrievalModelConfig(text=Part("minilm", {"trainable_layers": 1}), embed_dim=16,
                                              hidden_dim=32, pool_heads=4, dropout=0.1))
     tok = model.text.make_tokenizer()
     data = val.subset(6)

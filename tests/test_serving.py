@@ -9,29 +9,40 @@ import dataclasses
 import io
 import json
 import re
-import threading
-import time
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from PIL import Image
+from serving_helpers import (
+    ColourIndex,
+    ColourRetriever,
+    ColourVQA,
+    image_bytes,
+    make_tiny_captioner,
+    png_bomb,
+)
 
-from serving_helpers import (ColourIndex, ColourRetriever, ColourVQA, image_bytes, make_tiny_captioner,
-                             png_bomb)
-
-from vlfuse.decoding import DecodeConfig
 from vlfuse.errors import ConfigError
+from vlfuse.generation import DecodeConfig
 
 fastapi = pytest.importorskip("fastapi")  # the "serve" extra; installed in CI
 from fastapi.testclient import TestClient  # noqa: E402
 
-from vlfuse.models.captioner import Captioner  # noqa: E402
 from vlfuse.serving.app import create_app  # noqa: E402
 from vlfuse.serving.batching import Batcher  # noqa: E402
 from vlfuse.serving.runtime import ModelChoice, ServiceModels  # noqa: E402
-from vlfuse.serving.settings import (APIKeys, ServeSettings, check_bind_allowed, is_loopback,  # noqa: E402
-                                     load_api_keys, read_keys_file)
+from vlfuse.serving.settings import (  # noqa: E402
+    APIKeys,
+    ServeSettings,
+    check_bind_allowed,
+    is_loopback,
+    load_api_keys,
+    read_keys_file,
+)
+from vlfuse.tasks.caption.pipeline import Captioner  # noqa: E402
 
 KEY = "test-key-0123456789abcdef"
 
@@ -472,7 +483,8 @@ def test_first_start_builds_the_onnx_graphs_in_a_child_process(caption_dir, tmp_
     exports them itself."""
     import logging
 
-    from vlfuse.models import onnx_decoder, onnx_vision
+    from vlfuse.runtime import onnx_step as onnx_decoder
+    from vlfuse.runtime import onnx_vision
     from vlfuse.serving import runtime
 
     cache = tmp_path / "cache"
@@ -516,8 +528,8 @@ def test_service_models_load_subset_and_errors(caption_dir):
 
 
 def test_vqa_endpoint_equals_shipped_easyvqa_model(captioner):
-    vqa_module = pytest.importorskip("vlfuse.models.vqa")  # merged from the vqa branch
-    model = vqa_module.VQAModel.from_pretrained("easyvqa")
+    vqa_module = pytest.importorskip("vlfuse.tasks.vqa.pipeline")  # merged from the vqa branch
+    model = vqa_module.QuestionAnswerer.from_pretrained("easyvqa")
     data = image_bytes("red", (64, 64))
     with client_for(build_models(captioner, model)) as client:
         resp = post_image(client, "/v1/vqa", data, question="what color is the shape?", top_k=2)

@@ -13,8 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-
-from serving_helpers import ColourIndex, ColourRetriever, ColourVQA, image_bytes, make_tiny_captioner
+from serving_helpers import (
+    ColourIndex,
+    ColourRetriever,
+    ColourVQA,
+    image_bytes,
+    make_tiny_captioner,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
@@ -43,10 +48,10 @@ def server(tmp_path_factory):
     _require_browser()
     import uvicorn
 
-    from vlfuse.models.captioner import Captioner
     from vlfuse.serving.app import create_app
     from vlfuse.serving.runtime import ServiceModels
     from vlfuse.serving.settings import APIKeys, ServeSettings
+    from vlfuse.tasks.caption.pipeline import Captioner
 
     tmp = tmp_path_factory.mktemp("browser")
     captioner = Captioner.from_pretrained(make_tiny_captioner(tmp / "tiny-caption"))

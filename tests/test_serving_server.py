@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from serving_helpers import image_bytes, make_tiny_captioner
 
 httpx = pytest.importorskip("httpx")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from vlfuse.data.samples import sample_photos
-from vlfuse.decoding import DecodeConfig
-from vlfuse.evaluation.caption import evaluate_captioner
-from vlfuse.hub import builtin_models
-from vlfuse.models.captioner import Captioner
-
 from conftest import flickr_or_skip
+
+from vlfuse.data.samples import sample_photos
+from vlfuse.evaluation.caption import evaluate_captioner
+from vlfuse.generation import DecodeConfig
+from vlfuse.hub import builtin_models
+from vlfuse.tasks.caption.pipeline import Captioner
 
 
 def test_default_caption_model_is_built_in():

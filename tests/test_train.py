@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import torch
-
 from conftest import FLICKR, REPO, bad_images, tiny_config, write_config
+
 from vlfuse.cli.main import main
-from vlfuse.models.captioner import Captioner
+from vlfuse.tasks.caption.pipeline import Captioner
 
 
 def records(run):

@@ -8,15 +8,22 @@ import pytest
 import torch
 from PIL import Image
 
-import vlfuse.models  # noqa: F401  (registers parts)
+import vlfuse.nn  # noqa: F401  (registers parts)
 from vlfuse.config import Part
 from vlfuse.data.tokenizer import Tokenizer
-from vlfuse.data.vqa import answer_accuracy, build_answer_vocab, read_easy_vqa, read_jsonl, soft_scores, split_images
+from vlfuse.data.vqa import (
+    build_answer_vocab,
+    read_easy_vqa,
+    read_jsonl,
+    split_images,
+)
 from vlfuse.errors import DataError, ImageError, InputError
 from vlfuse.evaluation.vqa import score_answers
-from vlfuse.models.text import pad_batch
-from vlfuse.models.vqa import VQAAnswer, VQAModel, VQAModelConfig, VQANetwork, soft_cross_entropy
+from vlfuse.metrics.vqa import answer_accuracy, soft_scores
+from vlfuse.nn.text import pad_batch
 from vlfuse.registry import FUSIONS, HEADS
+from vlfuse.tasks.vqa.model import VQAModel, VQAModelConfig, soft_cross_entropy
+from vlfuse.tasks.vqa.pipeline import QuestionAnswerer, VQAAnswer
 
 ANSWERS = ["yes", "no", "red", "circle", "blue"]
 QUESTIONS = ["is there a red circle?", "what color is the shape?", "what shape is it?"]
@@ -40,12 +47,12 @@ def tiny_config(fusion: str = "mul", text: str = "gru", question_input: str = "p
                           num_answers=len(ANSWERS), vocab_size=20)
 
 
-def tiny_model(fusion: str = "mul", **kw) -> VQAModel:
+def tiny_model(fusion: str = "mul", **kw) -> QuestionAnswerer:
     torch.manual_seed(0)
     tokenizer = Tokenizer.build(QUESTIONS, min_count=1)
     config = tiny_config(fusion, **kw)
     config.vocab_size = len(tokenizer)
-    return VQAModel(VQANetwork(config), tokenizer, ANSWERS)
+    return QuestionAnswerer(VQAModel(config), tokenizer, ANSWERS)
 
 
 def shape_image(color=(255, 0, 0)) -> Image.Image:
@@ -57,7 +64,7 @@ def shape_image(color=(255, 0, 0)) -> Image.Image:
 @pytest.mark.parametrize("question_input", ["pooled", "tokens"])
 @pytest.mark.parametrize("fusion", FUSIONS.names())
 def test_every_fusion_forward_backward(fusion, question_input):
-    net = VQANetwork(tiny_config(fusion, question_input=question_input))
+    net = VQAModel(tiny_config(fusion, question_input=question_input))
     pixels = torch.randn(2, 3, 32, 32)  # two images ...
     ids, mask = pad_batch([[1, 5, 6, 2], [1, 7, 2], [1, 5, 2]])  # ... three questions about them
     image_index = torch.tensor([0, 1, 1])
@@ -78,22 +85,22 @@ def test_question_encoders(text):
 
 
 def test_minilm_question_encoder_uses_its_own_tokenizer(tmp_path):
-    from vlfuse.models.vqa import make_question_tokenizer
+    from vlfuse.tasks.vqa.pipeline import make_question_tokenizer
 
     config = tiny_config(text="minilm")
     config.text.kwargs["pretrained"] = False  # same architecture and tokenizer, no weight loading
-    net = VQANetwork(config)
-    model = VQAModel(net, make_question_tokenizer(config), ANSWERS)
+    net = VQAModel(config)
+    model = QuestionAnswerer(net, make_question_tokenizer(config), ANSWERS)
     assert model(shape_image(), "is there a red circle?").answer in ANSWERS
     model.save_pretrained(tmp_path / "m")
     assert (tmp_path / "m" / "tokenizer.json").is_file()
-    again = VQAModel.from_pretrained(tmp_path / "m")
+    again = QuestionAnswerer.from_pretrained(tmp_path / "m")
     assert again.tokenizer.encode("is there a red circle?") == model.tokenizer.encode("is there a red circle?")
 
 
 def test_efficientnet_lite0_is_selectable():
-    net = VQANetwork(tiny_config(name="efficientnet-lite0", image_size=64))
-    model = VQAModel(net, Tokenizer.build(QUESTIONS, 1), ANSWERS)
+    net = VQAModel(tiny_config(name="efficientnet-lite0", image_size=64))
+    model = QuestionAnswerer(net, Tokenizer.build(QUESTIONS, 1), ANSWERS)
     answer = model(shape_image(), "what color is the shape?")
     assert answer.answer in ANSWERS and net.vision.out_dim == 1280
     assert "vision.stem_layers." in net.persistent_prefixes()
@@ -225,7 +232,7 @@ def test_save_load_round_trip(tmp_path):
     assert config["task"] == "vqa" and config["model"]["fusion"]["name"] == "soft-attention"
     assert json.loads((directory / "answers.json").read_text()) == ANSWERS
     assert (directory / "vocab.json").is_file()
-    loaded = VQAModel.from_pretrained(directory)
+    loaded = QuestionAnswerer.from_pretrained(directory)
     after = loaded.predict(images, QUESTIONS[:2], top_k=3)
     for a, b in zip(before, after):
         assert a.answer == b.answer
@@ -239,4 +246,4 @@ def test_from_pretrained_rejects_other_tasks(tmp_path):
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"task": "caption", "model": {}}))
     with pytest.raises(ModelNotFoundError, match="not a VQA model"):
-        VQAModel.from_pretrained(d)
+        QuestionAnswerer.from_pretrained(d)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from vlfuse.cli.main import main
 from vlfuse.data.vqa import read_easy_vqa
-from vlfuse.models.vqa import VQAModel
+from vlfuse.tasks.vqa.pipeline import QuestionAnswerer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -23,7 +23,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def easyvqa():
-    return VQAModel.from_pretrained("easyvqa")
+    return QuestionAnswerer.from_pretrained("easyvqa")
 
 
 @pytest.fixture(scope="module")
@@ -129,5 +129,5 @@ def test_train_cli_on_jsonl_with_bad_lines(tmp_path, capsys):
     assert summary["skipped_lines"] == 2 and summary["answers"] == 4
     assert summary["train_questions"] + summary["val_questions"] == 24
     assert "line 4" in captured.err and "line 8" in captured.err
-    model = VQAModel.from_pretrained(tmp_path / "run" / "best")
+    model = QuestionAnswerer.from_pretrained(tmp_path / "run" / "best")
     assert model(tmp_path / "0.png", "what color is it?").answer in {"red", "blue", "yes", "no"}

@@ -1,6 +1,24 @@
-"""vlfuse: vision–language fusion — captioning, VQA and image–text retrieval on a plain CPU."""
-from . import models  # noqa: F401  (registers the built-in parts)
-from .models.captioner import Captioner, CaptionModel, CaptionModelConfig
+"""vlfuse: vision–language fusion — captioning, VQA and image–text retrieval on a plain CPU.
+
+The public names are imported on first use, so ``import vlfuse.errors`` (say) stays light.
+"""
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["Captioner", "CaptionModel", "CaptionModelConfig", "__version__"]
+
+_PUBLIC = {
+    "Captioner": "vlfuse.tasks.caption", "CaptionModel": "vlfuse.tasks.caption",
+    "CaptionModelConfig": "vlfuse.tasks.caption",
+    "QuestionAnswerer": "vlfuse.tasks.vqa", "VQAModel": "vlfuse.tasks.vqa",
+    "Retriever": "vlfuse.tasks.retrieval", "RetrievalModel": "vlfuse.tasks.retrieval",
+    "ImageIndex": "vlfuse.tasks.retrieval",
+}
+__all__ = sorted(_PUBLIC) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'vlfuse' has no attribute '{name}'")

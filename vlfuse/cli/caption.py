@@ -6,7 +6,6 @@ import json
 import sys
 
 from ..data.images import list_images
-from ..decoding import DecodeConfig
 
 
 def add_decode_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,13 +27,13 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
                    help="forbid repeating any n-gram of this size, 0 = off (default 3)")
 
 
-def decode_config(args, defaults: DecodeConfig) -> DecodeConfig:
-    """The model's decoding ``defaults`` with the options given on the command line."""
+def decode_options(args) -> dict:
+    """The decoding options given on the command line (``Captioner.decode_config`` lays them over the model's
+    own default); those left out are None."""
     strategy = "sample" if args.sample else "rerank" if args.rerank else None
-    return defaults.override(beam=args.beam, strategy=strategy, max_len=args.max_len,
-                             top_p=args.top_p, temperature=args.temperature, seed=args.seed,
-                             length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram,
-                             candidates=args.candidates)
+    return dict(beam=args.beam, strategy=strategy, max_len=args.max_len, top_p=args.top_p,
+                temperature=args.temperature, seed=args.seed, length_penalty=args.length_penalty,
+                no_repeat_ngram=args.no_repeat_ngram, candidates=args.candidates)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -56,11 +55,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from ..models.captioner import Captioner
+    from ..tasks.caption.pipeline import Captioner
 
     captioner = Captioner.from_pretrained(args.model, device=args.device, int8=False if args.float32 else None,
                                           onnx=False if args.no_onnx else None)
-    decode = decode_config(args, captioner.decode_defaults)
+    decode = captioner.decode_config(**decode_options(args))
     paths = list_images(args.paths)
     if args.samples:
         from ..data.samples import sample_photos
@@ -79,7 +78,7 @@ def run(args) -> int:
         else:
             print(f"{path}\t{result.caption}", flush=True)
     if args.attention_map and first_ok:
-        from ..visualize import save_attention_figure
+        from ..viz.attention import save_attention_figure
 
         words, att = captioner.attention_map(first_ok, decode)
         if att is None:

@@ -4,8 +4,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+from pathlib import Path
 
+from ..config import save_json
 from ..errors import ConfigError
+from ..evaluation import EvaluationRequest
+from .caption import add_decode_arguments, decode_options
 
 # task -> (module, default model); each module defines evaluate(args) -> metrics dict
 TASK_MODULES = {"caption": ("vlfuse.evaluation.caption", "flickr8k-caption")}
@@ -14,8 +18,6 @@ TASK_MODULES["retrieval"] = ("vlfuse.evaluation.retrieval", "flickr8k-retrieval"
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from .caption import add_decode_arguments
-
     p = sub.add_parser("evaluate", help="score a model on a dataset split")
     p.add_argument("--task", default="caption", help=f"one of: {', '.join(TASK_MODULES)}")
     p.add_argument("--model", default=None, help="built-in model name or checkpoint directory (default: the task's built-in)")
@@ -35,15 +37,13 @@ def run(args) -> int:
     if args.task not in TASK_MODULES:
         raise ConfigError(f"--task must be one of {', '.join(TASK_MODULES)}, got '{args.task}'")
     module, default_model = TASK_MODULES[args.task]
-    args.model = args.model or default_model
-    metrics = importlib.import_module(module).evaluate(args)
+    request = EvaluationRequest(model=args.model or default_model, data=args.data, split=args.split,
+                                fmt=args.format, limit=args.limit, out=args.out, results=args.results,
+                                batch_size=args.batch_size, device=args.device, decode=decode_options(args))
+    metrics = importlib.import_module(module).evaluate(request)
     text = json.dumps(metrics, indent=2, ensure_ascii=False)
     print(text)
     if args.out:
-        from pathlib import Path
-
-        from ..config import save_json
-
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         save_json(metrics, args.out)
     return 0

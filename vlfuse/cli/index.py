@@ -44,8 +44,8 @@ def print_report(report, index, out) -> None:
 
 
 def run(args) -> int:
-    from ..index import ImageIndex
-    from ..models.retrieval import Retriever
+    from ..tasks.retrieval.index import ImageIndex
+    from ..tasks.retrieval.pipeline import Retriever
 
     paths = list_images(args.paths)
     if args.action == "build":

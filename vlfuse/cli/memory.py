@@ -1,5 +1,5 @@
 """``vlfuse memory --model DIR --data ...``: give a caption checkpoint a caption memory for the ``rerank``
-decoding strategy (training captions embedded by a retrieval model; see ``vlfuse.models.caption_memory``)."""
+decoding strategy (training captions embedded by a retrieval model; see ``vlfuse.tasks.caption.rerank``)."""
 from __future__ import annotations
 
 import argparse
@@ -27,7 +27,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from ..data.captions import read_captions
-    from ..models.caption_memory import MemoryConfig, RerankConfig, build_and_attach
+    from ..tasks.caption.rerank import MemoryConfig, RerankConfig, build_and_attach
 
     config = MemoryConfig(build=True, rerank=RerankConfig(retriever=args.retriever, neighbours=args.neighbours,
                                                           bleu_weight=args.bleu_weight,

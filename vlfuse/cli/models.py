@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..checkpoint import read_config
 from ..config import from_dict
-from ..decoding import DecodeConfig
+from ..generation import DecodeConfig
 from ..hub import builtin_models
-from ..models.checkpoint import read_config
 from ..registry import ALL_REGISTRIES
 
 
@@ -18,7 +18,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    import vlfuse.models  # noqa: F401  (registers parts)
+    import vlfuse.nn  # noqa: F401  (registers parts)
 
     configs = {name: read_config(path) for name, path in builtin_models().items()}
     models = {name: cfg.get("task", "?") for name, cfg in configs.items()}

@@ -22,8 +22,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from ..data.images import load_image
-    from ..index import ImageIndex
-    from ..models.retrieval import Retriever
+    from ..tasks.retrieval.index import ImageIndex
+    from ..tasks.retrieval.pipeline import Retriever
     from .index import model_for
 
     if (args.query is None) == (args.image is None):
@@ -47,7 +47,7 @@ def run(args) -> int:
         else:
             print(f"{hit.score:.4f}\t{hit.path}")
     if args.grid:
-        from ..contact_sheet import save_contact_sheet
+        from ..viz.contact_sheet import save_contact_sheet
 
         save_contact_sheet(hits, args.grid, query_image=query_image, query_text=args.query or "")
     return 0

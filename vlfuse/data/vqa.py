@@ -78,18 +78,6 @@ def majority_answer(answers: Sequence[str]) -> str:
     return Counter(answers).most_common(1)[0][0] if answers else ""
 
 
-def soft_scores(answers: Sequence[str]) -> Dict[str, float]:
-    """Answer -> target score: 1 for a single answer; min(#humans / 3, 1) for a list of human answers."""
-    if len(answers) == 1:
-        return {answers[0]: 1.0}
-    return {a: min(c / 3.0, 1.0) for a, c in Counter(answers).items()}
-
-
-def answer_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """Plain accuracy for one reference answer; VQA accuracy min(#humans who said it / 3, 1) for several."""
-    return soft_scores(answers).get(normalize_answer(prediction), 0.0)
-
-
 # -- readers ----------------------------------------------------------------------------------------
 def read_easy_vqa(split: str) -> VQASet:
     """easy-VQA from its PyPI package: split 'train' (4,000 images) or 'test' (1,000 images)."""

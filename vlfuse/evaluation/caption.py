@@ -9,8 +9,10 @@ from tqdm.auto import tqdm
 
 from ..config import save_json
 from ..data.captions import read_captions
-from ..decoding import DecodeConfig
-from .caption_metrics import score_captions
+from ..generation import DecodeConfig
+from ..metrics.caption import score_captions
+from ..tasks.caption import Captioner
+from . import EvaluationRequest
 
 
 def evaluate_captioner(captioner, data_path: str, split: str, decode: DecodeConfig, fmt: str = "auto",
@@ -40,14 +42,13 @@ def evaluate_captioner(captioner, data_path: str, split: str, decode: DecodeConf
     return metrics
 
 
-def evaluate(args) -> Dict:
-    from ..cli.caption import decode_config
-    from ..models.captioner import Captioner
-
-    captioner = Captioner.from_pretrained(args.model, device=args.device)
-    results = args.results or (str(Path(args.out).with_suffix("")) + ".captions.json" if args.out else None)
-    decode = decode_config(args, captioner.decode_defaults)
-    metrics = evaluate_captioner(captioner, args.data, args.split, decode, fmt=args.format,
-                                 limit=args.limit, batch_size=args.batch_size, results_path=results)
-    metrics["model"] = str(args.model)
+def evaluate(request: EvaluationRequest) -> Dict:
+    """``vlfuse evaluate --task caption``: caption the split's images with the model's decoding default
+    overridden by ``request.decode``, score them against the references."""
+    captioner = Captioner.from_pretrained(request.model, device=request.device)
+    decode = captioner.decode_config(**request.decode)
+    metrics = evaluate_captioner(captioner, request.data, request.split, decode, fmt=request.fmt,
+                                 limit=request.limit, batch_size=request.batch_size,
+                                 results_path=request.results_path(".captions.json"))
+    metrics["model"] = str(request.model)
     return metrics

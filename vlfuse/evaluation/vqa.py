@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import Dict, List, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from ..config import save_json
-from ..data.vqa import VQASet, answer_accuracy, load_pixels, read_vqa
+from ..data.vqa import VQASet, load_pixels, read_vqa
+from ..metrics.vqa import answer_accuracy
+from ..tasks.vqa import QuestionAnswerer
+from . import EvaluationRequest
 
 
 def predict_set(model, data: VQASet, acts: torch.Tensor, batch_size: int = 512, top_k: int = 1,
@@ -64,17 +66,15 @@ def evaluate_model(model, data: VQASet, batch_size: int = 512, progress: bool = 
     return metrics
 
 
-def evaluate(args) -> Dict:
+def evaluate(request: EvaluationRequest) -> Dict:
     """``vlfuse evaluate --task vqa --model M --data easy-vqa|file.jsonl --split test [--limit N] [--out m.json]``."""
-    from ..models.vqa import VQAModel
-
-    model = VQAModel.from_pretrained(args.model, device=args.device)
-    data_arg = "easy-vqa" if args.data in ("../shared/data/flickr8k", None) else args.data
-    split = args.split
-    data = read_vqa(data_arg, split).limit_questions(args.limit)
+    model = QuestionAnswerer.from_pretrained(request.model, device=request.device)
+    data_arg = "easy-vqa" if request.data in ("../shared/data/flickr8k", None) else request.data
+    split = request.split
+    data = read_vqa(data_arg, split).limit_questions(request.limit)
     for line in data.skipped:
         tqdm.write(f"skipped {line}", file=sys.stderr)
-    results = args.results or (str(Path(args.out).with_suffix("")) + ".answers.json" if args.out else None)
-    metrics = evaluate_model(model, data, batch_size=max(64, args.batch_size), results_path=results)
-    metrics.update({"model": str(args.model), "split": split})
+    results = request.results_path(".answers.json")
+    metrics = evaluate_model(model, data, batch_size=max(64, request.batch_size), results_path=results)
+    metrics.update({"model": str(request.model), "split": split})
     return metrics

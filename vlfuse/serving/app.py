@@ -11,22 +11,28 @@ import contextlib
 import json
 import logging
 import time
-from urllib.parse import urlencode
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Optional
+from urllib.parse import urlencode
 
+import anyio
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
-import anyio
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..data.images import load_image
-from ..errors import ConfigError, ImageError, ImageTooLargeError, InputError, VlfuseError
+from ..errors import (
+    ConfigError,
+    ImageError,
+    ImageTooLargeError,
+    InputError,
+    VlfuseError,
+)
 from .batching import Batcher
 from .metrics import ServiceMetrics
 from .runtime import ServiceModels

@@ -1,6 +1,6 @@
 """The models behind the service, loaded once at start, and the batch functions the batchers call.
 
-Every function here is a thin call into the library's own API (``Captioner``, ``VQAModel``, ``Retriever``,
+Every function here is a thin call into the library's own API (``Captioner``, ``QuestionAnswerer``, ``Retriever``,
 ``ImageIndex``); nothing is re-implemented. Any subset of the models may be loaded.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..data.images import load_image
-from ..decoding import DecodeConfig
 from ..errors import ModelNotFoundError, VlfuseError
+from ..generation import DecodeConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def _device_kw(device: Optional[str]) -> dict:
 _BUILD_GRAPHS = """
 import sys, torch
 torch.set_num_threads(1)
-from vlfuse.models.captioner import Captioner
+from vlfuse.tasks.caption.pipeline import Captioner
 name, device, onnx = sys.argv[1], sys.argv[2] or None, {"None": None, "True": True, "False": False}[sys.argv[3]]
 captioner = Captioner.from_pretrained(name, device=device, onnx=onnx)
 captioner.image_encoder, captioner.generator
@@ -62,7 +62,8 @@ def build_graphs_in_child(name: str, device: Optional[str], onnx: Optional[bool]
     import sys
 
     import vlfuse
-    from ..models import onnx_vision
+
+    from ..runtime import onnx_vision
 
     log.info("building the caption model's ONNX Runtime graphs (%s) once, in a child process", ", ".join(what))
     root = str(Path(vlfuse.__file__).resolve().parents[1])
@@ -84,7 +85,7 @@ def build_graphs_in_child(name: str, device: Optional[str], onnx: Optional[bool]
 
 
 def _load_captioner(name: str, device: Optional[str], onnx: Optional[bool] = None, rerank: bool = False):
-    from ..models.captioner import Captioner
+    from ..tasks.caption.pipeline import Captioner
 
     captioner = Captioner.from_pretrained(name, device=device, onnx=onnx)
     if captioner.decode_defaults.strategy == "rerank" and not rerank:
@@ -106,22 +107,22 @@ def _load_captioner(name: str, device: Optional[str], onnx: Optional[bool] = Non
 
 def _load_vqa(name: str, device: Optional[str]):
     try:
-        from ..models.vqa import VQAModel
+        from ..tasks.vqa.pipeline import QuestionAnswerer
     except ImportError as exc:
         raise ModelNotFoundError(f"VQA is not available in this vlfuse build ({exc})") from None
-    return VQAModel.from_pretrained(name, **_device_kw(device))
+    return QuestionAnswerer.from_pretrained(name, **_device_kw(device))
 
 
 def _load_retriever(name: str, device: Optional[str]):
     try:
-        from ..models.retrieval import Retriever
+        from ..tasks.retrieval.pipeline import Retriever
     except ImportError as exc:
         raise ModelNotFoundError(f"retrieval is not available in this vlfuse build ({exc})") from None
     return Retriever.from_pretrained(name, **_device_kw(device))
 
 
 def _load_index(path: str, retriever):
-    from ..index import ImageIndex
+    from ..tasks.retrieval.index import ImageIndex
 
     index = ImageIndex.load(path)
     index.check_compatible(retriever)

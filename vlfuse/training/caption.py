@@ -11,13 +11,13 @@ from tqdm.auto import tqdm
 
 from ..config import from_dict, save_json, to_dict
 from ..data.captions import CaptionSet, read_captions
-from ..data.features import FeatureCache
 from ..data.tokenizer import PAD, Tokenizer
-from ..decoding import DecodeConfig
 from ..errors import ConfigError, DataError
-from ..models.caption_memory import MemoryConfig, build_and_attach
-from ..models.captioner import CaptionModel, CaptionModelConfig, Captioner
-from ..models.vision import ImageFeatures
+from ..generation import DecodeConfig
+from ..nn.vision import ImageFeatures
+from ..tasks.caption.pipeline import Captioner, CaptionModel, CaptionModelConfig
+from ..tasks.caption.rerank import MemoryConfig, build_and_attach
+from .features import FeatureCache
 from .scst import SCSTConfig, make_scst_loss
 from .trainer import TrainConfig, Trainer, is_main_process, seed_everything
 
@@ -135,7 +135,7 @@ def references_and_hypotheses(data: CaptionSet, captions: List[str]) -> Tuple[Di
 
 def train(raw_config: dict, resume: bool = False) -> Dict:
     """Train a caption model from a config mapping (see CaptionExperiment); returns a summary."""
-    from ..evaluation.caption_metrics import score_captions
+    from ..metrics.caption import score_captions
 
     exp = from_dict(CaptionExperiment, raw_config)
     t_start = time.time()
@@ -232,7 +232,7 @@ def _initial_model(exp: CaptionExperiment) -> Optional[Captioner]:
 def _scst_phase(exp: CaptionExperiment, model: CaptionModel, tokenizer: Tokenizer, train_set: CaptionSet,
                 train_feats: torch.Tensor, evaluate, save_best, xe_result: Dict, resume: bool):
     """Fine-tune the best cross-entropy model with self-critical training; keep it only if val improves."""
-    from ..models.checkpoint import load_weights
+    from ..checkpoint import load_weights
 
     out = Path(exp.train.out_dir)
     load_weights(out / "best", model, allowed_missing_prefixes=model.persistent_prefixes())

@@ -17,12 +17,12 @@ from tqdm.auto import tqdm
 
 from ..config import from_dict, save_json, to_dict
 from ..data.captions import CaptionSet
-from ..data.features import FeatureCache
 from ..errors import ConfigError
-from ..evaluation.retrieval import recall_metrics
-from ..models.retrieval import DualEncoder, RetrievalModelConfig, Retriever
-from ..models.text import pad_batch
+from ..metrics.retrieval import recall_metrics
+from ..nn.text import pad_batch
+from ..tasks.retrieval.pipeline import RetrievalModel, RetrievalModelConfig, Retriever
 from .caption import cached_features, load_split
+from .features import FeatureCache
 from .trainer import TrainConfig, Trainer
 
 
@@ -58,7 +58,7 @@ def _split(cfg: RetrievalDataConfig, split: str, limit: int) -> CaptionSet:
 
 
 @torch.no_grad()
-def cached_text_features(model: DualEncoder, tokenizer, captions: Sequence[str], cache_dir: str,
+def cached_text_features(model: RetrievalModel, tokenizer, captions: Sequence[str], cache_dir: str,
                          batch_size: int = 256, progress: bool = True) -> torch.Tensor:
     """Pooled frozen text-encoder outputs (M, text_dim) fp16 for ``captions``, cached in one file per caption list."""
     key = hashlib.sha1(json.dumps([to_dict(model.config.text), model.config.max_len, list(captions)]).encode())
@@ -103,7 +103,7 @@ class TokenStates:
 
 
 @torch.no_grad()
-def cached_text_states(model: DualEncoder, tokenizer, captions: Sequence[str], cache_dir: str,
+def cached_text_states(model: RetrievalModel, tokenizer, captions: Sequence[str], cache_dir: str,
                        batch_size: int = 256, progress: bool = True) -> TokenStates:
     """The text encoder's ``frozen_states`` of every caption, fp16, cached in one file per caption list (keyed by
     the text config, max_len, the number of frozen layers and the captions); written atomically."""
@@ -134,7 +134,7 @@ def cached_text_states(model: DualEncoder, tokenizer, captions: Sequence[str], c
 
 
 @torch.no_grad()
-def frozen_cells(model: DualEncoder, acts: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+def frozen_cells(model: RetrievalModel, acts: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Cached stem activations (M, ...) -> normalised grid cells (M, N, C) fp16, computed once."""
     return torch.cat([model.frozen_cells(acts[s:s + batch_size]).half() for s in range(0, len(acts), batch_size)])
 
@@ -172,9 +172,9 @@ def make_collate(image_feats: torch.Tensor, text: torch.Tensor | TokenStates | L
 
 
 @torch.no_grad()
-def score_split(model: DualEncoder, image_views: Sequence[torch.Tensor], text: torch.Tensor | TokenStates |
+def score_split(model: RetrievalModel, image_views: Sequence[torch.Tensor], text: torch.Tensor | TokenStates |
                 List[List[int]], owner: Sequence[int], batch_size: int = 250) -> Dict[str, float]:
-    """Recall metrics of ``model`` on cached normalised cells of each image view (see ``DualEncoder.image_views``)
+    """Recall metrics of ``model`` on cached normalised cells of each image view (see ``RetrievalModel.image_views``)
     and the cached pooled text features, cached token states or token id lists of the captions."""
     model.eval()
     imgs = torch.cat([model.embed_views([v[s:s + batch_size].float() for v in image_views], normalized=True)
@@ -191,7 +191,7 @@ def score_split(model: DualEncoder, image_views: Sequence[torch.Tensor], text: t
     return recall_metrics((imgs @ torch.cat(txts).t()).numpy(), owner)
 
 
-def image_cells(model: DualEncoder, cache_dir: str, data: CaptionSet, mirrored: bool, progress: bool
+def image_cells(model: RetrievalModel, cache_dir: str, data: CaptionSet, mirrored: bool, progress: bool
                 ) -> Tuple[List[torch.Tensor], CaptionSet, List]:
     """Normalised grid cells of ``data``'s images, plus those of their mirror images when ``mirrored``
     (each (M, N, C) fp16, built or loaded from the FeatureCache); unreadable images are dropped."""
@@ -203,7 +203,7 @@ def image_cells(model: DualEncoder, cache_dir: str, data: CaptionSet, mirrored: 
     return views, data, bad
 
 
-def caption_text(model: DualEncoder, tokenizer, captions: Sequence[str], cache_dir: str, progress: bool
+def caption_text(model: RetrievalModel, tokenizer, captions: Sequence[str], cache_dir: str, progress: bool
                  ) -> torch.Tensor | TokenStates:
     """What training feeds the text tower per caption: cached pooled features of a frozen encoder, or the
     cached states entering its tuned top layers."""
@@ -243,10 +243,10 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     resolved = to_dict(exp)
     save_json(resolved, out / "config.resolved.json")
 
-    def evaluate(m: DualEncoder) -> Dict[str, float]:
+    def evaluate(m: RetrievalModel) -> Dict[str, float]:
         return score_split(m, val_views, val_text, val_owner)
 
-    def save_best(m: DualEncoder, directory: Path) -> None:
+    def save_best(m: RetrievalModel, directory: Path) -> None:
         Retriever(m, tokenizer, exp.name).save_pretrained(directory, training=resolved)
 
     collate = make_collate(train_views[0], train_text, train_views[1] if len(train_views) > 1 else None,

@@ -2,7 +2,7 @@
 
 Each image gets ``samples`` captions sampled from the model (through the one decoding module); the reward
 is each sample's CIDEr-D against the image's references (idf over all training references, see
-:mod:`vlfuse.similarity.cider_d`), plus ``bleu_reward_weight`` times its sentence BLEU-4 if set (as
+:mod:`vlfuse.metrics.cider_d`), plus ``bleu_reward_weight`` times its sentence BLEU-4 if set (as
 self-critical.pytorch's option of that name), minus the mean reward of the other samples of the same image (the
 "new self-critical" baseline, no greedy pass).
 """
@@ -16,10 +16,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..data.tokenizer import BOS, EOS, PAD, Tokenizer
-from ..decoding import DecodeConfig
 from ..errors import ConfigError
-from ..models.captioner import CaptionModel
-from ..models.vision import ImageFeatures
+from ..generation import DecodeConfig
+from ..nn.vision import ImageFeatures
+from ..tasks.caption.pipeline import CaptionModel
 
 
 @dataclasses.dataclass
@@ -52,8 +52,8 @@ class Reward:
     references of image ``image`` (space-separated tokens)."""
 
     def __init__(self, references: List[List[str]], bleu_weight: float = 0.0):
-        from ..similarity.cider_d import CiderD
-        from ..similarity.sentence_bleu import SentenceBleu
+        from ..metrics.cider_d import CiderD
+        from ..metrics.sentence_bleu import SentenceBleu
 
         self.cider = CiderD(references)
         self.bleu = SentenceBleu(references) if bleu_weight else None

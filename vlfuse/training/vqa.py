@@ -17,11 +17,20 @@ from tqdm.auto import tqdm
 
 from ..config import from_dict, save_json, to_dict
 from ..data.tokenizer import Tokenizer
-from ..data.vqa import EASY_VQA, EASY_VQA_VAL_FRACTION, VQASet, build_answer_vocab, load_pixels, read_vqa, \
-    soft_scores, split_images
+from ..data.vqa import (
+    EASY_VQA,
+    EASY_VQA_VAL_FRACTION,
+    VQASet,
+    build_answer_vocab,
+    load_pixels,
+    read_vqa,
+    split_images,
+)
 from ..errors import DataError
 from ..evaluation.vqa import predict_set, score_answers
-from ..models.vqa import VQAModel, VQAModelConfig, VQANetwork, make_question_tokenizer, soft_cross_entropy
+from ..metrics.vqa import soft_scores
+from ..tasks.vqa.model import VQAModel, VQAModelConfig, soft_cross_entropy
+from ..tasks.vqa.pipeline import QuestionAnswerer, make_question_tokenizer
 from .trainer import TrainConfig, Trainer
 
 
@@ -107,7 +116,7 @@ def vqa_loss(net, batch) -> Dict[str, torch.Tensor]:
     return {"loss": loss, "acc": acc.detach()}
 
 
-def prepare_images(network: VQANetwork, data: VQASet, progress: bool) -> Tuple[torch.Tensor, VQASet]:
+def prepare_images(network: VQAModel, data: VQASet, progress: bool) -> Tuple[torch.Tensor, VQASet]:
     """Decode + transform every image once, run the frozen stem once; drop questions about unreadable images."""
     pixels, kept, errors = load_pixels(data.images, network.vision.transform, progress, desc=f"images {data.name}")
     for err in errors:
@@ -132,7 +141,7 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
         raise DataError(f"no answers found in {train_set.name}")
     tokenizer = _question_tokenizer(exp, train_set, out, resume)
     model_cfg = dataclasses.replace(exp.model, num_answers=len(answers), vocab_size=len(tokenizer))
-    network = VQANetwork(model_cfg)
+    network = VQAModel(model_cfg)
     train_acts, train_set = prepare_images(network, train_set, exp.train.progress)
     val_acts, val_set = prepare_images(network, val_set, exp.train.progress)
     prep_minutes = (time.time() - t_start) / 60
@@ -142,12 +151,12 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     tokenizer.save(out)
     save_json(resolved, out / "config.resolved.json")
 
-    def evaluate(net: VQANetwork) -> Dict[str, float]:
-        preds = predict_set(VQAModel(net, tokenizer, answers), val_set, val_acts)
+    def evaluate(net: VQAModel) -> Dict[str, float]:
+        preds = predict_set(QuestionAnswerer(net, tokenizer, answers), val_set, val_acts)
         return {k: v for k, v in score_answers(val_set, [p.answer for p in preds]).items() if isinstance(v, float)}
 
-    def save_best(net: VQANetwork, directory: Path) -> None:
-        VQAModel(net, tokenizer, answers).save_pretrained(directory, training=resolved)
+    def save_best(net: VQAModel, directory: Path) -> None:
+        QuestionAnswerer(net, tokenizer, answers).save_pretrained(directory, training=resolved)
 
     pad_id = getattr(tokenizer, "pad_id", 0)
     trainer = Trainer(network, items, make_collate(train_acts, len(answers), pad_id, exp.data.flip), vqa_loss,
@@ -166,7 +175,7 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     if exp.data.test_split:
         from ..evaluation.vqa import evaluate_model
 
-        best = VQAModel.from_pretrained(out / "best", device=str(trainer.device))
+        best = QuestionAnswerer.from_pretrained(out / "best", device=str(trainer.device))
         test = read_vqa(exp.data.path, exp.data.test_split)
         summary["test"] = evaluate_model(best, test, progress=exp.train.progress)
     summary["total_minutes"] = (time.time() - t_start) / 60

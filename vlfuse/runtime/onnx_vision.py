@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .vision import ImageFeatures, VisionEncoder
+from ..nn.vision import ImageFeatures, VisionEncoder
 
 log = logging.getLogger(__name__)
 

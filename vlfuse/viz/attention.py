@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .data.images import ImageInput, load_image
+from ..data.images import ImageInput, load_image
 
 
 def _heat(att: np.ndarray, size: int) -> Image.Image:

@@ -3,7 +3,7 @@
 - ``forward(image, tokens, mask)`` -> (logits (B, T, V), attention (B, T, N) | None) for teacher forcing;
 - ``init_state(image)`` -> dict of batch-first tensors; ``per_image_state()`` names those of them kept once
   per image for all of its beams/samples;
-- ``step(tokens (B, t), state)`` -> (logprobs (B, V), state), which :mod:`vlfuse.decoding` drives.
+- ``step(tokens (B, t), state)`` -> (logprobs (B, V), state), which :mod:`vlfuse.generation` drives.
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ class TransformerDecoder(nn.Module):
         return {"grid": image.grid, "pooled": image.pooled, **self.fusion.init_cache(image)}
 
     def per_image_state(self) -> FrozenSet[str]:
-        """State entries read once per image by all of its rows (see ``vlfuse.decoding``)."""
+        """State entries read once per image by all of its rows (see ``vlfuse.generation``)."""
         return self.fusion.per_image_state()
 
     def forward(self, image: ImageFeatures, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None,

@@ -6,8 +6,8 @@ from typing import Optional, Sequence
 
 from PIL import Image, ImageDraw
 
-from .data.images import ImageInput, load_image
-from .errors import ImageError
+from ..data.images import ImageInput, load_image
+from ..errors import ImageError
 
 
 def _thumbnail(image: Image.Image, size: int) -> Image.Image:

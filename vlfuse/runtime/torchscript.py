@@ -87,8 +87,8 @@ class ScriptableCrossAttentionStep(nn.Module):
 
 def supports(decoder: nn.Module) -> bool:
     """Whether ``ScriptableCrossAttentionStep`` covers this decoder (after ``fuse_qkv``)."""
-    from .decoders import TransformerDecoder
-    from .fusion.cross_attention import CrossAttentionFusion
+    from ..nn.decoders import TransformerDecoder
+    from ..nn.fusion.cross_attention import CrossAttentionFusion
 
     return (isinstance(decoder, TransformerDecoder) and isinstance(decoder.fusion, CrossAttentionFusion)
             and all(hasattr(b.self_attn, "qkv") for b in list(decoder.fusion.blocks) + list(decoder.blocks)))
@@ -96,14 +96,14 @@ def supports(decoder: nn.Module) -> bool:
 
 class ScriptedDecoder(nn.Module):
     """A decoder whose ``step`` runs compiled by TorchScript; ``init_state`` and ``per_image_state`` are the
-    decoder's own, so ``vlfuse.decoding`` drives it like any other decoder."""
+    decoder's own, so ``vlfuse.generation`` drives it like any other decoder."""
 
     def __init__(self, decoder: nn.Module):
         super().__init__()
         self.decoder = decoder
         with warnings.catch_warnings():
             # TorchScript is marked deprecated in favour of torch.compile, whose C++ compilation takes tens of
-            # seconds: too slow for a command-line caption's cold start. If it goes, _scripted falls back.
+            # seconds: too slow for a command-line caption's cold start. If it goes, scripted_decoder falls back.
             warnings.simplefilter("ignore", DeprecationWarning)
             self.scripted_step = torch.jit.script(ScriptableCrossAttentionStep(decoder))
 
@@ -119,3 +119,15 @@ class ScriptedDecoder(nn.Module):
         with torch.jit.optimized_execution(False):
             return self.scripted_step(tokens, state)
 
+
+
+def scripted_decoder(decoder: nn.Module) -> nn.Module:
+    """The decoder with its step compiled by TorchScript where ``vlfuse.runtime.torchscript`` covers it."""
+
+    if not supports(decoder):
+        return decoder
+    try:
+        return ScriptedDecoder(decoder)
+    except Exception as exc:  # noqa: BLE001 — a torch without TorchScript still decodes, eagerly
+        warnings.warn(f"decoding step not compiled by TorchScript ({exc}); decoding eagerly")
+        return decoder

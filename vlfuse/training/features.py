@@ -15,9 +15,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..data.images import load_image, mirror_pixels
 from ..errors import ImageError
-from ..models.vision import VisionEncoder
-from .images import load_image, mirror_pixels
 
 
 def content_hash(path: str | os.PathLike) -> str:
@@ -27,7 +26,7 @@ def content_hash(path: str | os.PathLike) -> str:
 class FeatureCache:
     """Stem activations of ``encoder`` for image files, stored as fp16 ``.npy`` files."""
 
-    def __init__(self, root: str | os.PathLike, encoder: VisionEncoder, mirrored: bool = False):
+    def __init__(self, root: str | os.PathLike, encoder, mirrored: bool = False):
         self.encoder = encoder
         self.mirrored = mirrored  # cache the stem outputs of the images mirrored left-right instead
         self.dir = Path(root) / (encoder.cache_key + ("-mirrored" if mirrored else ""))

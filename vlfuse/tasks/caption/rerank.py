@@ -3,7 +3,7 @@
 A caption model may carry a *memory*: training captions embedded in a retrieval model's space. At inference the
 ``rerank`` decoding strategy draws candidates from the caption model (its greedy caption and a few samples),
 finds the memory captions nearest the image (the retrieval model's image tower, no text encoder), and keeps the
-candidate that agrees best with them (``vlfuse.similarity.consensus``). The memory is two files beside the
+candidate that agrees best with them (``vlfuse.metrics.consensus``). The memory is two files beside the
 checkpoint — ``memory.safetensors`` (embeddings (N, D) fp16, and which training image each caption describes)
 and ``memory.txt`` (the captions, tokenised as the caption model does, one per line) — and the ``rerank`` section
 of its config.json (``RerankConfig``).
@@ -18,10 +18,10 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from ..data.captions import CaptionSet
-from ..data.tokenizer import Tokenizer
-from ..decoding import DecodeConfig
-from ..errors import ConfigError, ModelNotFoundError
+from ...data.captions import CaptionSet
+from ...data.tokenizer import Tokenizer
+from ...errors import ConfigError, ModelNotFoundError
+from ...generation import DecodeConfig
 
 MEMORY_WEIGHTS = "memory.safetensors"
 MEMORY_TEXTS = "memory.txt"
@@ -120,8 +120,8 @@ class ConsensusReranker:
     """Everything the ``rerank`` strategy needs: the retriever's image tower, the memory and the scorer."""
 
     def __init__(self, tower, memory: CaptionMemory, config: RerankConfig):
-        from ..similarity.cider_d import CiderD
-        from ..similarity.consensus import ConsensusScorer
+        from ...metrics.cider_d import CiderD
+        from ...metrics.consensus import ConsensusScorer
 
         if config.tower_digest and tower.digest() != config.tower_digest:
             raise ModelNotFoundError(
@@ -135,7 +135,7 @@ class ConsensusReranker:
              onnx: Optional[bool] = None) -> "ConsensusReranker":
         """The memory in ``directory``; the retriever's tower on ``device``, its CNN run as ``onnx`` says
         (``Captioner.from_pretrained``'s switch)."""
-        from .retrieval import RetrievalImageTower
+        from ..retrieval.pipeline import RetrievalImageTower
 
         tower = RetrievalImageTower.from_pretrained(config.retriever).to(device or "cpu")
         tower.use_fast_encoder(onnx)
@@ -173,7 +173,7 @@ def build_memory(retriever, data: CaptionSet, tokenizer: Tokenizer, batch_size: 
 
 
 def rerank_config(raw: Optional[dict]) -> Optional[RerankConfig]:
-    from ..config import from_dict
+    from ...config import from_dict
 
     return None if raw is None else from_dict(RerankConfig, raw, "rerank")
 
@@ -182,8 +182,8 @@ def attach_memory(directory: Union[str, Path], memory: CaptionMemory, config: Re
                   default_decode: Optional[dict] = None) -> Path:
     """Write ``memory`` into the caption checkpoint ``directory`` and its ``rerank`` section into config.json;
     with ``default_decode`` (DecodeConfig fields) that also becomes the model's decoding default."""
-    from ..config import save_json, to_dict
-    from .checkpoint import CONFIG_NAME, read_config
+    from ...checkpoint import CONFIG_NAME, read_config
+    from ...config import save_json, to_dict
 
     directory = Path(directory)
     raw = read_config(directory)
@@ -201,10 +201,10 @@ def build_and_attach(directory: Union[str, Path], data: CaptionSet, config: Memo
                      progress: bool = True) -> CaptionMemory:
     """Embed ``data``'s captions with ``config.rerank.retriever`` and attach them to the caption checkpoint in
     ``directory`` (with the decoding default ``config`` asks for)."""
-    from ..config import from_dict, to_dict
-    from ..hub import resolve_model
-    from .checkpoint import read_config
-    from .retrieval import RetrievalImageTower, Retriever
+    from ...checkpoint import read_config
+    from ...config import from_dict, to_dict
+    from ...hub import resolve_model
+    from ..retrieval.pipeline import RetrievalImageTower, Retriever
 
     directory = resolve_model(directory)  # a built-in name is written in place too
     base = from_dict(DecodeConfig, read_config(directory).get("decode", {}), "decode")

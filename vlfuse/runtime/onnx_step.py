@@ -4,10 +4,10 @@ At batch 1 a decoding step is ~100 small operations, and what each costs to laun
 arithmetic does: TorchScript's interpreter runs the int8 step in ~0.42 ms here, ONNX Runtime the same step in
 ~0.33 ms (one thread, idle 2-core CPU). ``OnnxStepDecoder`` wraps the TorchScript decoder (``inference_decoder``)
 and runs the step in ONNX Runtime for batches of a few images (where it is faster: ``runs_onnx``), TorchScript's
-for larger ones. The graph restates ``vlfuse.models.scripted.ScriptableCrossAttentionStep`` over stacked state
+for larger ones. The graph restates ``vlfuse.runtime.torchscript.ScriptableCrossAttentionStep`` over stacked state
 (``_ExportStep``), is exported from a float copy of the decoder with fused q/k/v, and its linear layers are
 quantized to int8 weights (a scale per output row, as the PyTorch int8 decoder's) by ONNX Runtime's
-``quantize_dynamic``. It is cached on disk like the image encoder's graph (``vlfuse.models.onnx_vision``).
+``quantize_dynamic``. It is cached on disk like the image encoder's graph (``vlfuse.runtime.onnx_vision``).
 """
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .decoder import inference_decoder
 from .onnx_vision import DEFAULT, OPSET, cached_file, session_options, weights_key
-from .scripted import ScriptableCrossAttentionStep
+from .torchscript import ScriptableCrossAttentionStep
 
 log = logging.getLogger(__name__)
 State = Dict[str, torch.Tensor]
@@ -92,8 +93,8 @@ def step_key(decoder: nn.Module) -> str:
 def covers(decoder: nn.Module) -> bool:
     """Whether the export covers a (trained, unfused) decoder: a Transformer decoder over cross-attention fusion
     whose blocks all have the same heads and head width."""
-    from .decoders import TransformerDecoder
-    from .fusion.cross_attention import CrossAttentionFusion
+    from ..nn.decoders import TransformerDecoder
+    from ..nn.fusion.cross_attention import CrossAttentionFusion
 
     if not (isinstance(decoder, TransformerDecoder) and isinstance(decoder.fusion, CrossAttentionFusion)):
         return False
@@ -171,8 +172,6 @@ class OnnxStepDecoder(nn.Module):
             ScriptableCrossAttentionStep(base.decoder))  # the same modules; nothing is copied
 
         def export() -> bytes:
-            from .captioner import inference_decoder
-
             return export_step(inference_decoder(decoder, int8=False, script=False))
 
         graph: Union[str, bytes] = cached_file(step_graph_name(decoder), export, cache_dir)
@@ -220,7 +219,7 @@ def onnx_step_decoder(base: nn.Module, decoder: nn.Module, onnx: Optional[bool])
     the architecture (the TorchScript step's: a Transformer decoder over cross-attention fusion), else ``base``
     itself. An export or runtime failure falls back to ``base`` with a warning, or raises ConfigError where
     ``onnx`` is True (asked for explicitly)."""
-    from .scripted import ScriptedDecoder
+    from .torchscript import ScriptedDecoder
 
     if not isinstance(base, ScriptedDecoder) or not covers(decoder):
         return base

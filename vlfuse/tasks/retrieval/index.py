@@ -9,7 +9,6 @@ vectors or more also get a faiss IVF index (stored inside the file) for sub-mill
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import zipfile
@@ -19,7 +18,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from tqdm.auto import tqdm
 
-from .errors import DataError, InputError, VlfuseError
+from ...errors import DataError, InputError, VlfuseError
 
 FORMAT_VERSION = 1
 DEFAULT_ANN_THRESHOLD = 200_000

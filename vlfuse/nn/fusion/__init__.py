@@ -1,7 +1,14 @@
 """Fusion modules, one file each; importing this package registers them all in ``FUSIONS``."""
 from ...registry import FUSIONS
-from . import bilinear, concat, cross_attention, elementwise, joint, soft_attention  # noqa: F401  (registration)
-from . import mutan  # noqa: F401  (registration; MUTAN, added for VQA)
+from . import (  # noqa: F401  (registration)
+    bilinear,
+    concat,
+    cross_attention,
+    elementwise,
+    joint,
+    mutan,  # noqa: F401  (registration; MUTAN, added for VQA)
+    soft_attention,
+)
 from .base import Fusion, FusionOutput
 
 

@@ -1,0 +1,1 @@
+"""Acceleration, in one place: the fast copies of plain PyTorch modules that inference runs on."""

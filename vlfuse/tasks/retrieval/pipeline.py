@@ -1,0 +1,231 @@
+"""Image–text retrieval for users: ``Retriever`` (a ``RetrievalModel`` with its tokenizer and transform) and
+``RetrievalImageTower`` (its image side alone, for reranking captions).
+
+Image tower: a registered vision encoder's grid (B, N, C) -> attention pooling -> projection.
+Text tower: a registered text encoder (MiniLM by default, frozen or with its top layers tuned),
+mean-pooled -> projection. Both land L2-normalised in one ``embed_dim`` space; training uses the
+symmetric InfoNCE loss with a learned temperature, plus an optional VSE++ hardest-negative term.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...checkpoint import _storable_state, load_weights, read_config, save_checkpoint
+from ...config import from_dict, to_dict
+from ...data.images import ImageInput, load_image
+from ...errors import ImageError, InputError, ModelNotFoundError
+from ...hub import resolve_model
+from ...nn.pooling import AttentionPool, Projection
+from ...nn.text import WordPieceTokenizer, pad_batch
+from ...registry import VISION_ENCODERS
+from .model import RetrievalModel, RetrievalModelConfig
+
+
+class RetrievalImageTower(nn.Module):
+    """The image side of a trained ``RetrievalModel`` alone, without its text encoder: pixels -> unit vectors in
+    the retrieval space, exactly as ``Retriever.embed_pixels``. Loads in a fraction of the time (no MiniLM);
+    consensus reranking of captions uses it to find an image's neighbours in a caption memory."""
+
+    PREFIXES = ("vision.", "pool.", "image_proj.")
+
+    def __init__(self, config: RetrievalModelConfig):
+        super().__init__()
+        self.config = config
+        self.vision = VISION_ENCODERS.build(config.vision.name, **config.vision.kwargs)
+        self.pool = AttentionPool(self.vision.out_dim, config.pool_heads, config.cell_dropout)
+        self.image_proj = Projection(self.vision.out_dim, config.hidden_dim, config.embed_dim, config.dropout)
+        self.onnx_encoder = None  # the CNN's ONNX Runtime copy, where ``use_fast_encoder`` made one
+        self.eval()
+
+    def use_fast_encoder(self, onnx: Optional[bool] = None) -> None:
+        """Run the CNN through ONNX Runtime where ``onnx`` allows (as a Captioner's image encoder)."""
+        from ...runtime.onnx_vision import fast_image_encoder
+
+        encoder = fast_image_encoder(self.vision, onnx, next(self.parameters()).device)
+        self.onnx_encoder = None if encoder is self.vision else encoder
+
+    # the image tower's own code is the dual encoder's
+    image_views = RetrievalModel.image_views
+    embed_views = RetrievalModel.embed_views
+    embed_cells = RetrievalModel.embed_cells
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: Union[str, Path]) -> "RetrievalImageTower":
+        directory = resolve_model(name_or_path)
+        raw = read_config(directory)
+        if raw.get("task") != "retrieval":
+            raise ModelNotFoundError(f"'{name_or_path}' is a '{raw.get('task')}' model, not a retrieval model")
+        tower = cls(from_dict(RetrievalModelConfig, raw["model"], "model"))
+        load_weights(directory, tower, allowed_missing_prefixes=tower.persistent_prefixes(),
+                     only_prefixes=cls.PREFIXES)
+        return tower
+
+    @torch.inference_mode()
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Transformed images (B, 3, H, W) -> (B, D) float32, unit length."""
+        views = self.image_views(pixels)
+        grids = (self.onnx_encoder or self.vision)(torch.cat(views)).grid.split(len(pixels))
+        return self.embed_views(grids).float()
+
+    def persistent_prefixes(self) -> Tuple[str, ...]:
+        return ("vision.stem_layers.",) if getattr(self.vision, "pretrained", False) else ()
+
+    def digest(self) -> str:
+        """Hash of the tower's config and saved (fp16) weights: a caption memory records the tower it was
+        embedded with, and refuses another."""
+        return weights_digest(self, identity_config(self.config))
+
+
+# Config fields added after models shipped, with the value that means the old behaviour. At that value they are
+# left out of the model id, so checkpoints (and the indexes they built) from before the field keep their id.
+_ADDED_FIELDS = {"mirror_average": False}
+
+
+def identity_config(config: RetrievalModelConfig) -> dict:
+    """The model config as it enters the model id."""
+    return {k: v for k, v in to_dict(config).items() if not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])}
+
+
+def weights_digest(model: nn.Module, config: dict) -> str:
+    """Hash of the saved config and the fp16 saved weights: identical before saving and after loading."""
+    h = hashlib.sha1(json.dumps(config, sort_keys=True).encode())
+    state, _ = _storable_state(model, model.persistent_prefixes(), half=True)
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class Retriever:
+    """Embed images and texts into one space for search.
+
+    >>> r = Retriever.from_pretrained("flickr8k-retrieval")
+    >>> q = r.embed_texts(["two dogs playing in the snow"])   # (1, 256) float32, unit length
+    >>> v = r.embed_images(["a.jpg", "b.jpg"])                  # (2, 256)
+    >>> scores = v @ q[0]
+    """
+
+    def __init__(self, model: RetrievalModel, tokenizer, name: str = "retrieval", extra_config: Optional[dict] = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.extra_config = extra_config or {}
+        self._model_id: Optional[str] = None
+
+    # -- loading and saving -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: Union[str, Path], device: Optional[str] = None) -> "Retriever":
+        directory = resolve_model(name_or_path)
+        raw = read_config(directory)
+        if raw.get("task") != "retrieval":
+            raise ModelNotFoundError(f"'{name_or_path}' is a '{raw.get('task')}' model, not a retrieval model")
+        config = from_dict(RetrievalModelConfig, raw["model"], "model")
+        model = RetrievalModel(config)
+        load_weights(directory, model, allowed_missing_prefixes=model.persistent_prefixes())
+        tokenizer = WordPieceTokenizer.load(directory)
+        extra = {k: v for k, v in raw.items() if k not in ("task", "model")}
+        return cls(model.to(device or "cpu"), tokenizer, raw.get("name") or Path(directory).name, extra)
+
+    @classmethod
+    def from_config(cls, config: RetrievalModelConfig, name: str = "retrieval") -> "Retriever":
+        """A fresh (untrained) model; used by training."""
+        model = RetrievalModel(config)
+        return cls(model, model.text.make_tokenizer(), name)
+
+    def _saved_config(self) -> dict:
+        return {"task": "retrieval", "name": self.name, "model": to_dict(self.model.config),
+                "transform": self.model.vision.transform.to_dict(), **self.extra_config}
+
+    def save_pretrained(self, directory: Union[str, Path], half: bool = True, **extra) -> Path:
+        self.extra_config.update(extra)
+        directory = save_checkpoint(directory, self.model, self._saved_config(), self.model.persistent_prefixes(),
+                                    half=half)
+        self.tokenizer.save(directory)
+        self._model_id = None
+        return directory
+
+    @property
+    def model_id(self) -> str:
+        """Identity stored in indexes: the model name plus a hash of its config and weights."""
+        if self._model_id is None:
+            config = {"model": identity_config(self.model.config), "transform": self.model.vision.transform.to_dict()}
+            self._model_id = f"{self.name}@{weights_digest(self.model, config)}"
+        return self._model_id
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.embed_dim
+
+    # -- text ---------------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(texts, str):
+            raise InputError("embed_texts takes a list of strings, not one string")
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise InputError("the text query is empty; type some words to search for")
+        ids, mask = pad_batch([self.tokenizer.encode(t, self.model.config.max_len) for t in texts])
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Texts -> (B, D) float32, L2-normalised. Raises InputError for an empty text."""
+        if len(texts) == 0:
+            raise InputError("no text given to embed")
+        out = []
+        for s in range(0, len(texts), batch_size):
+            ids, mask = self.tokenize(texts[s:s + batch_size])
+            out.append(self.model.embed_text_features(self.model.encode_text(ids, mask)).float().cpu().numpy())
+        return np.concatenate(out)
+
+    # -- images -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """Transformed images (B, 3, H, W) -> (B, D) float32."""
+        views = self.model.image_views(pixels.to(self.device))
+        grids = self.model.vision(torch.cat(views)).grid.split(len(pixels))  # one CNN call for all views
+        return self.model.embed_views(grids).float().cpu().numpy()
+
+    def embed_images(self, images: Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
+        """Image files / bytes / PIL images / arrays -> (B, D) float32, L2-normalised.
+        Raises ImageError naming the first bad image."""
+        tf = self.model.vision.transform
+        out = [np.zeros((0, self.dim), np.float32)]
+        for s in range(0, len(images), batch_size):
+            out.append(self.embed_pixels(torch.stack([tf(load_image(im)) for im in images[s:s + batch_size]])))
+        return np.concatenate(out)
+
+    def embed_files(self, paths: Sequence[Union[str, Path]], batch_size: int = 32
+                    ) -> Iterator[Tuple[str, Optional[np.ndarray], Optional[str]]]:
+        """Yield (path, vector (D,), None) or (path, None, error) for every path, in order;
+        a bad file yields its error and never stops the rest. Decoding overlaps with the network."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        tf = self.model.vision.transform
+
+        def prepare(path):
+            try:
+                return str(path), tf(load_image(path)), None
+            except ImageError as exc:
+                return str(path), None, str(exc)
+
+        chunks = [list(paths[s:s + batch_size]) for s in range(0, len(paths), batch_size)]
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(lambda c: [prepare(p) for p in c], chunks[0]) if chunks else None
+            for i in range(len(chunks)):
+                prepared = pending.result()
+                pending = pool.submit(lambda c: [prepare(p) for p in c], chunks[i + 1]) if i + 1 < len(chunks) else None
+                good = [x for x in prepared if x[1] is not None]
+                vectors = iter(self.embed_pixels(torch.stack([x[1] for x in good]))) if good else iter(())
+                for path, pixels, error in prepared:
+                    yield (path, None, error) if pixels is None else (path, next(vectors), None)

@@ -1,0 +1,1 @@
+"""Pictures: attention maps over an image, contact sheets of search results."""
