@@ -173,7 +173,7 @@ def test_shipped_model_reranks_by_default_and_its_memory_is_its_training_caption
 
 
 def test_service_decodes_greedily_unless_started_with_caption_rerank():
-    from vlfuse.serving.runtime import DISABLED, ModelChoice, ServiceModels
+    from vlfuse.serving.models import DISABLED, ModelChoice, ServiceModels
 
     plain = ServiceModels.load(ModelChoice(), ModelChoice(DISABLED), ModelChoice(DISABLED))
     assert plain.captioner.decode_defaults.strategy == "greedy" and plain.captioner._reranker is None

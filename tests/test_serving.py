@@ -33,7 +33,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from vlfuse.serving.app import create_app  # noqa: E402
 from vlfuse.serving.batching import Batcher  # noqa: E402
-from vlfuse.serving.runtime import ModelChoice, ServiceModels  # noqa: E402
+from vlfuse.serving.models import ModelChoice, ServiceModels  # noqa: E402
 from vlfuse.serving.settings import (  # noqa: E402
     APIKeys,
     ServeSettings,
@@ -485,7 +485,7 @@ def test_first_start_builds_the_onnx_graphs_in_a_child_process(caption_dir, tmp_
 
     from vlfuse.runtime import onnx_step as onnx_decoder
     from vlfuse.runtime import onnx_vision
-    from vlfuse.serving import runtime
+    from vlfuse.serving import models as service_models
 
     cache = tmp_path / "cache"
     monkeypatch.setenv(onnx_vision.CACHE_ENV, str(cache))
@@ -504,8 +504,8 @@ def test_first_start_builds_the_onnx_graphs_in_a_child_process(caption_dir, tmp_
     assert captioner.onnx_graphs_to_build() == []  # built: a second start has nothing to export
 
     monkeypatch.setenv(onnx_vision.CACHE_ENV, str(tmp_path / "cache2"))
-    monkeypatch.setattr(runtime, "_BUILD_GRAPHS", "raise SystemExit('no luck')")
-    with caplog.at_level(logging.WARNING, logger="vlfuse.serving.runtime"):
+    monkeypatch.setattr(service_models, "_BUILD_GRAPHS", "raise SystemExit('no luck')")
+    with caplog.at_level(logging.WARNING, logger="vlfuse.serving.models"):
         models = ServiceModels.load(ModelChoice(str(caption_dir)), ModelChoice("none"), ModelChoice("none"))
     assert "no luck" in caplog.text and models.captioner.decoding_backend == "onnxruntime"  # exported here
 

@@ -49,7 +49,7 @@ def server(tmp_path_factory):
     import uvicorn
 
     from vlfuse.serving.app import create_app
-    from vlfuse.serving.runtime import ServiceModels
+    from vlfuse.serving.models import ServiceModels
     from vlfuse.serving.settings import APIKeys, ServeSettings
     from vlfuse.tasks.caption.pipeline import Captioner
 

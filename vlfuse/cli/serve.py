@@ -92,7 +92,7 @@ def run(args) -> int:
     except ImportError as exc:  # fastapi/uvicorn are the optional "serve" extra
         print(f"vlfuse serve: error: {exc.name} is not installed; pip install 'vlfuse[serve]'", file=sys.stderr)
         return 2
-    from ..serving.runtime import ModelChoice, ServiceModels
+    from ..serving.models import ModelChoice, ServiceModels
     from ..serving.settings import ServeSettings, check_bind_allowed, load_api_keys
 
     if args.threads < 1:

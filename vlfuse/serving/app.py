@@ -35,7 +35,7 @@ from ..errors import (
 )
 from .batching import Batcher
 from .metrics import ServiceMetrics
-from .runtime import ServiceModels
+from .models import ServiceModels
 from .settings import APIKeys, ServeSettings
 
 log = logging.getLogger(__name__)

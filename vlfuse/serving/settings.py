@@ -17,7 +17,7 @@ API_KEYS_FILE_ENV = "VLFUSE_API_KEYS_FILE"  # path of a keys file
 
 @dataclasses.dataclass
 class ServeSettings:
-    """Limits and batching knobs of the HTTP service (the models are loaded separately, see ``runtime``)."""
+    """Limits and batching knobs of the HTTP service (the models are loaded separately, see ``models``)."""
 
     max_upload_bytes: int = 10 * 1024 * 1024   # one uploaded image; larger -> 413
     max_pixels: int = 40_000_000               # decoded width*height; larger (decompression bombs) -> 413
