@@ -442,15 +442,40 @@ def test_concurrent_requests_are_batched_and_counted(caption_dir):
         expected = captioner([Image.open(io.BytesIO(image_bytes(c))) for c in ["red", "green"]], beam_size=2)
         assert [r.json()["caption"] for r in resps[:2]] == expected  # batching does not change results
         post_image(client, data=b"junk")
-        text = client.get("/metrics").text
-    batches = client.app.state.metrics.batch_size
-    assert batches.count(model="caption") < 6  # some requests shared a batch
-    assert 'vlfuse_http_requests_total{endpoint="/v1/caption",method="POST",status="200"} 6' in text
-    assert 'vlfuse_http_requests_total{endpoint="/v1/caption",method="POST",status="415"} 1' in text
-    assert 'vlfuse_http_request_duration_seconds_count{endpoint="/v1/caption"} 7' in text
-    assert 'vlfuse_batch_size_sum{model="caption"} 6.0' in text
-    assert 'vlfuse_model_loaded{model="caption"} 1' in text and 'vlfuse_model_loaded{model="vqa"} 0' in text
-    assert "# TYPE vlfuse_http_request_duration_seconds histogram" in text
+        scrape = client.get("/metrics")
+    assert scrape.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    samples = prometheus_samples(scrape.text)
+    assert samples[("vlfuse_batch_size_count", (("model", "caption"),))] < 6  # some requests shared a batch
+    assert samples[("vlfuse_batch_size_sum", (("model", "caption"),))] == 6
+    caption_ok = (("endpoint", "/v1/caption"), ("method", "POST"), ("status", "200"))
+    assert samples[("vlfuse_http_requests_total", caption_ok)] == 6
+    assert samples[("vlfuse_http_requests_total", caption_ok[:2] + (("status", "415"),))] == 1
+    assert samples[("vlfuse_http_request_duration_seconds_count", (("endpoint", "/v1/caption"),))] == 7
+    assert samples[("vlfuse_model_loaded", (("model", "caption"),))] == 1
+    assert samples[("vlfuse_model_loaded", (("model", "vqa"),))] == 0
+    assert "# TYPE vlfuse_http_request_duration_seconds histogram" in scrape.text
+
+
+def prometheus_samples(text: str) -> dict:
+    """{(sample name, sorted labels): value} from a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_each_app_counts_only_its_own_requests(captioner):
+    """Apps in one process (the tests make many) keep separate metrics."""
+    with client_for(build_models(captioner)) as first, client_for(build_models(captioner)) as second:
+        for _ in range(3):
+            first.get("/healthz")
+        second.get("/healthz")
+        healthz = ("vlfuse_http_requests_total", (("endpoint", "/healthz"), ("method", "GET"), ("status", "200")))
+        assert prometheus_samples(first.get("/metrics").text)[healthz] == 3
+        assert prometheus_samples(second.get("/metrics").text)[healthz] == 1
+        openmetrics = second.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+        assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+        assert openmetrics.text.rstrip().endswith("# EOF")
 
 
 # -- docs, page, packaging --------------------------------------------------------------------------------
@@ -463,7 +488,7 @@ def test_openapi_docs_and_page_are_offline(full):
     page = full.get("/")
     assert page.status_code == 200 and "vlfuse" in page.text
     assert full.get("/docs").status_code == 200
-    from vlfuse.serving.app import STATIC_DIR
+    from vlfuse.serving.routes.status import STATIC_DIR
 
     for f in STATIC_DIR.iterdir():
         text = f.read_text()
@@ -473,7 +498,7 @@ def test_openapi_docs_and_page_are_offline(full):
 
 def test_importing_vlfuse_does_not_import_fastapi():
     code = "import sys, vlfuse, vlfuse.cli.main; sys.exit(int(any(m.split('.')[0] in ('fastapi', 'uvicorn', " \
-           "'starlette') for m in sys.modules)))"
+           "'starlette', 'prometheus_client') for m in sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

@@ -116,8 +116,8 @@ class Batcher:
         except Exception as exc:  # noqa: BLE001 — handed to every waiting request
             results = [exc] * len(items)
         if self.metrics is not None:
-            self.metrics.batch_size.observe(len(items), model=self.name)
-            self.metrics.batch_latency.observe(time.perf_counter() - start, model=self.name)
+            self.metrics.batch_size.labels(model=self.name).observe(len(items))
+            self.metrics.batch_latency.labels(model=self.name).observe(time.perf_counter() - start)
         for (_, fut), res in zip(live, results):
             if fut.done():
                 continue

@@ -1,0 +1,31 @@
+"""``POST /v1/caption``: caption an uploaded photo."""
+from __future__ import annotations
+
+from typing import Optional
+
+from fastapi import APIRouter, File, Form, UploadFile
+
+from ..schemas import ERRORS, CaptionResponse
+from ..service import Service
+from ..uploads import ACCEPTED_TYPES, read_image_upload
+
+
+def router(service: Service) -> APIRouter:
+    models, settings = service.models, service.settings
+    r = APIRouter()
+
+    @r.post("/v1/caption", summary="Caption an uploaded photo", response_model=CaptionResponse, responses=ERRORS)
+    async def caption(image: UploadFile = File(..., description=f"the photo ({ACCEPTED_TYPES})"),
+                      beam: Optional[int] = Form(None, ge=1, le=settings.max_beam,
+                                                 description="beam width, 1 = greedy (default: the model's own "
+                                                             "decoding, see /v1/models)"),
+                      max_len: Optional[int] = Form(None, ge=1, le=50,
+                                                    description="at most this many words (default: the model's)")):
+        b = service.batcher("caption")
+        decode = models.caption_decode(beam, max_len)  # batched with the requests that decode alike
+        pixels = await read_image_upload(image, settings, service.offload, prepare=models.caption_pixels)
+        result = await service.within_timeout(b.submit(pixels, key=decode))
+        return {"caption": result.caption, "score": float(result.score), "tokens": list(result.tokens),
+                "beam": decode.width, "model": models.names.get("caption", "")}
+
+    return r

@@ -1,0 +1,63 @@
+"""The shapes of the service's JSON bodies, for the OpenAPI schema (and so for /docs)."""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+from pydantic import BaseModel
+
+
+class CaptionResponse(BaseModel):
+    caption: str
+    score: float
+    tokens: List[str]
+    beam: int
+    model: str
+
+
+class AnswerScore(BaseModel):
+    answer: str
+    probability: float
+
+
+class VQAResponse(BaseModel):
+    question: str
+    answer: str
+    probability: float
+    top: List[AnswerScore]
+    model: str
+
+
+class SearchHitModel(BaseModel):
+    path: str
+    score: float
+    thumbnail: str
+
+
+class SearchResponse(BaseModel):
+    query: Dict[str, Any]
+    hits: List[SearchHitModel]
+    model: str
+
+
+class SearchRequest(BaseModel):
+    text: str
+    k: int = 5
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+# the error statuses a model endpoint may answer, each with the error body
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 413, 415, 422, 503, 504)}
+
+# /v1/search reads its body itself (JSON text query or a multipart photo), so its two bodies are described here
+SEARCH_REQUEST_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": SearchRequest.model_json_schema()},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+        "image": {"type": "string", "format": "binary"}, "k": {"type": "integer", "default": 5}}}}}}}
