@@ -56,8 +56,8 @@ def main(argv=None) -> int:
                 browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS, headless=True)
                 page = browser.new_page(viewport={"width": 1200, "height": 820})
                 page.goto(base + "/")
-                page.fill("#api-key", key)
-                page.dispatch_event("#api-key", "change")
+                page.fill("#api-key", key)  # the page asks for the key: the service needs one
+                page.click("#key-submit")
                 expect(page.locator("#models-status")).to_contain_text("caption: ready", timeout=30_000)
                 page.select_option("#beam", args.beam)  # "" = the "model default" entry
                 page.set_input_files("#file-input", str(photos / names[args.photo]))

@@ -5,6 +5,7 @@ fails the test with a message saying so; set VLFUSE_SKIP_BROWSER_TESTS=1 to skip
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -42,22 +43,11 @@ def _require_browser():
                     "(or set VLFUSE_SKIP_BROWSER_TESTS=1 to skip it deliberately).", pytrace=False)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The app with a tiny caption model and colour VQA/retrieval stand-ins, on a loopback port in a thread."""
-    _require_browser()
+@contextlib.contextmanager
+def serving(app):
+    """``app`` under uvicorn on a free loopback port, in a thread -> its base URL."""
     import uvicorn
 
-    from vlfuse.serving.app import create_app
-    from vlfuse.serving.models import ServiceModels
-    from vlfuse.serving.settings import APIKeys, ServeSettings
-    from vlfuse.tasks.caption.pipeline import Captioner
-
-    tmp = tmp_path_factory.mktemp("browser")
-    captioner = Captioner.from_pretrained(make_tiny_captioner(tmp / "tiny-caption"))
-    models = ServiceModels(captioner, ColourVQA(), ColourRetriever(), ColourIndex(tmp / "photos"),
-                           {"caption": "tiny-caption", "vqa": "colour-vqa", "retrieval": "colour-retrieval"})
-    app = create_app(models, ServeSettings(), APIKeys([KEY]))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -68,32 +58,131 @@ def server(tmp_path_factory):
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
     assert srv.started, "server did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+
+
+def models_for(tmp: Path):
+    from vlfuse.serving.models import ServiceModels
+    from vlfuse.tasks.caption.pipeline import Captioner
+
+    captioner = Captioner.from_pretrained(make_tiny_captioner(tmp / "tiny-caption"))
+    return ServiceModels(captioner, ColourVQA(), ColourRetriever(), ColourIndex(tmp / "photos"),
+                         {"caption": "tiny-caption", "vqa": "colour-vqa", "retrieval": "colour-retrieval"})
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The app with a tiny caption model and colour VQA/retrieval stand-ins and an API key, served on loopback."""
+    _require_browser()
+    from vlfuse.serving.app import create_app
+    from vlfuse.serving.settings import APIKeys, ServeSettings
+
+    tmp = tmp_path_factory.mktemp("browser")
+    models = models_for(tmp)
     photo = tmp / "photo.png"
     photo.write_bytes(image_bytes("blue", (240, 180)))
-    yield f"http://127.0.0.1:{port}", photo, captioner
-    srv.should_exit = True
-    thread.join(timeout=30)
+    with serving(create_app(models, ServeSettings(), APIKeys([KEY]))) as base:
+        yield base, photo, models.captioner
 
 
-def test_page_caption_question_search(server):
-    from playwright.sync_api import expect, sync_playwright
+@contextlib.contextmanager
+def browser_page(base: str):
+    """A headless Chromium page of its own (a fresh session) -> (page, list of off-site URLs it fetched)."""
+    from playwright.sync_api import sync_playwright
 
-    base, photo, captioner = server
-    expected_caption = captioner(str(photo), beam_size=5)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         page = browser.new_page(viewport={"width": 1200, "height": 820})
         offsite = []
         page.on("request", lambda req: offsite.append(req.url) if not req.url.startswith((base, "blob:", "data:"))
                 else None)
-        page.goto(base + "/")
+        try:
+            yield page, offsite
+        finally:
+            browser.close()
 
-        # without the key the page shows the service's 401 message
-        expect(page.locator("#error")).to_contain_text("401 unauthorized")
-        page.fill("#api-key", KEY)
-        page.dispatch_event("#api-key", "change")
+
+def enter_key(page, key: str) -> None:
+    page.fill("#api-key", key)
+    page.click("#key-submit")
+
+
+def test_page_asks_for_the_key_and_keeps_it_for_the_session(server, tmp_path):
+    """Opening the page shows no error: it asks for the key; a wrong key is named once, in the dialog; the
+    right one loads the models, and a reload in the same tab does not ask again."""
+    from playwright.sync_api import expect
+
+    base, _, _ = server
+    with browser_page(base) as (page, offsite):
+        page.goto(base + "/")
+        expect(page.locator("#key-dialog")).to_be_visible()
+        expect(page.locator("#key-message")).to_be_hidden()
+        expect(page.locator("#error")).to_be_hidden()  # no red 401 banner before the user did anything
+        page.screenshot(path=str(tmp_path / "key_dialog.png"))
+
+        enter_key(page, "wrong-key-0123456789")
+        expect(page.locator("#key-dialog")).to_be_visible()
+        expect(page.locator("#key-message")).to_have_text(
+            "The service did not accept that key. Check it and enter it again.")
+        expect(page.locator("#error")).to_be_hidden()  # said once, in the dialog, not again in the page
+        assert page.locator("text=did not accept").count() == 1
+        page.screenshot(path=str(tmp_path / "key_refused.png"))
+
+        enter_key(page, KEY)
+        expect(page.locator("#key-dialog")).to_be_hidden()
         expect(page.locator("#models-status")).to_contain_text("caption: ready")
         expect(page.locator("#error")).to_be_hidden()
+        expect(page.locator("#key-btn")).to_be_visible()
+
+        page.reload()
+        expect(page.locator("#models-status")).to_contain_text("caption: ready")
+        expect(page.locator("#key-dialog")).to_be_hidden()
+    assert offsite == []
+
+
+def test_page_without_a_key_says_one_is_needed_when_the_dialog_is_closed(server):
+    from playwright.sync_api import expect
+
+    base, _, _ = server
+    with browser_page(base) as (page, _):
+        page.goto(base + "/")
+        expect(page.locator("#key-dialog")).to_be_visible()
+        page.click("#key-cancel")
+        expect(page.locator("#key-dialog")).to_be_hidden()
+        expect(page.locator("#models-status")).to_have_text("An API key is needed to use this service.")
+        expect(page.locator("#error")).to_be_hidden()
+        page.click("#key-btn")  # the user changes their mind
+        enter_key(page, KEY)
+        expect(page.locator("#models-status")).to_contain_text("caption: ready")
+
+
+def test_page_of_a_service_without_keys_never_asks(tmp_path):
+    _require_browser()
+    from playwright.sync_api import expect
+
+    from vlfuse.serving.app import create_app
+
+    with serving(create_app(models_for(tmp_path))) as base, browser_page(base) as (page, _):
+        page.goto(base + "/")
+        expect(page.locator("#models-status")).to_contain_text("caption: ready")
+        expect(page.locator("#key-dialog")).to_be_hidden()
+        expect(page.locator("#key-btn")).to_be_hidden()
+        expect(page.locator("#error")).to_be_hidden()
+
+
+def test_page_caption_question_search(server):
+    from playwright.sync_api import expect
+
+    base, photo, captioner = server
+    expected_caption = captioner(str(photo), beam_size=5)
+    with browser_page(base) as (page, offsite):
+        page.goto(base + "/")
+        enter_key(page, KEY)
+        expect(page.locator("#models-status")).to_contain_text("caption: ready")
 
         # drop a photo onto the drop zone -> its caption
         page.evaluate("""async (b64) => {
@@ -130,14 +219,19 @@ def test_page_caption_question_search(server):
         scores = [float(s) for s in hits.locator("figcaption").all_inner_texts()]
         assert scores == sorted(scores, reverse=True) and len(scores) == 3
 
-        # a refused search shows the service's message, and the page keeps working
-        page.fill("#api-key", "wrong-key")
-        page.click("#search-btn")
-        expect(page.locator("#error")).to_contain_text("401 unauthorized: API key not accepted")
-        page.fill("#api-key", KEY)
+        # a key that stops working (here: a wrong one the user keeps): the next search asks for a new one, saying
+        # why, and runs once it is given
+        page.click("#key-btn")
+        enter_key(page, "revoked-key-0123456789")
+        expect(page.locator("#key-message")).to_contain_text("did not accept")
+        page.click("#key-cancel")
         page.fill("#search-k", "4")
         page.click("#search-btn")
+        expect(page.locator("#key-dialog")).to_be_visible()
+        expect(page.locator("#key-message")).to_contain_text("did not accept")
+        enter_key(page, KEY)
         expect(hits).to_have_count(4, timeout=20_000)
+        expect(page.locator("#models-status")).to_contain_text("caption: ready")
         page.wait_for_function("() => [...document.querySelectorAll('#hits img')].every(i => i.complete && "
                                "i.naturalWidth > 0)", timeout=20_000)
         expect(page.locator("#error")).to_be_hidden()
@@ -145,6 +239,5 @@ def test_page_caption_question_search(server):
         screenshot = SCREENSHOT  # gitignored: the README's picture (real models) comes from benchmarks/serve_page.py
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(screenshot), full_page=True)
-        browser.close()
     assert offsite == []  # the page fetched nothing from anywhere but this server
     assert screenshot.stat().st_size > 10_000

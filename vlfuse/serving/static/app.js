@@ -5,14 +5,53 @@ const $ = (id) => document.getElementById(id);
 let photo = null;            // the picked File
 const thumbUrls = [];        // object URLs to revoke on the next search
 
-const keyInput = $("api-key");
-keyInput.value = localStorage.getItem("vlfuse-api-key") || "";
-keyInput.addEventListener("change", () => { localStorage.setItem("vlfuse-api-key", keyInput.value.trim()); loadModels(); });
+// -- API key ---------------------------------------------------------------------------------------
+// Asked for only when the service refuses a request for want of one (401), kept for this tab's session
+// (sessionStorage), and the refused request is then sent again with it.
+const KEY_STORE = "vlfuse-api-key";
+let apiKey = sessionStorage.getItem(KEY_STORE) || "";
+let keyPrompt = null;  // while the dialog is open: requests refused meanwhile wait for the same answer
 
 function authHeaders() {
-  const key = keyInput.value.trim();
-  return key ? { "Authorization": "Bearer " + key } : {};
+  return apiKey ? { "Authorization": "Bearer " + apiKey } : {};
 }
+
+// Open the key dialog (once, however many requests were refused) -> true once a key is given, false if the
+// user closes it. ``refused`` is the key the service just turned down ("" when the request carried none).
+function askForKey(refused) {
+  if (keyPrompt) return keyPrompt;
+  const dialog = $("key-dialog");
+  const input = $("api-key");
+  const message = $("key-message");
+  $("key-btn").hidden = false;  // the service uses keys: let the user change theirs later
+  message.textContent = refused ? "The service did not accept that key. Check it and enter it again." : "";
+  message.hidden = !refused;
+  input.value = refused || apiKey;
+  keyPrompt = new Promise((resolve) => {
+    const done = (given) => {
+      $("key-form").removeEventListener("submit", onSubmit);
+      $("key-cancel").removeEventListener("click", onCancel);
+      dialog.removeEventListener("cancel", onCancel);
+      if (dialog.open) dialog.close();
+      keyPrompt = null;
+      resolve(given);
+    };
+    const onSubmit = () => {
+      apiKey = input.value.trim();
+      sessionStorage.setItem(KEY_STORE, apiKey);
+      done(true);
+    };
+    const onCancel = (e) => { e.preventDefault(); done(false); };
+    $("key-form").addEventListener("submit", onSubmit);
+    $("key-cancel").addEventListener("click", onCancel);
+    dialog.addEventListener("cancel", onCancel);  // Escape
+  });
+  dialog.showModal();
+  input.select();
+  return keyPrompt;
+}
+
+class KeyNeeded extends Error {}
 
 function showError(message) {
   const box = $("error");
@@ -20,15 +59,26 @@ function showError(message) {
   box.hidden = !message;
 }
 
-// fetch + JSON, turning the service's {"error": {code, message}} into a thrown Error
+// fetch + JSON, turning the service's {"error": {code, message}} into a thrown Error. A 401 asks for the key
+// and sends the request again with it.
 async function api(path, options = {}) {
-  const resp = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
-  const body = await resp.json().catch(() => ({}));
-  if (!resp.ok) {
-    const err = body.error || {};
-    throw new Error(`${resp.status} ${err.code || "error"}: ${err.message || resp.statusText}`);
+  let asked = false;
+  for (;;) {
+    const sent = apiKey;
+    const resp = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
+    if (resp.status === 401) {
+      if (apiKey !== sent) continue;  // another request got a new key meanwhile: use it
+      if (await askForKey(sent)) { asked = true; continue; }
+      throw new KeyNeeded("This service needs an API key: click “API key” at the top to enter one.");
+    }
+    const body = await resp.json().catch(() => ({}));
+    if (!resp.ok) {
+      const err = body.error || {};
+      throw new Error(`${resp.status} ${err.code || "error"}: ${err.message || resp.statusText}`);
+    }
+    if (asked && path !== "/v1/models") loadModels();  // the status line may still say that a key is needed
+    return body;
   }
-  return body;
 }
 
 // Each panel shows only the answer to its latest request: a slower, older response (say the caption for the
@@ -44,10 +94,15 @@ async function loadModels() {
     $("models-status").textContent = parts.join(" · ");
     showError("");
   } catch (e) {
-    $("models-status").textContent = "";
-    showError(e.message);
+    // no key given yet is not an error the user made: say so in the status line, not in the red box
+    $("models-status").textContent = e instanceof KeyNeeded ? "An API key is needed to use this service." : "";
+    showError(e instanceof KeyNeeded ? "" : e.message);
   }
 }
+
+$("key-btn").addEventListener("click", async () => {
+  if (await askForKey("")) loadModels();  // checks the key at once: a wrong one reopens the dialog
+});
 
 // -- photo: pick or drop --------------------------------------------------------------------------
 function setPhoto(file) {
