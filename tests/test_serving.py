@@ -564,3 +564,63 @@ def test_vqa_endpoint_equals_shipped_easyvqa_model(captioner):
     body = resp.json()
     assert body["answer"] == expected.answer and abs(body["probability"] - expected.probability) < 1e-6
     assert [t["answer"] for t in body["top"]] == [a for a, _ in expected.top]
+
+
+# -- the service captions as the CLI does (shipped model, real photos) ------------------------------------
+PARITY_PHOTOS = 8  # the first val photos
+DECODINGS = {"greedy": (["--beam", "1"], False),  # the service's default: greedy unless started with --caption-rerank
+             "rerank": ([], True)}                 # the model's own default, reranking, in both
+
+
+def cli_captions(paths, *args) -> list:
+    """``vlfuse caption --json PATHS ARGS`` -> one caption per path, in order."""
+    from vlfuse.cli.main import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["caption", "--json", *map(str, paths), *args]) == 0
+    return [json.loads(line)["caption"] for line in out.getvalue().splitlines()]
+
+
+@pytest.fixture(scope="module", params=sorted(DECODINGS))
+def parity(request):
+    """(decoding, photo paths, the service's caption of each photo sent on its own)."""
+    from conftest import flickr_or_skip
+
+    flickr = flickr_or_skip()
+    decoding = request.param
+    cli_args, caption_rerank = DECODINGS[decoding]
+    paths = [flickr / "images" / n for n in (flickr / "val.txt").read_text().split()[:PARITY_PHOTOS]]
+    models = ServiceModels.load(ModelChoice(), ModelChoice("none"), ModelChoice("none"), caption_rerank=caption_rerank)
+    if models.captioner is None:  # reranking needs pycocoevalcap
+        pytest.skip(models.problems["caption"])
+    assert models.captioner.decode_defaults.strategy == decoding
+    with client_for(models) as client:  # one request at a time: each photo is a batch of its own
+        served = []
+        for path in paths:
+            resp = post_image(client, data=path.read_bytes(), name=path.name, ctype="image/jpeg")
+            assert resp.status_code == 200, resp.text
+            served.append(resp.json()["caption"])
+    return decoding, paths, served
+
+
+def test_service_captions_equal_the_clis_with_the_same_settings(parity):
+    """`vlfuse serve` (greedy by default; the model's reranking with --caption-rerank) gives the captions of
+    `vlfuse caption --beam 1` (greedy) and of `vlfuse caption` (its default, reranking): the service passes the
+    CLI's decoding settings. The CLI captions one photo per batch here, as the service does a lone request."""
+    decoding, paths, served = parity
+    assert served == cli_captions(paths, *DECODINGS[decoding][0], "--batch-size", "1")
+
+
+def test_service_captions_equal_the_clis_whatever_the_batch(parity, request):
+    """The CLI captions the photos in one batch, the service one at a time: a caption must depend only on the
+    photo, the model and the decoding settings (issue 19, determinism)."""
+    decoding, paths, served = parity
+    request.applymarker(pytest.mark.xfail(reason={
+        "greedy": "the int8 decoder quantizes activations with one scale per batch, and the backend (ONNX Runtime "
+                  "or TorchScript step) is chosen by batch size and thread count, so a greedy caption can change "
+                  "with its batch-mates (3 of 40 val photos between one batch and one at a time; the float32 decoder's do not)",
+        "rerank": "reranking samples with one seed per batch, not per image: the determinism fix (sampling seeded "
+                  "per image from its content) removes this; the int8 greedy candidate above still varies"}[decoding],
+        strict=False))
+    assert served == cli_captions(paths, *DECODINGS[decoding][0])
