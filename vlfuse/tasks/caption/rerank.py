@@ -22,6 +22,7 @@ from ...data.captions import CaptionSet
 from ...data.tokenizer import Tokenizer
 from ...errors import ConfigError, ModelNotFoundError
 from ...generation import DecodeConfig
+from ...io import atomic_path, atomic_write
 
 MEMORY_WEIGHTS = "memory.safetensors"
 MEMORY_TEXTS = "memory.txt"
@@ -94,13 +95,10 @@ class CaptionMemory:
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        tmp = directory / (MEMORY_WEIGHTS + ".tmp")
-        save_file({"embeddings": self.embeddings.half().contiguous(), "groups": self.groups.int().contiguous()},
-                  str(tmp))
-        tmp.replace(directory / MEMORY_WEIGHTS)
-        tmp = directory / (MEMORY_TEXTS + ".tmp")
-        tmp.write_text("".join(t + "\n" for t in self.texts), encoding="utf-8")
-        tmp.replace(directory / MEMORY_TEXTS)
+        with atomic_path(directory / MEMORY_WEIGHTS) as tmp:
+            save_file({"embeddings": self.embeddings.half().contiguous(), "groups": self.groups.int().contiguous()},
+                      str(tmp))
+        atomic_write(directory / MEMORY_TEXTS, "".join(t + "\n" for t in self.texts))
 
     @classmethod
     def load(cls, directory: Union[str, Path]) -> "CaptionMemory":

@@ -8,8 +8,6 @@ symmetric InfoNCE loss with a learned temperature, plus an optional VSE++ hardes
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Tuple, Union
 
@@ -22,6 +20,7 @@ from ...config import from_dict, to_dict
 from ...data.images import ImageInput, load_image
 from ...errors import ImageError, InputError, ModelNotFoundError
 from ...hub import resolve_model
+from ...io import tensors_digest
 from ...nn.pooling import AttentionPool, Projection
 from ...nn.text import WordPieceTokenizer, pad_batch
 from ...registry import VISION_ENCODERS
@@ -94,13 +93,9 @@ def identity_config(config: RetrievalModelConfig) -> dict:
 
 
 def weights_digest(model: nn.Module, config: dict) -> str:
-    """Hash of the saved config and the fp16 saved weights: identical before saving and after loading."""
-    h = hashlib.sha1(json.dumps(config, sort_keys=True).encode())
+    """Digest of the saved config and the fp16 saved weights: identical before saving and after loading."""
     state, _ = _storable_state(model, model.persistent_prefixes(), half=True)
-    for name in sorted(state):
-        h.update(name.encode())
-        h.update(state[name].numpy().tobytes())
-    return h.hexdigest()[:16]
+    return tensors_digest(state, config)
 
 
 class Retriever:
