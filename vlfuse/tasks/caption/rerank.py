@@ -23,6 +23,7 @@ from ...data.tokenizer import Tokenizer
 from ...errors import ConfigError, ModelNotFoundError
 from ...generation import DecodeConfig
 from ...io import atomic_path, atomic_write
+from ..base import read_checkpoint
 
 MEMORY_WEIGHTS = "memory.safetensors"
 MEMORY_TEXTS = "memory.txt"
@@ -180,13 +181,10 @@ def attach_memory(directory: Union[str, Path], memory: CaptionMemory, config: Re
                   default_decode: Optional[dict] = None) -> Path:
     """Write ``memory`` into the caption checkpoint ``directory`` and its ``rerank`` section into config.json;
     with ``default_decode`` (DecodeConfig fields) that also becomes the model's decoding default."""
-    from ...checkpoint import CONFIG_NAME, read_config
+    from ...checkpoint import CONFIG_NAME
     from ...config import save_json, to_dict
 
-    directory = Path(directory)
-    raw = read_config(directory)
-    if raw.get("task") != "caption":
-        raise ModelNotFoundError(f"'{directory}' is a '{raw.get('task')}' model, not a caption model")
+    directory, raw = read_checkpoint(directory, "caption")
     memory.save(directory)
     raw["rerank"] = to_dict(config)
     if default_decode is not None:
