@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from vlfuse.io import atomic_path, atomic_write, config_digest, file_digest, tensors_digest
+from vlfuse.io import (
+    atomic_path,
+    atomic_write,
+    config_digest,
+    file_digest,
+    tensors_digest,
+)
 
 
 def leftovers(folder):
