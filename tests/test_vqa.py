@@ -245,5 +245,5 @@ def test_from_pretrained_rejects_other_tasks(tmp_path):
     d = tmp_path / "cap"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"task": "caption", "model": {}}))
-    with pytest.raises(ModelNotFoundError, match="not a VQA model"):
+    with pytest.raises(ModelNotFoundError, match="is a caption model, not a vqa model"):
         QuestionAnswerer.from_pretrained(d)

@@ -14,6 +14,7 @@ _PUBLIC = {
     "QuestionAnswerer": "vlfuse.tasks.vqa", "VQAModel": "vlfuse.tasks.vqa",
     "Retriever": "vlfuse.tasks.retrieval", "RetrievalModel": "vlfuse.tasks.retrieval",
     "ImageIndex": "vlfuse.tasks.retrieval",
+    "load": "vlfuse.tasks.base",  # any model, as the pipeline its checkpoint's task calls for
 }
 __all__ = sorted(_PUBLIC) + ["__version__"]
 

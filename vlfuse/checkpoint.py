@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import save_json
 from .errors import ModelNotFoundError
+from .io import atomic_path
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -44,9 +45,8 @@ def save_checkpoint(directory: str | Path, model: nn.Module, config: Dict[str, A
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state, aliases = _storable_state(model, exclude_prefixes, half)
-    tmp = directory / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp), metadata={"aliases": json.dumps(aliases), "format": "pt"})
-    tmp.replace(directory / WEIGHTS_NAME)
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"aliases": json.dumps(aliases), "format": "pt"})
     save_json(config, directory / CONFIG_NAME)
     return directory
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import os
 import types
 import typing
 from pathlib import Path
 from typing import Any, Dict, List, Type, TypeVar
 
 from .errors import ConfigError
+from .io import atomic_write
 
 T = TypeVar("T")
 
@@ -176,9 +176,5 @@ def apply_overrides(data: Dict[str, Any], overrides: List[str]) -> Dict[str, Any
 
 
 def save_json(data: Any, path: str | Path) -> None:
-    """Write JSON atomically (temporary file + rename). The temporary file is per process, so that processes
-    writing the same file at once (data-parallel ranks) never rename each other's."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    """Write JSON atomically (``vlfuse.io.atomic_write``)."""
+    atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

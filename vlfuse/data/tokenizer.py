@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterable, List, Sequence
 
 from ..errors import ConfigError
+from ..io import atomic_write
 from ..registry import SEGMENTERS
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
@@ -86,9 +87,8 @@ class Tokenizer:
         return self.segmenter.joiner.join(words)
 
     def save(self, directory: str | Path) -> None:
-        path = Path(directory) / "vocab.json"
-        path.write_text(json.dumps({"segmenter": self.segmenter_name, "vocab": self.vocab}, ensure_ascii=False),
-                        encoding="utf-8")
+        atomic_write(Path(directory) / "vocab.json",
+                     json.dumps({"segmenter": self.segmenter_name, "vocab": self.vocab}, ensure_ascii=False))
 
     @classmethod
     def load(cls, directory: str | Path) -> "Tokenizer":

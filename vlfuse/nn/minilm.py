@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..io import atomic_path
 
 
 class _Embeddings(nn.Module):
@@ -165,7 +166,8 @@ class WordPieceTokenizer:
         return ids
 
     def save(self, directory: str | Path) -> None:
-        shutil.copyfile(self.path, Path(directory) / "tokenizer.json")
+        with atomic_path(Path(directory) / "tokenizer.json") as tmp:
+            shutil.copyfile(self.path, tmp)
 
     @classmethod
     def load(cls, directory: str | Path) -> "WordPieceTokenizer":

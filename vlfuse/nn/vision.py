@@ -13,6 +13,7 @@ from torch import nn
 
 from ..data.images import ImageTransform
 from ..errors import ConfigError
+from ..io import tensors_digest
 from ..registry import VISION_ENCODERS
 
 
@@ -26,10 +27,12 @@ class ImageFeatures:
 
 
 class VisionEncoder(nn.Module):
-    """Base class. Subclasses set ``out_dim``, ``transform`` and implement ``stem``/``tail``."""
+    """Base class. Subclasses set ``out_dim``, ``transform`` and ``stem_layers`` (the modules of the frozen part)
+    and implement ``stem``/``tail``."""
 
     out_dim: int
     transform: ImageTransform
+    stem_layers: nn.Module
 
     def stem(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen part: images (B, 3, H, W) -> activations that the feature cache stores."""
@@ -67,8 +70,11 @@ class VisionEncoder(nn.Module):
 
     @property
     def cache_key(self) -> str:
-        """Identifies stem outputs: the cache is only valid for the same key."""
-        raise NotImplementedError
+        """Names the stem's outputs (a feature cache folder): the encoder class, input size and a digest of the
+        image transform and the stem's weights, so encoders whose stems compute anything different (another
+        variant, split point, input size or weights, e.g. ``pretrained=False``) never share cached features."""
+        digest = tensors_digest(self.stem_layers.state_dict(), [type(self).__qualname__, self.transform.to_dict()])
+        return f"{type(self).__name__.lower()}-{self.transform.size}px-{digest}"
 
 
 def _grid_features(fmap: torch.Tensor) -> ImageFeatures:
@@ -207,10 +213,6 @@ class EfficientNetLite(VisionEncoder):
     def tail(self, acts: torch.Tensor) -> ImageFeatures:
         return _grid_features(self.tail_layers(acts.to(memory_format=torch.channels_last)))
 
-    @property
-    def cache_key(self) -> str:
-        return f"efficientnet-lite{self.variant}-{self.image_size}px-stem{len(self.stem_layers)}"
-
     def tail_state_dict(self) -> dict:
         return self.tail_layers.state_dict()
 
@@ -257,10 +259,6 @@ class SmallCNN(VisionEncoder):
 
     def tail(self, acts: torch.Tensor) -> ImageFeatures:
         return _grid_features(self.tail_layers(acts))
-
-    @property
-    def cache_key(self) -> str:
-        return f"pixels-{self.image_size}px"
 
 
 def build_vision_encoder(name: str, **kwargs) -> VisionEncoder:

@@ -9,12 +9,10 @@ weights and everything else that shapes the graph; a cache that cannot be writte
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import io
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -23,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..io import atomic_write, tensors_digest
 from ..nn.vision import ImageFeatures, VisionEncoder
 
 log = logging.getLogger(__name__)
@@ -74,12 +73,7 @@ class _Features(nn.Module):
 
 def weights_key(module: nn.Module, context: str) -> str:
     """A hash of ``context`` (what else shapes a graph: versions, sizes) and ``module``'s weights and buffers."""
-    h = hashlib.sha256(context.encode())
-    for name, tensor in module.state_dict().items():
-        h.update(name.encode())
-        h.update(str(tuple(tensor.shape)).encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:32]
+    return tensors_digest(module.state_dict(), context)
 
 
 def graph_key(encoder: VisionEncoder) -> str:
@@ -142,17 +136,10 @@ def cached_file(name: str, build: Callable[[], bytes], cache_dir: Optional[Path]
     if path.is_file():
         return str(path)
     graph = build()
-    tmp = None
     try:  # atomic: concurrent processes never read a half-written graph
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(graph)
-        os.replace(tmp, path)
+        atomic_write(path, graph)
         _prune(path.parent, keep=CACHE_KEEP)
-    except OSError as exc:
-        if tmp is not None and os.path.exists(tmp):  # e.g. a full disk: no half-written file is left behind
-            os.unlink(tmp)
+    except OSError as exc:  # e.g. a full disk (no half-written file is left behind)
         log.info("could not cache the graph %s in %s (%s); it is built again next time", name, cache_dir, exc)
         return graph
     return str(path)

@@ -1,12 +1,12 @@
 """On-disk cache of frozen vision-encoder outputs, so training epochs never re-run the CNN.
 
-Entries are keyed by the image file's content hash under a folder named by the encoder's
-``cache_key`` (encoder + input size + split point), so renamed files hit the cache and edited
-files or another encoder miss it. Each entry is written atomically; an interrupted build resumes.
+Entries are keyed by the image file's content digest under a folder named by the encoder's
+``cache_key`` (a digest of its image transform and stem weights; see ``vlfuse.io``), so renamed files hit the
+cache and edited files or another encoder miss it. Each entry is written atomically; an interrupted build
+resumes.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -17,10 +17,7 @@ from tqdm.auto import tqdm
 
 from ..data.images import load_image, mirror_pixels
 from ..errors import ImageError
-
-
-def content_hash(path: str | os.PathLike) -> str:
-    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+from ..io import atomic_path, file_digest
 
 
 class FeatureCache:
@@ -43,7 +40,7 @@ class FeatureCache:
         todo: List[Tuple[int, str]] = []
         for i, p in enumerate(paths):
             try:
-                d = content_hash(p)
+                d = file_digest(p)
             except OSError as exc:
                 digests.append(None)
                 failures.append((str(p), f"cannot be read ({exc.strerror or exc})"))
@@ -76,11 +73,8 @@ class FeatureCache:
         return digests, failures
 
     def _write(self, digest: str, array: np.ndarray) -> None:
-        path = self._entry(digest)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, np.ascontiguousarray(array))
-        tmp.replace(path)
+        with atomic_path(self._entry(digest), fsync=False) as tmp:  # thousands of entries: no flush to disk each
+            np.save(tmp, np.ascontiguousarray(array))
 
     def load(self, digests: Sequence[str], progress: bool = False) -> torch.Tensor:
         """Stack cached entries -> fp16 tensor (M, *activation shape)."""

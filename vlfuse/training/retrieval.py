@@ -5,8 +5,6 @@ An epoch then only runs the attention pooling, the tuned text layers (if any) an
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -18,6 +16,7 @@ from tqdm.auto import tqdm
 from ..config import from_dict, save_json, to_dict
 from ..data.captions import CaptionSet
 from ..errors import ConfigError
+from ..io import atomic_path, config_digest
 from ..metrics.retrieval import recall_metrics
 from ..nn.text import pad_batch
 from ..tasks.retrieval.pipeline import RetrievalModel, RetrievalModelConfig, Retriever
@@ -61,8 +60,8 @@ def _split(cfg: RetrievalDataConfig, split: str, limit: int) -> CaptionSet:
 def cached_text_features(model: RetrievalModel, tokenizer, captions: Sequence[str], cache_dir: str,
                          batch_size: int = 256, progress: bool = True) -> torch.Tensor:
     """Pooled frozen text-encoder outputs (M, text_dim) fp16 for ``captions``, cached in one file per caption list."""
-    key = hashlib.sha1(json.dumps([to_dict(model.config.text), model.config.max_len, list(captions)]).encode())
-    path = Path(cache_dir) / f"{model.config.text.name}-{key.hexdigest()[:16]}.npy"
+    key = config_digest([to_dict(model.config.text), model.config.max_len, list(captions)])
+    path = Path(cache_dir) / f"{model.config.text.name}-{key}.npy"
     if path.is_file():
         return torch.from_numpy(np.load(path))
     model.text.eval()
@@ -73,10 +72,8 @@ def cached_text_features(model: RetrievalModel, tokenizer, captions: Sequence[st
                   dynamic_ncols=True):
         rows = order[s:s + batch_size]
         feats[rows] = model.encode_text(*pad_batch([encoded[i] for i in rows])).half()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npy")
-    np.save(tmp, feats.numpy())
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        np.save(tmp, feats.numpy())
     return feats
 
 
@@ -108,9 +105,8 @@ def cached_text_states(model: RetrievalModel, tokenizer, captions: Sequence[str]
     """The text encoder's ``frozen_states`` of every caption, fp16, cached in one file per caption list (keyed by
     the text config, max_len, the number of frozen layers and the captions); written atomically."""
     frozen = model.text.frozen_layers
-    key = hashlib.sha1(json.dumps([to_dict(model.config.text), model.config.max_len, frozen,
-                                   list(captions)]).encode())
-    path = Path(cache_dir) / f"{model.config.text.name}-states{frozen}-{key.hexdigest()[:16]}.npz"
+    key = config_digest([to_dict(model.config.text), model.config.max_len, frozen, list(captions)])
+    path = Path(cache_dir) / f"{model.config.text.name}-states{frozen}-{key}.npz"
     if path.is_file():
         with np.load(path) as f:
             return TokenStates(torch.from_numpy(f["flat"]), torch.from_numpy(f["offsets"]))
@@ -126,10 +122,8 @@ def cached_text_states(model: RetrievalModel, tokenizer, captions: Sequence[str]
         states = model.text.frozen_states(*pad_batch([encoded[i] for i in rows])).half()  # (B, T, D)
         for j, r in enumerate(rows):
             flat[offsets[r]:offsets[r + 1]] = states[j, :len(encoded[r])]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, flat=flat.numpy(), offsets=offsets.numpy())
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, flat=flat.numpy(), offsets=offsets.numpy())
     return TokenStates(flat, offsets)
 
 

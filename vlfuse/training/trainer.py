@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..io import atomic_path
 
 
 @dataclasses.dataclass
@@ -142,11 +143,12 @@ class Trainer:
     def save_last(self) -> None:
         if not is_main_process():
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.last_path.with_suffix(".pt.tmp")
-        torch.save({"model": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
-                    "state": self.state, "torch_rng": torch.get_rng_state(), "ema": self.ema}, tmp)
-        tmp.replace(self.last_path)  # atomic: a kill leaves the previous checkpoint intact
+        with atomic_path(self.last_path) as tmp:  # a kill leaves the previous checkpoint intact
+            torch.save({"model": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
+                        "state": self.state, "torch_rng": torch.get_rng_state(), "ema": self.ema,
+                        # dropout on a GPU draws from the device's generator: a resumed run needs it too
+                        "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
+                       tmp)
 
     def _trainable_state(self) -> Dict[str, torch.Tensor]:
         return {k: v for k, v in self.model.state_dict().items()
@@ -169,6 +171,8 @@ class Trainer:
             self.ema = {k: v.to(self.device) for k, v in ckpt["ema"].items()}
         self.state = ckpt["state"]
         torch.set_rng_state(ckpt["torch_rng"].cpu())
+        if ckpt.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), self.device)
         return True
 
     # -- loop -------------------------------------------------------------------------------------

@@ -10,16 +10,16 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import torch
 from torch import nn
 
-from ...checkpoint import load_weights, read_config, save_checkpoint
+from ...checkpoint import load_weights, save_checkpoint
 from ...config import from_dict, to_dict
 from ...data.images import ImageInput, load_image
 from ...data.tokenizer import BOS, Tokenizer
 from ...errors import ConfigError, ImageError
 from ...generation import DecodeConfig
-from ...hub import resolve_model
 from ...nn.vision import ImageFeatures
 from ...runtime.decoder import inference_decoder
 from ...runtime.onnx_vision import fast_image_encoder, use_onnx
+from ..base import Pipeline
 from .model import CaptionModel, CaptionModelConfig
 from .rerank import CaptionMemory, ConsensusReranker, rerank_config
 
@@ -31,7 +31,7 @@ class CaptionResult:
     tokens: List[str]
 
 
-class Captioner:
+class Captioner(Pipeline):
     """Caption images with a trained model.
 
     >>> cap = Captioner.from_pretrained("flickr8k-caption")
@@ -46,6 +46,8 @@ class Captioner:
     A checkpoint may also carry a caption memory (``"rerank"`` in its config.json, see ``caption_memory``) for
     the ``rerank`` strategy; ``memory_dir`` is the directory its files are in (``from_pretrained`` sets it).
     """
+
+    task = "caption"
 
     def __init__(self, model: CaptionModel, tokenizer: Tokenizer, extra_config: Optional[dict] = None,
                  int8: bool = False, onnx: Optional[bool] = False, memory_dir: Optional[Path] = None):
@@ -159,19 +161,13 @@ class Captioner:
 
     # -- loading and saving -------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: Union[str, Path], device: Optional[str] = None,
-                        int8: Optional[bool] = None, onnx: Optional[bool] = None) -> "Captioner":
-        """Load a built-in model or a checkpoint directory. ``int8`` (default: on for CPU) generates with the
-        decoder's linear layers quantized to int8 (see ``inference_decoder``); ``int8=False`` keeps them float.
-        ``onnx`` (default: on for CPU where onnxruntime is installed) encodes images with ONNX Runtime (see
-        ``onnx_vision``) and, with ``int8``, runs the decoding step there (see ``onnx_decoder``); ``onnx=False``
-        keeps PyTorch (and TorchScript)."""
-        directory = resolve_model(name_or_path)
-        raw = read_config(directory)
-        if raw.get("task") != "caption":
-            from ...errors import ModelNotFoundError
-
-            raise ModelNotFoundError(f"'{name_or_path}' is a '{raw.get('task')}' model, not a caption model")
+    def _from_checkpoint(cls, directory: Path, raw: dict, device: Optional[str] = None,
+                         int8: Optional[bool] = None, onnx: Optional[bool] = None) -> "Captioner":
+        """``from_pretrained``'s options: ``int8`` (default: on for CPU) generates with the decoder's linear
+        layers quantized to int8 (see ``inference_decoder``); ``int8=False`` keeps them float. ``onnx`` (default:
+        on for CPU where onnxruntime is installed) encodes images with ONNX Runtime (see ``onnx_vision``) and,
+        with ``int8``, runs the decoding step there (see ``onnx_decoder``); ``onnx=False`` keeps PyTorch (and
+        TorchScript)."""
         config = from_dict(CaptionModelConfig, raw["model"], "model")
         tokenizer = Tokenizer.load(directory)
         model = CaptionModel(config, len(tokenizer))

@@ -22,6 +22,8 @@ from ...data.captions import CaptionSet
 from ...data.tokenizer import Tokenizer
 from ...errors import ConfigError, ModelNotFoundError
 from ...generation import DecodeConfig
+from ...io import atomic_path, atomic_write
+from ..base import read_checkpoint
 
 MEMORY_WEIGHTS = "memory.safetensors"
 MEMORY_TEXTS = "memory.txt"
@@ -94,13 +96,10 @@ class CaptionMemory:
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        tmp = directory / (MEMORY_WEIGHTS + ".tmp")
-        save_file({"embeddings": self.embeddings.half().contiguous(), "groups": self.groups.int().contiguous()},
-                  str(tmp))
-        tmp.replace(directory / MEMORY_WEIGHTS)
-        tmp = directory / (MEMORY_TEXTS + ".tmp")
-        tmp.write_text("".join(t + "\n" for t in self.texts), encoding="utf-8")
-        tmp.replace(directory / MEMORY_TEXTS)
+        with atomic_path(directory / MEMORY_WEIGHTS) as tmp:
+            save_file({"embeddings": self.embeddings.half().contiguous(), "groups": self.groups.int().contiguous()},
+                      str(tmp))
+        atomic_write(directory / MEMORY_TEXTS, "".join(t + "\n" for t in self.texts))
 
     @classmethod
     def load(cls, directory: Union[str, Path]) -> "CaptionMemory":
@@ -182,13 +181,10 @@ def attach_memory(directory: Union[str, Path], memory: CaptionMemory, config: Re
                   default_decode: Optional[dict] = None) -> Path:
     """Write ``memory`` into the caption checkpoint ``directory`` and its ``rerank`` section into config.json;
     with ``default_decode`` (DecodeConfig fields) that also becomes the model's decoding default."""
-    from ...checkpoint import CONFIG_NAME, read_config
+    from ...checkpoint import CONFIG_NAME
     from ...config import save_json, to_dict
 
-    directory = Path(directory)
-    raw = read_config(directory)
-    if raw.get("task") != "caption":
-        raise ModelNotFoundError(f"'{directory}' is a '{raw.get('task')}' model, not a caption model")
+    directory, raw = read_checkpoint(directory, "caption")
     memory.save(directory)
     raw["rerank"] = to_dict(config)
     if default_decode is not None:

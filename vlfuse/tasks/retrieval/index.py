@@ -19,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ...errors import DataError, InputError, VlfuseError
+from ...io import atomic_path
 
 FORMAT_VERSION = 1
 DEFAULT_ANN_THRESHOLD = 200_000
@@ -197,9 +198,8 @@ class ImageIndex:
 
     # -- persistence ----------------------------------------------------------------------------------
     def save(self, path: Union[str, os.PathLike]) -> Path:
-        """Write atomically: a temporary file in the same folder, then a rename."""
+        """Write atomically (``vlfuse.io.atomic_path``)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": "vlfuse-image-index", "version": FORMAT_VERSION, "model_id": self.model_id,
                 "dim": self.dim, "count": len(self), "ann_threshold": self.ann_threshold}
         arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
@@ -212,16 +212,8 @@ class ImageIndex:
                 import faiss
 
                 arrays["ann"] = faiss.serialize_index(self._ann)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            tmp.replace(path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)  # to a file object: np.savez would add ".npz" to a path without it
         return path
 
     @classmethod

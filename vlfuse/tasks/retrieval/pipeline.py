@@ -8,8 +8,6 @@ symmetric InfoNCE loss with a learned temperature, plus an optional VSE++ hardes
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Tuple, Union
 
@@ -17,14 +15,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...checkpoint import _storable_state, load_weights, read_config, save_checkpoint
+from ...checkpoint import _storable_state, load_weights, save_checkpoint
 from ...config import from_dict, to_dict
 from ...data.images import ImageInput, load_image
-from ...errors import ImageError, InputError, ModelNotFoundError
-from ...hub import resolve_model
+from ...errors import ImageError, InputError
+from ...io import tensors_digest
 from ...nn.pooling import AttentionPool, Projection
 from ...nn.text import WordPieceTokenizer, pad_batch
 from ...registry import VISION_ENCODERS
+from ..base import Pipeline, read_checkpoint
 from .model import RetrievalModel, RetrievalModelConfig
 
 
@@ -58,10 +57,8 @@ class RetrievalImageTower(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: Union[str, Path]) -> "RetrievalImageTower":
-        directory = resolve_model(name_or_path)
-        raw = read_config(directory)
-        if raw.get("task") != "retrieval":
-            raise ModelNotFoundError(f"'{name_or_path}' is a '{raw.get('task')}' model, not a retrieval model")
+        """The image tower of a retrieval model (a built-in name or a checkpoint directory)."""
+        directory, raw = read_checkpoint(name_or_path, "retrieval")
         tower = cls(from_dict(RetrievalModelConfig, raw["model"], "model"))
         load_weights(directory, tower, allowed_missing_prefixes=tower.persistent_prefixes(),
                      only_prefixes=cls.PREFIXES)
@@ -94,16 +91,12 @@ def identity_config(config: RetrievalModelConfig) -> dict:
 
 
 def weights_digest(model: nn.Module, config: dict) -> str:
-    """Hash of the saved config and the fp16 saved weights: identical before saving and after loading."""
-    h = hashlib.sha1(json.dumps(config, sort_keys=True).encode())
+    """Digest of the saved config and the fp16 saved weights: identical before saving and after loading."""
     state, _ = _storable_state(model, model.persistent_prefixes(), half=True)
-    for name in sorted(state):
-        h.update(name.encode())
-        h.update(state[name].numpy().tobytes())
-    return h.hexdigest()[:16]
+    return tensors_digest(state, config)
 
 
-class Retriever:
+class Retriever(Pipeline):
     """Embed images and texts into one space for search.
 
     >>> r = Retriever.from_pretrained("flickr8k-retrieval")
@@ -111,6 +104,8 @@ class Retriever:
     >>> v = r.embed_images(["a.jpg", "b.jpg"])                  # (2, 256)
     >>> scores = v @ q[0]
     """
+
+    task = "retrieval"
 
     def __init__(self, model: RetrievalModel, tokenizer, name: str = "retrieval", extra_config: Optional[dict] = None):
         self.model = model.eval()
@@ -121,11 +116,7 @@ class Retriever:
 
     # -- loading and saving -------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: Union[str, Path], device: Optional[str] = None) -> "Retriever":
-        directory = resolve_model(name_or_path)
-        raw = read_config(directory)
-        if raw.get("task") != "retrieval":
-            raise ModelNotFoundError(f"'{name_or_path}' is a '{raw.get('task')}' model, not a retrieval model")
+    def _from_checkpoint(cls, directory: Path, raw: dict, device: Optional[str] = None) -> "Retriever":
         config = from_dict(RetrievalModelConfig, raw["model"], "model")
         model = RetrievalModel(config)
         load_weights(directory, model, allowed_missing_prefixes=model.persistent_prefixes())

@@ -12,14 +12,14 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ...checkpoint import load_weights, read_config, save_checkpoint
+from ...checkpoint import load_weights, save_checkpoint
 from ...config import from_dict, save_json, to_dict
 from ...data.images import ImageInput, load_image
 from ...data.tokenizer import Tokenizer
 from ...errors import ConfigError, InputError, ModelNotFoundError
-from ...hub import resolve_model
 from ...nn.text import WordPieceTokenizer, pad_batch
 from ...registry import TEXT_ENCODERS
+from ..base import Pipeline
 from .model import VQAModel, VQAModelConfig
 
 MAX_QUESTION_CHARS = 1000
@@ -54,8 +54,10 @@ def make_question_tokenizer(config: VQAModelConfig, directory: Optional[Path] = 
     return Tokenizer.load(directory)
 
 
-class QuestionAnswerer:
+class QuestionAnswerer(Pipeline):
     """Answer questions about images with a trained VQA network, its question tokenizer and answer list."""
+
+    task = "vqa"
 
     def __init__(self, network: VQAModel, tokenizer, answers: Sequence[str], extra_config: Optional[dict] = None):
         if len(answers) != network.config.num_answers:
@@ -67,11 +69,7 @@ class QuestionAnswerer:
 
     # -- loading and saving -------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: Union[str, Path], device: Optional[str] = None) -> "QuestionAnswerer":
-        directory = resolve_model(name_or_path)
-        raw = read_config(directory)
-        if raw.get("task") != "vqa":
-            raise ModelNotFoundError(f"'{name_or_path}' is a '{raw.get('task')}' model, not a VQA model")
+    def _from_checkpoint(cls, directory: Path, raw: dict, device: Optional[str] = None) -> "QuestionAnswerer":
         config = from_dict(VQAModelConfig, raw["model"], "model")
         answers_path = directory / ANSWERS_FILE
         if not answers_path.is_file():
