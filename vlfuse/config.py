@@ -1,4 +1,5 @@
-"""Typed dataclass configs: strict loading from YAML/JSON, dotted CLI overrides, saving.
+"""Typed dataclass configs: strict loading from YAML/JSON, recipes that inherit (``base:``), dotted CLI
+overrides, saving.
 
 Unknown keys are errors that name the key (and suggest the closest valid one),
 so a typo in a config never silently falls back to a default.
@@ -129,9 +130,47 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+BASE_KEY = "base"  # a recipe's ``base: other.yaml``: start from that recipe, then apply this file's settings
+
+
 def read_config_file(path: str | Path) -> Dict[str, Any]:
-    """Read a YAML or JSON config file into a mapping."""
-    path = Path(path)
+    """Read a YAML or JSON config file into a mapping, resolving recipe inheritance.
+
+    A file with ``base: other.yaml`` (a path relative to the file) starts from that file's settings, itself
+    resolved the same way, and deep-merges its own sections over them (see :func:`merge_over`). A chain that
+    comes back to a file it already passed is a ConfigError naming the chain. The result has no ``base`` key."""
+    return _read_recipe(Path(path), ())
+
+
+def _read_recipe(path: Path, chain: tuple) -> Dict[str, Any]:
+    here = path.resolve()
+    if here in chain:
+        cycle = " -> ".join(str(p) for p in (*chain[chain.index(here):], here))
+        raise ConfigError(f"config file '{path}' inherits from itself through 'base': {cycle}")
+    data = _parse_config_file(path)
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file '{path}': '{BASE_KEY}' must be the path of another config file, got {base!r}")
+    return merge_over(_read_recipe(path.parent / base, (*chain, here)), data)
+
+
+def merge_over(base: Dict[str, Any], settings: Dict[str, Any]) -> Dict[str, Any]:
+    """``settings`` over ``base`` (a new mapping): nested sections merge key by key, anything else replaces.
+    A part (a mapping with a ``name``) that names another part replaces the base's part whole, since the
+    base part's options need not apply to it."""
+    merged = dict(base)
+    for key, value in settings.items():
+        old = merged.get(key)
+        if isinstance(value, dict) and isinstance(old, dict) and value.get("name", old.get("name")) == old.get("name"):
+            merged[key] = merge_over(old, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parse_config_file(path: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     text = path.read_text(encoding="utf-8")
