@@ -41,6 +41,16 @@ def test_type_errors(section, value, match):
         from_dict(CaptionExperiment, section)
 
 
+def test_a_removed_option_loads_at_its_old_default_only():
+    """Configs written before an option was removed (checkpoints' config.json, resolved configs) still load when
+    it holds its old default, which is what the code now does; any other value is an error naming it."""
+    old = from_dict(CaptionExperiment, {"scst": {"epochs": 1, "hflip": 0.0, "loss_average": "sequence"}})
+    assert old.scst == from_dict(CaptionExperiment, {"scst": {"epochs": 1}}).scst
+    with pytest.raises(ConfigError, match=r"config key 'scst\.hflip' was removed; it is accepted only at its old "
+                                          r"default 0\.0 \(what vlfuse now always does\), got 0\.5"):
+        from_dict(CaptionExperiment, {"scst": {"hflip": 0.5}})
+
+
 def test_bad_part_option_is_named():
     from vlfuse.tasks.caption.model import CaptionModel, CaptionModelConfig
 

@@ -110,44 +110,6 @@ def test_caption_collate_groups_captions_and_mirrors_left_right():
     assert [tok.decode(t.tolist()) for t in tokens] == ["a dog on the right", "the left cat", "a cat"]
 
 
-def test_scst_rewards_score_a_mirrored_images_samples_with_left_and_right_swapped_back():
-    """SCST with scst.hflip: a sample for a mirrored image says "right" where its references say "left"; it is
-    mapped back before scoring, so it earns what the same words earn for the unmirrored image."""
-    from vlfuse.data.tokenizer import Tokenizer
-    from vlfuse.metrics.cider_d import CiderD
-    from vlfuse.training.caption import mirrored_ids
-    from vlfuse.training.scst import sample_rewards
-
-    refs = [["a dog runs to the left", "a dog running left on grass"], ["a cat sits on the right of a box"]]
-    tok = Tokenizer.build([c for r in refs for c in r] * 5, min_count=1)
-    scorer = CiderD([[" ".join(tok.tokenize(c)) for c in r] for r in refs])
-    left, right = tok.encode("a dog runs to the left")[1:-1], tok.encode("a dog runs to the right")[1:-1]
-    sampled = [left, right, left, right]  # 2 images x 2 samples
-    rows = torch.tensor([0, 0])
-    plain = sample_rewards(scorer, tok, sampled, rows, torch.tensor([False, False]), 2, mirrored_ids(tok))
-    mirrored = sample_rewards(scorer, tok, sampled, rows, torch.tensor([False, True]), 2, mirrored_ids(tok))
-    assert plain.shape == (2, 2) and plain[0, 0] > plain[0, 1]  # "left" matches the references
-    assert torch.equal(mirrored[0], plain[0])  # the unmirrored image is scored as before
-    assert mirrored[1, 1] == plain[0, 0] and mirrored[1, 0] == plain[0, 1]  # "right" for the mirror = "left"
-
-
-def test_scst_policy_loss_token_average_weights_every_token_alike_and_sequence_average_each_sample():
-    """scst.loss_average: "token" is the REINFORCE gradient (each token of sample i gets -A_i / all tokens, however
-    long its sample); "sequence" gives each sample's tokens -A_i / (samples x its length). Bad values are named."""
-    from vlfuse.errors import ConfigError
-    from vlfuse.training.scst import SCSTConfig, policy_loss
-
-    advantage = torch.tensor([0.5, -0.25])
-    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])  # 4 and 2 tokens
-    for average, expected in [("token", [[-0.5 / 6] * 4, [0.25 / 6] * 2 + [0.0] * 2]),
-                              ("sequence", [[-0.5 / 8] * 4, [0.25 / 4] * 2 + [0.0] * 2])]:
-        logp = torch.randn(2, 4, requires_grad=True)
-        policy_loss(advantage, logp, mask, average).backward()
-        assert torch.allclose(logp.grad, torch.tensor(expected)), average
-    with pytest.raises(ConfigError, match="scst.loss_average"):
-        SCSTConfig(loss_average="tokens")
-
-
 def test_vision_encoder_inference_chunks_match_one_batch():
     """On CPU without gradients the encoder runs in chunks of ``cpu_inference_chunk`` (faster per image);
     the result must not depend on it."""

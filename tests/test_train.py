@@ -91,15 +91,13 @@ def test_two_process_data_parallel_training(tmp_path, feature_cache):
 
 def test_scst_fine_tunes_a_trained_model(tmp_path, feature_cache, trained_run):
     """scst.init_from: self-critical training starts from a trained model (no cross-entropy phase), samples
-    captions (half of the images mirrored: scst.hflip; dropout on: scst.sample_dropout), logs the reward (CIDEr-D +
-    BLEU-4), changes the weights (the token-averaged loss: scst.loss_average), and keeps
-    whichever model is better on val."""
+    captions, logs the reward, changes the weights and keeps whichever model is better on val. The phase runs
+    on its own schedule (scst.*) and the rest of the train section (here its moving average)."""
     from safetensors.torch import load_file
 
-    config = tiny_config(tmp_path, feature_cache)
+    config = tiny_config(tmp_path, feature_cache, ema_decay=0.9)
     config["scst"] = {"epochs": 1, "samples": 3, "batch_images": 8, "lr": 1e-3, "max_len": 8, "warmup_steps": 1,
-                      "init_from": str(trained_run / "best"), "hflip": 0.5, "ema_decay": 0.9,
-                      "bleu_reward_weight": 1.0, "loss_average": "token", "sample_dropout": True}
+                      "init_from": str(trained_run / "best")}
     cfg = write_config(tmp_path / "c.json", config)
     assert main(["train", "--config", str(cfg)]) == 0
     run = tmp_path / "run"
@@ -110,7 +108,7 @@ def test_scst_fine_tunes_a_trained_model(tmp_path, feature_cache, trained_run):
     start = load_file(str(trained_run / "best" / "model.safetensors"))
     last = torch.load(run / "scst" / "last.pt", weights_only=False)
     tuned = last["model"]
-    assert last["ema"]  # scst.ema_decay: the phase keeps (and validates) a moving average
+    assert last["ema"]  # train.ema_decay: the phase keeps (and validates) a moving average
     assert any(not torch.allclose(start[k].float(), tuned[k].float(), atol=1e-4) for k in start if k in tuned)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["best_dir"] in (str(run / "best"), str(run / "scst" / "best"))
@@ -118,6 +116,23 @@ def test_scst_fine_tunes_a_trained_model(tmp_path, feature_cache, trained_run):
 
     config["scst"]["epochs"] = 0  # init_from without an SCST phase is a config mistake, said plainly
     assert main(["train", "--config", str(write_config(tmp_path / "bad.json", config))]) != 0
+
+
+def test_scst_runs_on_its_own_schedule_and_the_rest_of_the_train_section():
+    """SCST's schedule is its own section's (explicit, with its own defaults), never the cross-entropy one's;
+    every other trainer setting comes from ``train``."""
+    from vlfuse.config import from_dict
+    from vlfuse.training.caption import CaptionExperiment
+
+    exp = from_dict(CaptionExperiment, {"train": {"lr": 1e-3, "batch_size": 16, "warmup_steps": 200, "patience": 3,
+                                                  "min_lr_ratio": 0.02, "weight_decay": 0.05, "ema_decay": 0.5},
+                                        "scst": {"epochs": 2, "lr": 5e-5}})
+    cfg = exp.scst.train_config(exp.train, out_dir="run/scst")
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio, cfg.patience) == \
+        (2, 32, 5e-5, 20, 0.5, 0)
+    assert (cfg.weight_decay, cfg.ema_decay, cfg.out_dir) == (0.05, 0.5, "run/scst")
+    cfg = from_dict(CaptionExperiment, {"scst": {"epochs": 1, "min_lr_ratio": 0.1, "patience": 2}}).scst.train_config(exp.train, "x")
+    assert (cfg.min_lr_ratio, cfg.patience) == (0.1, 2)
 
 
 def test_ema_weights_are_validated_saved_and_checkpointed(tmp_path):

@@ -52,12 +52,45 @@ def _strip_optional(tp: Any) -> Any:
     return tp
 
 
+# Options removed in the structure clean-up (issue 19; git history has them), each with the value it had by
+# default. Checkpoints' config.json and resolved configs written before still list them: at that value an option
+# asked for what vlfuse now always does, so loading drops it; any other value asked for something that no longer
+# exists, and is a ConfigError naming the option.
+REMOVED_OPTIONS: Dict[str, Any] = {
+    "SCSTConfig.hflip": 0.0,
+    "SCSTConfig.ema_decay": 0.0,
+    "SCSTConfig.bleu_reward_weight": 0.0,
+    "SCSTConfig.loss_average": "sequence",
+    "SCSTConfig.sample_dropout": False,
+}
+# Removed options whose job another option of the same section does now (named in the error).
+REPLACED_OPTIONS: Dict[str, str] = {}
+
+
+def _without_removed_options(cls: type, data: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """``data`` without the removed options of ``cls`` that hold their old default (see REMOVED_OPTIONS)."""
+    kept = {}
+    for key, value in data.items():
+        removed = f"{cls.__name__}.{key}"
+        if removed not in REMOVED_OPTIONS:
+            kept[key] = value
+        elif value != REMOVED_OPTIONS[removed]:
+            full = f"{path}.{key}" if path else key
+            instead = REPLACED_OPTIONS.get(removed)
+            hint = f" Use '{(path + '.' if path else '') + instead}' instead." if instead else ""
+            raise ConfigError(f"config key '{full}' was removed; it is accepted only at its old default "
+                              f"{REMOVED_OPTIONS[removed]!r} (what vlfuse now always does), got {value!r}.{hint}")
+    return kept
+
+
 def from_dict(cls: Type[T], data: Any, path: str = "") -> T:
-    """Build dataclass ``cls`` from a plain mapping, rejecting unknown keys by name."""
+    """Build dataclass ``cls`` from a plain mapping, rejecting unknown keys by name (removed options are
+    accepted at their old default only, see REMOVED_OPTIONS)."""
     if cls is Part:
         return Part.from_dict(data, path)  # type: ignore[return-value]
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{path or '<root>'}' must be a mapping, got {type(data).__name__}")
+    data = _without_removed_options(cls, data, path)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
     kwargs = {}

@@ -236,26 +236,14 @@ def _scst_phase(exp: CaptionExperiment, model: CaptionModel, tokenizer: Tokenize
 
     out = Path(exp.train.out_dir)
     load_weights(out / "best", model, allowed_missing_prefixes=model.persistent_prefixes())
-    cfg = dataclasses.replace(exp.train, epochs=exp.scst.epochs, batch_size=exp.scst.batch_images,
-                              lr=exp.scst.lr, warmup_steps=exp.scst.warmup_steps, patience=0,
-                              out_dir=str(out / "scst"), min_lr_ratio=0.5,
-                              ema_decay=exp.scst.ema_decay)
+    cfg = exp.scst.train_config(exp.train, out_dir=str(out / "scst"))
     rows = list(range(len(train_set)))
-    mirrored = None
-    if exp.scst.hflip > 0:  # the mirrored images' own cached stem outputs, as in the cross-entropy phase
-        mirrored, _, _ = cached_features(FeatureCache(exp.data.cache_dir, model.vision, mirrored=True), train_set,
-                                         exp.train.progress)
 
     def collate(items: List[int]):
         idx = torch.tensor(items)
-        acts = train_feats[idx].float()
-        flip = torch.zeros(len(items), dtype=torch.bool)
-        if mirrored is not None:
-            flip = torch.rand(len(items)) < exp.scst.hflip
-            acts[flip] = mirrored[idx[flip]].float()
-        return acts, idx, flip
+        return train_feats[idx].float(), idx
 
-    loss_fn = make_scst_loss(model, tokenizer, train_set.captions, exp.scst, mirrored_ids(tokenizer))
+    loss_fn = make_scst_loss(model, tokenizer, train_set.captions, exp.scst)
     trainer = Trainer(model, rows, collate, loss_fn,
                       evaluate, save_best, cfg, frozen_prefixes=model.persistent_prefixes(),
                       pretrained_prefixes=model.pretrained_prefixes())
