@@ -25,12 +25,12 @@ def test_forward_backward_every_combination(fusion, decoder):
     cfg = CaptionModelConfig(vision=Part("small-cnn", {"image_size": 32, "channels": 8, "num_layers": 2}),
                              fusion=Part(fusion, tiny_kwargs(FUSIONS.get(fusion))),
                              decoder=Part(decoder, tiny_kwargs(DECODERS.get(decoder))),
-                             max_len=10, align_weight=0.5, align_dim=8)
+                             max_len=10)
     model = CaptionModel(cfg, vocab_size=30)
     pixels = torch.randn(3, 3, 32, 32)
     tokens = torch.tensor([[1, 5, 6, 7, 2, 0, 0], [1, 8, 9, 2, 0, 0, 0], [1, 4, 4, 4, 4, 5, 2]])  # padded (B, L)
     losses = model(pixels, tokens)
-    assert set(losses) >= {"loss", "gen", "align"}
+    assert set(losses) >= {"loss", "gen"}
     assert torch.isfinite(losses["loss"]) and losses["loss"].item() > 0
     # untrained: the generation loss is close to uniform cross-entropy over the vocabulary
     assert 0.5 * torch.log(torch.tensor(30.0)) < losses["gen"].item() < 3 * torch.log(torch.tensor(30.0))
@@ -57,7 +57,7 @@ def test_images_given_once_for_several_captions_equal_repeated_images(fusion, de
         fusion_kw["memory_layers"] = 1
     cfg = CaptionModelConfig(vision=Part("small-cnn", {"image_size": 32, "channels": 8, "num_layers": 2}),
                              fusion=Part(fusion, fusion_kw), decoder=Part(decoder, tiny_kwargs(DECODERS.get(decoder))),
-                             max_len=10, align_weight=0.5, align_dim=8)
+                             max_len=10)
     model = CaptionModel(cfg, vocab_size=30).eval()  # no dropout: both runs see the same network
     pixels = torch.randn(2, 3, 32, 32)
     tokens = torch.tensor([[1, 5, 6, 7, 2, 0, 0], [1, 8, 9, 2, 0, 0, 0], [1, 4, 4, 4, 4, 5, 2]])
@@ -70,8 +70,6 @@ def test_images_given_once_for_several_captions_equal_repeated_images(fusion, de
     repeated["gen"].backward()
     assert torch.allclose(grouped["gen"], repeated["gen"], atol=1e-5)
     assert grads and all(torch.allclose(g, dict(model.named_parameters())[n].grad, atol=1e-5) for n, g in grads.items())
-    # captions of one image are not each other's negatives in the alignment loss
-    assert torch.isfinite(grouped["align"])
 
 
 def test_memory_layers_make_grid_cells_see_each_other():

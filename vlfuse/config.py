@@ -62,6 +62,9 @@ REMOVED_OPTIONS: Dict[str, Any] = {
     "SCSTConfig.bleu_reward_weight": 0.0,
     "SCSTConfig.loss_average": "sequence",
     "SCSTConfig.sample_dropout": False,
+    "CaptionModelConfig.gen_weight": 1.0,
+    "CaptionModelConfig.align_weight": 0.0,
+    "CaptionModelConfig.align_dim": 256,
 }
 # Removed options whose job another option of the same section does now (named in the error).
 REPLACED_OPTIONS: Dict[str, str] = {}
