@@ -53,8 +53,6 @@ def test_images_given_once_for_several_captions_equal_repeated_images(fusion, de
     once per image); losses and gradients must equal those with the image repeated for every caption."""
     torch.manual_seed(0)
     fusion_kw = tiny_kwargs(FUSIONS.get(fusion))
-    if "memory_layers" in inspect.signature(FUSIONS.get(fusion)).parameters:
-        fusion_kw["memory_layers"] = 1
     cfg = CaptionModelConfig(vision=Part("small-cnn", {"image_size": 32, "channels": 8, "num_layers": 2}),
                              fusion=Part(fusion, fusion_kw), decoder=Part(decoder, tiny_kwargs(DECODERS.get(decoder))),
                              max_len=10)
@@ -70,24 +68,6 @@ def test_images_given_once_for_several_captions_equal_repeated_images(fusion, de
     repeated["gen"].backward()
     assert torch.allclose(grouped["gen"], repeated["gen"], atol=1e-5)
     assert grads and all(torch.allclose(g, dict(model.named_parameters())[n].grad, atol=1e-5) for n, g in grads.items())
-
-
-def test_memory_layers_make_grid_cells_see_each_other():
-    """cross-attention's ``memory_layers`` refine each cell with the others: changing one cell changes what the
-    text reads at every cell; without them the projection is per cell."""
-    from vlfuse.nn.fusion import build_fusion
-    from vlfuse.nn.vision import ImageFeatures
-
-    torch.manual_seed(0)
-    grid = torch.randn(1, 4, 8)
-    other = grid.clone()
-    other[0, 0] += 1.0
-    for layers, changes_rest in ((0, False), (2, True)):
-        fusion = build_fusion("cross-attention", 8, 16, dim=16, num_layers=1, num_heads=2, memory_layers=layers)
-        a, b = (fusion.memory(ImageFeatures(g, g.mean(1))) for g in (grid, other))
-        assert not torch.allclose(a[0, 0], b[0, 0])
-        assert (not torch.allclose(a[0, 1:], b[0, 1:])) == changes_rest
-        assert sum(p.numel() for p in fusion.memory_blocks.parameters()) > 0 if layers else True
 
 
 def test_caption_collate_groups_captions_and_mirrors_left_right():

@@ -168,17 +168,16 @@ def test_ema_weights_are_validated_saved_and_checkpointed(tmp_path):
 
 
 def test_grouped_mirrored_training_with_image_memory(tmp_path, feature_cache):
-    """data.group_by_image + data.hflip + a grid memory encoder: batches of images with all their captions,
+    """data.group_by_image + data.hflip: batches of images with all their captions,
     resumable with the same weights as an uninterrupted run (the mirroring draws come from the saved RNG)."""
-    overrides = ["data.group_by_image=true", "data.hflip=0.5", "model.fusion.memory_layers=1", "train.batch_size=4"]
+    overrides = ["data.group_by_image=true", "data.hflip=0.5", "train.batch_size=4"]
     straight_cfg = write_config(tmp_path / "a.json", tiny_config(tmp_path / "a", feature_cache))
     assert main(["train", "--config", str(straight_cfg), *overrides]) == 0
     hist = records(tmp_path / "a" / "run")
     assert [h["step"] for h in hist] == [6, 12]  # 24 images / 4 per batch, each with its 5 captions
     summary = json.loads((tmp_path / "a" / "run" / "summary.json").read_text())
     assert summary["train_captions"] == 120 and summary["train_images"] == 24
-    cap = Captioner.from_pretrained(tmp_path / "a" / "run" / "best")
-    assert len(cap.model.decoder.fusion.memory_blocks) == 1
+    Captioner.from_pretrained(tmp_path / "a" / "run" / "best")
 
     cfg = write_config(tmp_path / "b.json", tiny_config(tmp_path / "b", feature_cache))
     assert main(["train", "--config", str(cfg), *overrides, "train.max_steps=4"]) == 0
