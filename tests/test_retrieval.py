@@ -295,14 +295,21 @@ def test_checkpoint_without_mirror_average_loads_as_before(retriever, tmp_path, 
     (out / "config.json").write_text(json.dumps(raw))
     old = Retriever.from_pretrained(out)
     assert old.model.config.mirror_average is False
-    # its model id is computed as before the field existed, so indexes it built stay valid
-    from vlfuse.config import to_dict
-    from vlfuse.tasks.retrieval.pipeline import weights_digest
-
-    before = {"model": {k: v for k, v in to_dict(old.model.config).items() if k != "mirror_average"},
-              "transform": old.model.vision.transform.to_dict()}
-    assert old.model_id == f"{old.name}@{weights_digest(old.model, before)}"
+    assert old.model_id == plain.model_id  # indexes it built stay valid
     assert np.allclose(old.embed_images(val.images[:2]), plain.embed_images(val.images[:2]), atol=1e-5)
+
+
+def test_the_shipped_model_keeps_its_id_after_options_were_removed(retriever):
+    """Indexes record the retrieval model's id and the shipped caption memory its image tower's digest; both
+    hash the model config, so options removed since (config.REMOVED_OPTIONS) must not change them."""
+    import json
+
+    from vlfuse.hub import resolve_model
+    from vlfuse.tasks.retrieval.pipeline import RetrievalImageTower
+
+    assert retriever.model_id == "flickr8k-retrieval@1669e0e281b304ec"  # the id before the clean-up
+    memory = json.loads((resolve_model("flickr8k-caption") / "config.json").read_text())["rerank"]
+    assert RetrievalImageTower.from_pretrained("flickr8k-retrieval").digest() == memory["tower_digest"]
 
 
 def test_token_state_cache_round_trips_and_matches_the_live_encoder(tmp_path, val):

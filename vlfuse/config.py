@@ -65,6 +65,9 @@ REMOVED_OPTIONS: Dict[str, Any] = {
     "CaptionModelConfig.gen_weight": 1.0,
     "CaptionModelConfig.align_weight": 0.0,
     "CaptionModelConfig.align_dim": 256,
+    "RetrievalModelConfig.init_temperature": 0.07,
+    "RetrievalModelConfig.hard_negative_weight": 0.0,
+    "RetrievalModelConfig.hard_negative_margin": 0.2,
 }
 # Removed options whose job another option of the same section does now (named in the error).
 REPLACED_OPTIONS: Dict[str, str] = {}

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ...checkpoint import _storable_state, load_weights, read_config, save_checkpoint
-from ...config import from_dict, to_dict
+from ...config import REMOVED_OPTIONS, from_dict, to_dict
 from ...data.images import ImageInput, load_image
 from ...errors import ImageError, InputError, ModelNotFoundError
 from ...hub import resolve_model
@@ -86,11 +86,15 @@ class RetrievalImageTower(nn.Module):
 # Config fields added after models shipped, with the value that means the old behaviour. At that value they are
 # left out of the model id, so checkpoints (and the indexes they built) from before the field keep their id.
 _ADDED_FIELDS = {"mirror_average": False}
+# Config fields removed after models shipped: they enter the model id at the value every checkpoint that still
+# loads has (config.REMOVED_OPTIONS), so the ids that indexes and caption memories recorded stay valid.
+_REMOVED_FIELDS = ("init_temperature", "hard_negative_weight", "hard_negative_margin")
 
 
 def identity_config(config: RetrievalModelConfig) -> dict:
     """The model config as it enters the model id."""
-    return {k: v for k, v in to_dict(config).items() if not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])}
+    kept = {k: v for k, v in to_dict(config).items() if not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])}
+    return {**kept, **{k: REMOVED_OPTIONS[f"RetrievalModelConfig.{k}"] for k in _REMOVED_FIELDS}}
 
 
 def weights_digest(model: nn.Module, config: dict) -> str:
