@@ -68,6 +68,12 @@ REMOVED_OPTIONS: Dict[str, Any] = {
     "RetrievalModelConfig.init_temperature": 0.07,
     "RetrievalModelConfig.hard_negative_weight": 0.0,
     "RetrievalModelConfig.hard_negative_margin": 0.2,
+    "CaptionDataConfig.captions_file": "",
+    "CaptionDataConfig.segmenter": "english",
+    "RetrievalDataConfig.captions_file": "",
+    "VQADataConfig.min_count": 1,
+    "VQAModelConfig.question_input": "pooled",
+    "TrainConfig.grad_clip": 1.0,
 }
 # Removed options whose job another option of the same section does now (named in the error).
 REPLACED_OPTIONS: Dict[str, str] = {}

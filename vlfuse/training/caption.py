@@ -28,10 +28,8 @@ class CaptionDataConfig:
     format: str = "auto"
     train_split: str = "train"
     val_split: str = "val"
-    captions_file: str = ""        # Flickr layout only: e.g. captions_zh.txt (default captions.txt)
     image_root: str = ""           # Karpathy/COCO only: folder the image paths are relative to (default: the JSON's)
     min_count: int = 5             # words seen fewer times in training captions map to <unk>
-    segmenter: str = "english"
     cache_dir: str = "cache/features"
     train_limit: int = 0           # use only the first N training images (0 = all)
     val_limit: int = 0             # validate on the first N val images (0 = all)
@@ -52,7 +50,7 @@ class CaptionExperiment:
 
 
 def load_split(cfg: CaptionDataConfig, split: str, limit: int) -> CaptionSet:
-    extra = {k: v for k, v in (("captions_file", cfg.captions_file), ("image_root", cfg.image_root)) if v}
+    extra = {"image_root": cfg.image_root} if cfg.image_root else {}
     data = read_captions(cfg.path, split=split, fmt=cfg.format, **extra)
     return data.subset(limit) if limit else data
 
@@ -148,8 +146,7 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     elif resume and (out / "vocab.json").is_file():
         tokenizer = Tokenizer.load(out)
     else:
-        tokenizer = Tokenizer.build((c for caps in train_set.captions for c in caps), exp.data.min_count,
-                                    segmenter=exp.data.segmenter)
+        tokenizer = Tokenizer.build((c for caps in train_set.captions for c in caps), exp.data.min_count)
     seed_everything(exp.train.seed)  # initial weights too, not only the training order, follow train.seed
     model = init.model.train() if init is not None else CaptionModel(exp.model, len(tokenizer))
     cache = FeatureCache(exp.data.cache_dir, model.vision)

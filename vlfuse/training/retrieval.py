@@ -32,7 +32,6 @@ class RetrievalDataConfig:
     format: str = "auto"
     train_split: str = "train"
     val_split: str = "val"
-    captions_file: str = ""                # Flickr layout only: e.g. captions_zh.txt (default captions.txt)
     image_root: str = ""                   # Karpathy/COCO only: folder the image paths are relative to
     cache_dir: str = "cache/features"      # image stem outputs (shared FeatureCache)
     text_cache_dir: str = "cache/text"     # pooled frozen text-encoder outputs per caption

@@ -41,7 +41,6 @@ class VQADataConfig:
     val_split: str = ""              # empty: hold out val_fraction of the training images instead
     val_fraction: float = EASY_VQA_VAL_FRACTION
     test_split: str = "test"         # scored with the best checkpoint after training (empty: skip)
-    min_count: int = 1               # question words seen fewer times map to <unk>
     max_answers: int = 1000          # answer vocabulary: the most frequent training answers
     train_limit: int = 0             # use only the first N training questions (0 = all)
     val_limit: int = 0
@@ -190,4 +189,4 @@ def _question_tokenizer(exp: VQAExperiment, train_set: VQASet, out: Path, resume
         return make_question_tokenizer(exp.model)
     if resume and (out / "vocab.json").is_file():
         return Tokenizer.load(out)
-    return Tokenizer.build((q.question for q in train_set.questions), exp.data.min_count)
+    return Tokenizer.build((q.question for q in train_set.questions), min_count=1)  # every training word
