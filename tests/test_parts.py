@@ -70,24 +70,6 @@ def test_images_given_once_for_several_captions_equal_repeated_images(fusion, de
     assert grads and all(torch.allclose(g, dict(model.named_parameters())[n].grad, atol=1e-5) for n, g in grads.items())
 
 
-def test_caption_collate_groups_captions_and_mirrors_left_right():
-    from vlfuse.data.tokenizer import Tokenizer
-    from vlfuse.training.caption import make_collate, mirrored_ids
-
-    tok = Tokenizer.build(["a dog on the left", "a cat to the right of a dog"] * 5, min_count=1)
-    feats = torch.arange(2 * 3 * 2 * 2, dtype=torch.float16).view(2, 3, 2, 2)
-    items = [(1, [torch.tensor(tok.encode("a dog on the left")), torch.tensor(tok.encode("the right cat"))]),
-             (0, [torch.tensor(tok.encode("a cat"))])]
-    acts, tokens, rows = make_collate(feats)(items)
-    assert acts.dtype == torch.float32 and torch.equal(acts, feats[[1, 0]].float())
-    assert rows.tolist() == [0, 0, 1] and tokens.shape == (3, 7)
-    mirrored = feats + 100  # stands in for the cached features of the mirrored photos
-    collate = make_collate(feats, hflip=1.0, mirror_table=mirrored_ids(tok), mirrored_features=mirrored)
-    acts, tokens, rows = collate(items)
-    assert torch.equal(acts, mirrored[[1, 0]].float())  # each image replaced by its mirror image's features
-    assert [tok.decode(t.tolist()) for t in tokens] == ["a dog on the right", "the left cat", "a cat"]
-
-
 def test_vision_encoder_inference_chunks_match_one_batch():
     """On CPU without gradients the encoder runs in chunks of ``cpu_inference_chunk`` (faster per image);
     the result must not depend on it."""

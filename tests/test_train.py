@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import FLICKR, REPO, bad_images, tiny_config, write_config
 
@@ -167,10 +168,10 @@ def test_ema_weights_are_validated_saved_and_checkpointed(tmp_path):
     assert torch.equal(torch.load(tmp_path / "run" / "last.pt", weights_only=False)["ema"]["weight"], ema)
 
 
-def test_grouped_mirrored_training_with_image_memory(tmp_path, feature_cache):
-    """data.group_by_image + data.hflip: batches of images with all their captions,
+def test_grouped_mirrored_training(tmp_path, feature_cache):
+    """data.group_by_image + data.mirror: batches of images with all their captions,
     resumable with the same weights as an uninterrupted run (the mirroring draws come from the saved RNG)."""
-    overrides = ["data.group_by_image=true", "data.hflip=0.5", "train.batch_size=4"]
+    overrides = ["data.group_by_image=true", "data.mirror=0.5", "train.batch_size=4"]
     straight_cfg = write_config(tmp_path / "a.json", tiny_config(tmp_path / "a", feature_cache))
     assert main(["train", "--config", str(straight_cfg), *overrides]) == 0
     hist = records(tmp_path / "a" / "run")
@@ -236,3 +237,90 @@ def test_cpu_amp_runs_the_forward_pass_in_bfloat16_and_keeps_float_weights(tmp_p
         assert model.weight.dtype == torch.float32 and not torch.equal(model.weight, before)
         saved = torch.load(tmp_path / f"run{cpu_amp}" / "last.pt", weights_only=False)["model"]
         assert saved["weight"].dtype == torch.float32
+
+
+# -- mirroring: one knob (data.mirror, a probability), one mechanism (vlfuse.data.mirror) for every task --------
+
+def test_mirror_text_swaps_left_and_right_as_whole_words():
+    from vlfuse.data.mirror import mirror_text
+
+    assert mirror_text("A dog on the left, a cat to the Right.") == "A dog on the right, a cat to the Left."
+    assert mirror_text("LEFT or right-hand? leftover, lefty") == "RIGHT or left-hand? leftover, lefty"
+    assert mirror_text(mirror_text("the left one and the right one")) == "the left one and the right one"
+
+
+def test_a_mirrored_caption_sample_swaps_left_and_right():
+    from pathlib import Path
+
+    from vlfuse.data.captions import CaptionSet
+    from vlfuse.data.tokenizer import Tokenizer
+    from vlfuse.training.caption import encode_items, make_collate
+
+    data = CaptionSet([Path("a.jpg"), Path("b.jpg")], [["a dog on the left", "the Right cat"], ["a cat"]])
+    tok = Tokenizer.build(["a dog on the left", "a cat to the right of a dog"] * 5, min_count=1)
+    items = encode_items(data, tok, max_len=10, group_by_image=True)
+    feats = torch.arange(2 * 3 * 2 * 2, dtype=torch.float16).view(2, 3, 2, 2)
+    acts, tokens, rows = make_collate(feats)(items)
+    assert torch.equal(acts, feats.float()) and rows.tolist() == [0, 0, 1]
+    assert [tok.decode(t.tolist()) for t in tokens] == ["a dog on the left", "the right cat", "a cat"]
+    mirrored = feats + 100  # stands in for the cached stem outputs of the mirror images
+    acts, tokens, rows = make_collate(feats, mirror=1.0, mirrored_features=mirrored)(items)
+    assert torch.equal(acts, mirrored.float()) and rows.tolist() == [0, 0, 1]
+    assert [tok.decode(t.tolist()) for t in tokens] == ["a dog on the right", "the left cat", "a cat"]
+
+
+def test_a_mirrored_retrieval_sample_uses_its_captions_mirrored_text():
+    from vlfuse.training.retrieval import make_collate, mirrored_rows
+
+    captions = ["a dog on the left", "a cat", "the right hand"]
+    changed, rows = mirrored_rows(captions)
+    assert changed == ["a dog on the right", "the left hand"] and rows == [3, 1, 4]
+    text = torch.arange(5.0)[:, None]  # each caption row's (pooled) text features: its row number
+    cells, mirrored_cells = torch.zeros(3, 4, 8), torch.ones(3, 4, 8)
+    items = [(0, [0]), (1, [1]), (2, [2])]
+    got_cells, got_text, image_ids = make_collate(cells, text, mirrored_cells, 1.0, rows)(items)
+    assert torch.equal(got_cells, mirrored_cells) and got_text[:, 0].tolist() == [3.0, 1.0, 4.0]
+    got_cells, got_text, _ = make_collate(cells, text)(items)
+    assert torch.equal(got_cells, cells) and got_text[:, 0].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_a_mirrored_vqa_sample_swaps_left_and_right_in_questions_and_answers():
+    from vlfuse.data.mirror import mirror_pixels
+    from vlfuse.data.tokenizer import Tokenizer
+    from vlfuse.data.vqa import VQAQuestion, VQASet
+    from vlfuse.training.vqa import encode_items, make_collate
+
+    data = VQASet(["a.png"], [VQAQuestion(0, "what is on the left?", ["circle"]),
+                              VQAQuestion(0, "is the circle left or right?", ["left", "left", "right"])])
+    tok = Tokenizer.build([q.question for q in data.questions], min_count=1)
+    answers = ["circle", "left", "right"]
+    items = encode_items(data, tok, answers, max_len=10)
+    acts = torch.arange(2 * 3 * 2.0).view(1, 2, 3, 2).half()  # small-cnn: the stem outputs are the pixels
+    collate = make_collate(acts, 3, 0, mirror=1.0, mirrored_acts=mirror_pixels(acts))
+    acts_b, image_index, ids, _, targets = collate(items)
+    assert torch.equal(acts_b, acts.float().flip(-1)) and image_index.tolist() == [0, 0]
+    assert [tok.decode(q.tolist()) for q in ids] == ["what is on the right", "is the circle right or left"]
+    assert torch.allclose(targets, torch.tensor([[1.0, 0.0, 0.0], [0.0, 1 / 3, 2 / 3]]))  # 2 of 3 said "left"
+    _, _, ids, _, targets = make_collate(acts, 3, 0)(items)
+    assert [tok.decode(q.tolist()) for q in ids] == ["what is on the left", "is the circle left or right"]
+    assert torch.allclose(targets, torch.tensor([[1.0, 0.0, 0.0], [0.0, 2 / 3, 1 / 3]]))
+
+
+@pytest.mark.parametrize("task", ["caption", "retrieval", "vqa"])
+def test_the_mirror_knob_is_one_probability_in_every_task(task):
+    from vlfuse.config import from_dict
+    from vlfuse.errors import ConfigError
+    from vlfuse.training.caption import CaptionExperiment
+    from vlfuse.training.retrieval import RetrievalExperiment
+    from vlfuse.training.vqa import parse_experiment
+
+    parse = {"caption": lambda raw: from_dict(CaptionExperiment, raw),
+             "retrieval": lambda raw: from_dict(RetrievalExperiment, raw), "vqa": parse_experiment}[task]
+    assert parse({"data": {"mirror": 0.5}}).data.mirror == 0.5
+    assert parse({"data": {"mirror": 1}}).data.mirror == 1.0 and parse({}).data.mirror == 0.0
+    for bad in (1.5, -0.1):
+        with pytest.raises(ConfigError, match=r"data\.mirror is the probability .* must be in \[0, 1\], got"):
+            parse({"data": {"mirror": bad}})
+    old = {"data": {"flip": True}} if task == "vqa" else {"data": {"hflip": 0.5}}
+    with pytest.raises(ConfigError, match=r"was removed.* Use 'data\.mirror' instead"):
+        parse(old)

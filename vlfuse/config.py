@@ -74,9 +74,17 @@ REMOVED_OPTIONS: Dict[str, Any] = {
     "VQADataConfig.min_count": 1,
     "VQAModelConfig.question_input": "pooled",
     "TrainConfig.grad_clip": 1.0,
+    "RetrievalModelConfig.mirror_average": False,
+    "CaptionDataConfig.hflip": 0.0,
+    "RetrievalDataConfig.hflip": 0.0,
+    "VQADataConfig.flip": False,
 }
 # Removed options whose job another option of the same section does now (named in the error).
-REPLACED_OPTIONS: Dict[str, str] = {}
+REPLACED_OPTIONS: Dict[str, str] = {
+    "CaptionDataConfig.hflip": "mirror",
+    "RetrievalDataConfig.hflip": "mirror",
+    "VQADataConfig.flip": "mirror",
+}
 
 
 def _without_removed_options(cls: type, data: Dict[str, Any], path: str) -> Dict[str, Any]:

@@ -8,7 +8,7 @@ symmetric InfoNCE loss with a learned temperature.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import Part
-from ...data.images import mirror_pixels
 from ...errors import ConfigError
 from ...nn.pooling import AttentionPool, Projection
 from ...registry import TEXT_ENCODERS, VISION_ENCODERS
@@ -35,9 +34,6 @@ class RetrievalModelConfig:
     dropout: float = 0.1
     cell_dropout: float = 0.0         # training only: drop this fraction of grid cells (feature augmentation)
     max_len: int = 48                 # caption word pieces kept
-    # Image vector = normalised sum of the photo's and its left-right mirror image's embeddings (a second CNN
-    # pass; mirroring the feature grid instead would change nothing: the attention pooling ignores cell order).
-    mirror_average: bool = False
 
 
 class RetrievalModel(nn.Module):
@@ -62,23 +58,9 @@ class RetrievalModel(nn.Module):
         return not any(p.requires_grad for p in self.text.parameters())
 
     # -- towers -----------------------------------------------------------------------------------
-    def image_views(self, pixels: torch.Tensor) -> List[torch.Tensor]:
-        """Transformed images (B, 3, H, W) -> the views whose embeddings make an image's vector:
-        the image, and with ``mirror_average`` also its mirror image."""
-        return [pixels, mirror_pixels(pixels)] if self.config.mirror_average else [pixels]
-
-    def embed_views(self, views: Sequence[torch.Tensor], normalized: bool = False) -> torch.Tensor:
-        """Grid cells of each of ``image_views`` (each (B, N, C), raw or already ``pool.normalize``-d) ->
-        unit vectors (B, D): the normalised sum of the views' embeddings. Every image embedding outside
-        the training loss (validation, evaluation, indexing, serving) goes through here."""
-        if len(views) != (2 if self.config.mirror_average else 1):
-            raise ValueError(f"expected the grids of {'2 views' if self.config.mirror_average else '1 view'} "
-                             f"(see image_views), got {len(views)}")
-        embedded = [self.embed_cells(v, normalized) for v in views]  # each (B, D)
-        return embedded[0] if len(embedded) == 1 else F.normalize(torch.stack(embedded).sum(0), dim=-1)
-
     def embed_cells(self, cells: torch.Tensor, normalized: bool = False) -> torch.Tensor:
-        """Grid cells of one view (B, N, C), raw or already ``pool.normalize``-d -> unit vectors (B, D)."""
+        """Grid cells (B, N, C), raw or already ``pool.normalize``-d -> unit vectors (B, D). Every image embedding
+        (training, validation, evaluation, indexing, serving) goes through here."""
         pooled, _ = self.pool(cells, normalized)  # (B, C)
         return F.normalize(self.image_proj(pooled), dim=-1)  # (B, D)
 
