@@ -25,7 +25,7 @@ from ..nn.text import pad_batch
 from ..tasks.retrieval.pipeline import RetrievalModel, RetrievalModelConfig, Retriever
 from .caption import cached_features, load_split
 from .features import FeatureCache
-from .trainer import TrainConfig, Trainer
+from .trainer import TrainConfig, Trainer, seed_everything
 
 
 @dataclasses.dataclass
@@ -241,6 +241,7 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     t_start = time.time()
     train_set = _split(exp.data, exp.data.train_split, exp.data.train_limit)
     val_set = _split(exp.data, exp.data.val_split, exp.data.val_limit)
+    seed_everything(exp.train.seed)  # the initial weights follow train.seed too, not only the training order
     retriever = Retriever.from_config(exp.model, exp.name)
     model, tokenizer = retriever.model, retriever.tokenizer
     if any(p.requires_grad for p in model.vision.parameters()):

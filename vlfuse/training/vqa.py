@@ -32,7 +32,7 @@ from ..evaluation.vqa import predict_set, score_answers
 from ..metrics.vqa import soft_scores
 from ..tasks.vqa.model import VQAModel, VQAModelConfig, soft_cross_entropy
 from ..tasks.vqa.pipeline import QuestionAnswerer, make_question_tokenizer
-from .trainer import TrainConfig, Trainer
+from .trainer import TrainConfig, Trainer, seed_everything
 
 
 @dataclasses.dataclass
@@ -176,6 +176,7 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
         raise DataError(f"no answers found in {train_set.name}")
     tokenizer = _question_tokenizer(exp, train_set, out, resume)
     model_cfg = dataclasses.replace(exp.model, num_answers=len(answers), vocab_size=len(tokenizer))
+    seed_everything(exp.train.seed)  # the initial weights follow train.seed too, not only the training order
     network = VQAModel(model_cfg)
     train_acts, mirrored_acts, train_set = prepare_images(network, train_set, exp.train.progress,
                                                           mirrored=exp.data.mirror > 0)
