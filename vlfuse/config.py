@@ -57,27 +57,27 @@ def _strip_optional(tp: Any) -> Any:
 # asked for what vlfuse now always does, so loading drops it; any other value asked for something that no longer
 # exists, and is a ConfigError naming the option.
 REMOVED_OPTIONS: Dict[str, Any] = {
+    "TrainConfig.grad_clip": 1.0,
     "SCSTConfig.hflip": 0.0,
     "SCSTConfig.ema_decay": 0.0,
     "SCSTConfig.bleu_reward_weight": 0.0,
     "SCSTConfig.loss_average": "sequence",
     "SCSTConfig.sample_dropout": False,
+    "CaptionDataConfig.captions_file": "",
+    "CaptionDataConfig.segmenter": "english",
+    "CaptionDataConfig.hflip": 0.0,
     "CaptionModelConfig.gen_weight": 1.0,
     "CaptionModelConfig.align_weight": 0.0,
     "CaptionModelConfig.align_dim": 256,
+    "RetrievalDataConfig.captions_file": "",
+    "RetrievalDataConfig.hflip": 0.0,
     "RetrievalModelConfig.init_temperature": 0.07,
     "RetrievalModelConfig.hard_negative_weight": 0.0,
     "RetrievalModelConfig.hard_negative_margin": 0.2,
-    "CaptionDataConfig.captions_file": "",
-    "CaptionDataConfig.segmenter": "english",
-    "RetrievalDataConfig.captions_file": "",
-    "VQADataConfig.min_count": 1,
-    "VQAModelConfig.question_input": "pooled",
-    "TrainConfig.grad_clip": 1.0,
     "RetrievalModelConfig.mirror_average": False,
-    "CaptionDataConfig.hflip": 0.0,
-    "RetrievalDataConfig.hflip": 0.0,
+    "VQADataConfig.min_count": 1,
     "VQADataConfig.flip": False,
+    "VQAModelConfig.question_input": "pooled",
 }
 # Removed options whose job another option of the same section does now (named in the error).
 REPLACED_OPTIONS: Dict[str, str] = {
