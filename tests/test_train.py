@@ -284,6 +284,22 @@ def test_a_mirrored_retrieval_sample_uses_its_captions_mirrored_text():
     assert torch.equal(got_cells, cells) and got_text[:, 0].tolist() == [0.0, 1.0, 2.0]
 
 
+def test_token_states_of_the_mirrored_captions_append_after_the_captions():
+    """With a tuned text layer, retrieval caches token states per caption: those of the captions mirroring changes
+    are appended (``TokenStates.cat``) and found at the rows ``mirrored_rows`` gives."""
+    from vlfuse.training.retrieval import TokenStates
+
+    def states(lengths, start):
+        offsets = torch.tensor([0, *lengths]).cumsum(0)
+        return TokenStates(torch.arange(start, start + int(offsets[-1]) * 2.0).view(-1, 2), offsets)
+
+    plain, extra = states([3, 1], 0), states([2], 100)
+    both = plain.cat(extra)
+    assert len(both) == 3
+    for row, (source, source_row) in enumerate([(plain, 0), (plain, 1), (extra, 0)]):
+        assert all(torch.equal(a, b) for a, b in zip(both.batch([row]), source.batch([source_row])))
+
+
 def test_a_mirrored_vqa_sample_swaps_left_and_right_in_questions_and_answers():
     from vlfuse.data.mirror import mirror_pixels
     from vlfuse.data.tokenizer import Tokenizer
