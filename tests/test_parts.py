@@ -25,12 +25,12 @@ def test_forward_backward_every_combination(fusion, decoder):
     cfg = CaptionModelConfig(vision=Part("small-cnn", {"image_size": 32, "channels": 8, "num_layers": 2}),
                              fusion=Part(fusion, tiny_kwargs(FUSIONS.get(fusion))),
                              decoder=Part(decoder, tiny_kwargs(DECODERS.get(decoder))),
-                             max_len=10, align_weight=0.5, align_dim=8)
+                             max_len=10)
     model = CaptionModel(cfg, vocab_size=30)
     pixels = torch.randn(3, 3, 32, 32)
     tokens = torch.tensor([[1, 5, 6, 7, 2, 0, 0], [1, 8, 9, 2, 0, 0, 0], [1, 4, 4, 4, 4, 5, 2]])  # padded (B, L)
     losses = model(pixels, tokens)
-    assert set(losses) >= {"loss", "gen", "align"}
+    assert set(losses) >= {"loss", "gen"}
     assert torch.isfinite(losses["loss"]) and losses["loss"].item() > 0
     # untrained: the generation loss is close to uniform cross-entropy over the vocabulary
     assert 0.5 * torch.log(torch.tensor(30.0)) < losses["gen"].item() < 3 * torch.log(torch.tensor(30.0))
@@ -53,11 +53,9 @@ def test_images_given_once_for_several_captions_equal_repeated_images(fusion, de
     once per image); losses and gradients must equal those with the image repeated for every caption."""
     torch.manual_seed(0)
     fusion_kw = tiny_kwargs(FUSIONS.get(fusion))
-    if "memory_layers" in inspect.signature(FUSIONS.get(fusion)).parameters:
-        fusion_kw["memory_layers"] = 1
     cfg = CaptionModelConfig(vision=Part("small-cnn", {"image_size": 32, "channels": 8, "num_layers": 2}),
                              fusion=Part(fusion, fusion_kw), decoder=Part(decoder, tiny_kwargs(DECODERS.get(decoder))),
-                             max_len=10, align_weight=0.5, align_dim=8)
+                             max_len=10)
     model = CaptionModel(cfg, vocab_size=30).eval()  # no dropout: both runs see the same network
     pixels = torch.randn(2, 3, 32, 32)
     tokens = torch.tensor([[1, 5, 6, 7, 2, 0, 0], [1, 8, 9, 2, 0, 0, 0], [1, 4, 4, 4, 4, 5, 2]])
@@ -70,82 +68,6 @@ def test_images_given_once_for_several_captions_equal_repeated_images(fusion, de
     repeated["gen"].backward()
     assert torch.allclose(grouped["gen"], repeated["gen"], atol=1e-5)
     assert grads and all(torch.allclose(g, dict(model.named_parameters())[n].grad, atol=1e-5) for n, g in grads.items())
-    # captions of one image are not each other's negatives in the alignment loss
-    assert torch.isfinite(grouped["align"])
-
-
-def test_memory_layers_make_grid_cells_see_each_other():
-    """cross-attention's ``memory_layers`` refine each cell with the others: changing one cell changes what the
-    text reads at every cell; without them the projection is per cell."""
-    from vlfuse.nn.fusion import build_fusion
-    from vlfuse.nn.vision import ImageFeatures
-
-    torch.manual_seed(0)
-    grid = torch.randn(1, 4, 8)
-    other = grid.clone()
-    other[0, 0] += 1.0
-    for layers, changes_rest in ((0, False), (2, True)):
-        fusion = build_fusion("cross-attention", 8, 16, dim=16, num_layers=1, num_heads=2, memory_layers=layers)
-        a, b = (fusion.memory(ImageFeatures(g, g.mean(1))) for g in (grid, other))
-        assert not torch.allclose(a[0, 0], b[0, 0])
-        assert (not torch.allclose(a[0, 1:], b[0, 1:])) == changes_rest
-        assert sum(p.numel() for p in fusion.memory_blocks.parameters()) > 0 if layers else True
-
-
-def test_caption_collate_groups_captions_and_mirrors_left_right():
-    from vlfuse.data.tokenizer import Tokenizer
-    from vlfuse.training.caption import make_collate, mirrored_ids
-
-    tok = Tokenizer.build(["a dog on the left", "a cat to the right of a dog"] * 5, min_count=1)
-    feats = torch.arange(2 * 3 * 2 * 2, dtype=torch.float16).view(2, 3, 2, 2)
-    items = [(1, [torch.tensor(tok.encode("a dog on the left")), torch.tensor(tok.encode("the right cat"))]),
-             (0, [torch.tensor(tok.encode("a cat"))])]
-    acts, tokens, rows = make_collate(feats)(items)
-    assert acts.dtype == torch.float32 and torch.equal(acts, feats[[1, 0]].float())
-    assert rows.tolist() == [0, 0, 1] and tokens.shape == (3, 7)
-    mirrored = feats + 100  # stands in for the cached features of the mirrored photos
-    collate = make_collate(feats, hflip=1.0, mirror_table=mirrored_ids(tok), mirrored_features=mirrored)
-    acts, tokens, rows = collate(items)
-    assert torch.equal(acts, mirrored[[1, 0]].float())  # each image replaced by its mirror image's features
-    assert [tok.decode(t.tolist()) for t in tokens] == ["a dog on the right", "the left cat", "a cat"]
-
-
-def test_scst_rewards_score_a_mirrored_images_samples_with_left_and_right_swapped_back():
-    """SCST with scst.hflip: a sample for a mirrored image says "right" where its references say "left"; it is
-    mapped back before scoring, so it earns what the same words earn for the unmirrored image."""
-    from vlfuse.data.tokenizer import Tokenizer
-    from vlfuse.metrics.cider_d import CiderD
-    from vlfuse.training.caption import mirrored_ids
-    from vlfuse.training.scst import sample_rewards
-
-    refs = [["a dog runs to the left", "a dog running left on grass"], ["a cat sits on the right of a box"]]
-    tok = Tokenizer.build([c for r in refs for c in r] * 5, min_count=1)
-    scorer = CiderD([[" ".join(tok.tokenize(c)) for c in r] for r in refs])
-    left, right = tok.encode("a dog runs to the left")[1:-1], tok.encode("a dog runs to the right")[1:-1]
-    sampled = [left, right, left, right]  # 2 images x 2 samples
-    rows = torch.tensor([0, 0])
-    plain = sample_rewards(scorer, tok, sampled, rows, torch.tensor([False, False]), 2, mirrored_ids(tok))
-    mirrored = sample_rewards(scorer, tok, sampled, rows, torch.tensor([False, True]), 2, mirrored_ids(tok))
-    assert plain.shape == (2, 2) and plain[0, 0] > plain[0, 1]  # "left" matches the references
-    assert torch.equal(mirrored[0], plain[0])  # the unmirrored image is scored as before
-    assert mirrored[1, 1] == plain[0, 0] and mirrored[1, 0] == plain[0, 1]  # "right" for the mirror = "left"
-
-
-def test_scst_policy_loss_token_average_weights_every_token_alike_and_sequence_average_each_sample():
-    """scst.loss_average: "token" is the REINFORCE gradient (each token of sample i gets -A_i / all tokens, however
-    long its sample); "sequence" gives each sample's tokens -A_i / (samples x its length). Bad values are named."""
-    from vlfuse.errors import ConfigError
-    from vlfuse.training.scst import SCSTConfig, policy_loss
-
-    advantage = torch.tensor([0.5, -0.25])
-    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])  # 4 and 2 tokens
-    for average, expected in [("token", [[-0.5 / 6] * 4, [0.25 / 6] * 2 + [0.0] * 2]),
-                              ("sequence", [[-0.5 / 8] * 4, [0.25 / 4] * 2 + [0.0] * 2])]:
-        logp = torch.randn(2, 4, requires_grad=True)
-        policy_loss(advantage, logp, mask, average).backward()
-        assert torch.allclose(logp.grad, torch.tensor(expected)), average
-    with pytest.raises(ConfigError, match="scst.loss_average"):
-        SCSTConfig(loss_average="tokens")
 
 
 def test_vision_encoder_inference_chunks_match_one_batch():

@@ -231,7 +231,7 @@ def test_cli_trains_a_loadable_dual_encoder(tmp_path, feature_cache):
     cfg = write_config(tmp_path / "r.json", {
         "task": "retrieval", "name": "tiny-retrieval",
         "data": {"path": str(DATA), "train_limit": 24, "val_limit": 8, "cache_dir": str(feature_cache),
-                 "text_cache_dir": str(tmp_path / "text"), "hflip": 0.5},
+                 "text_cache_dir": str(tmp_path / "text"), "mirror": 0.5},
         "model": {"embed_dim": 32, "hidden_dim": 64, "pool_heads": 4},
         "train": {"epochs": 2, "batch_size": 32, "warmup_steps": 2, "out_dir": str(tmp_path / "run"),
                   "progress": False, "checkpoint_every": 0, "threads": 2}})
@@ -245,64 +245,50 @@ def test_cli_trains_a_loadable_dual_encoder(tmp_path, feature_cache):
     assert vectors.shape == (2, 32) and torch.allclose(torch.as_tensor(vectors).norm(dim=-1), torch.ones(2), atol=1e-4)
 
 
-def _variant(retriever, **changes):
-    """The same trained weights under a changed model config (e.g. mirror averaging on or off)."""
-    import dataclasses
-
-    model = copy.deepcopy(retriever.model)
-    model.config = dataclasses.replace(model.config, **changes)
-    return Retriever(model, retriever.tokenizer, retriever.name)
-
-
-def test_mirror_average_is_what_embed_pixels_returns(retriever, val):
-    from vlfuse.data.images import load_image
-
-    plain, mirrored = _variant(retriever, mirror_average=False), _variant(retriever, mirror_average=True)
-    tf = retriever.model.vision.transform
-    pixels = torch.stack([tf(load_image(p)) for p in val.images[:3]])
-    a, b = plain.embed_pixels(pixels), plain.embed_pixels(pixels.flip(-1))
-    want = (a + b) / np.linalg.norm(a + b, axis=1, keepdims=True)
-    got = mirrored.embed_pixels(pixels)
-    assert np.allclose(got, want, atol=1e-5) and not np.allclose(got, a, atol=1e-3)
-    # index build / search / serving embed files through the same path
-    files = np.stack([v for _, v, _ in mirrored.embed_files(val.images[:3])])
-    assert np.allclose(files, got, atol=1e-5) and np.allclose(mirrored.embed_images(val.images[:3]), got, atol=1e-5)
-    assert mirrored.model_id != plain.model_id  # an index of one refuses queries of the other
-
-
 def test_training_validation_embeds_images_like_the_retriever(retriever, val, tmp_path):
-    """Validation during training scores cached stem outputs (of the photos and their mirror images) through
-    the same ``embed_views`` as ``Retriever.embed_images``."""
+    """Validation during training scores the photos' cached stem outputs through the same ``embed_cells`` as
+    ``Retriever.embed_images``."""
     from vlfuse.training.retrieval import image_cells
 
-    mirrored = _variant(retriever, mirror_average=True)
     data = val.subset(4)
-    views, kept, bad = image_cells(mirrored.model, str(tmp_path / "cache"), data, mirrored=True, progress=False)
-    assert len(views) == 2 and not bad and len(kept) == 4
+    cells, kept, bad = image_cells(retriever.model, str(tmp_path / "cache"), data, progress=False)
+    assert not bad and len(kept) == 4
     with torch.no_grad():
-        cached = mirrored.model.eval().embed_views([v.float() for v in views], normalized=True).numpy()
-    assert np.allclose(cached, mirrored.embed_images(data.images), atol=2e-3)  # fp16 cache
+        cached = retriever.model.eval().embed_cells(cells.float(), normalized=True).numpy()
+    assert np.allclose(cached, retriever.embed_images(data.images), atol=2e-3)  # fp16 cache
 
 
-def test_checkpoint_without_mirror_average_loads_as_before(retriever, tmp_path, val):
-    """Checkpoints saved before ``mirror_average`` existed load unchanged: one view per image."""
+def test_checkpoint_saved_with_mirror_average_off_loads_as_before(retriever, tmp_path, val):
+    """Checkpoints saved while ``model.mirror_average`` existed (the shipped one among them) list it off; they
+    load with the same id and embeddings. One that had it on asked for a second CNN pass that no longer exists."""
     import json
 
-    plain = _variant(retriever, mirror_average=False)
-    out = plain.save_pretrained(tmp_path / "old")
+    from vlfuse.errors import ConfigError
+
+    out = retriever.save_pretrained(tmp_path / "old")
     raw = json.loads((out / "config.json").read_text())
-    del raw["model"]["mirror_average"]
+    raw["model"]["mirror_average"] = False
     (out / "config.json").write_text(json.dumps(raw))
     old = Retriever.from_pretrained(out)
-    assert old.model.config.mirror_average is False
-    # its model id is computed as before the field existed, so indexes it built stay valid
-    from vlfuse.config import to_dict
-    from vlfuse.tasks.retrieval.pipeline import weights_digest
+    assert old.model_id == retriever.model_id  # indexes it built stay valid
+    assert np.allclose(old.embed_images(val.images[:2]), retriever.embed_images(val.images[:2]), atol=1e-5)
+    raw["model"]["mirror_average"] = True
+    (out / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="'model.mirror_average' was removed"):
+        Retriever.from_pretrained(out)
 
-    before = {"model": {k: v for k, v in to_dict(old.model.config).items() if k != "mirror_average"},
-              "transform": old.model.vision.transform.to_dict()}
-    assert old.model_id == f"{old.name}@{weights_digest(old.model, before)}"
-    assert np.allclose(old.embed_images(val.images[:2]), plain.embed_images(val.images[:2]), atol=1e-5)
+
+def test_the_shipped_model_keeps_its_id_after_options_were_removed(retriever):
+    """Indexes record the retrieval model's id and the shipped caption memory its image tower's digest; both
+    hash the model config, so options removed since (config.REMOVED_OPTIONS) must not change them."""
+    import json
+
+    from vlfuse.hub import resolve_model
+    from vlfuse.tasks.retrieval.pipeline import RetrievalImageTower
+
+    assert retriever.model_id == "flickr8k-retrieval@1669e0e281b304ec"  # the id before the clean-up
+    memory = json.loads((resolve_model("flickr8k-caption") / "config.json").read_text())["rerank"]
+    assert RetrievalImageTower.from_pretrained("flickr8k-retrieval").digest() == memory["tower_digest"]
 
 
 def test_token_state_cache_round_trips_and_matches_the_live_encoder(tmp_path, val):

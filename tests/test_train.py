@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import FLICKR, REPO, bad_images, tiny_config, write_config
 
@@ -91,15 +92,13 @@ def test_two_process_data_parallel_training(tmp_path, feature_cache):
 
 def test_scst_fine_tunes_a_trained_model(tmp_path, feature_cache, trained_run):
     """scst.init_from: self-critical training starts from a trained model (no cross-entropy phase), samples
-    captions (half of the images mirrored: scst.hflip; dropout on: scst.sample_dropout), logs the reward (CIDEr-D +
-    BLEU-4), changes the weights (the token-averaged loss: scst.loss_average), and keeps
-    whichever model is better on val."""
+    captions, logs the reward, changes the weights and keeps whichever model is better on val. The phase runs
+    on its own schedule (scst.*) and the rest of the train section (here its moving average)."""
     from safetensors.torch import load_file
 
-    config = tiny_config(tmp_path, feature_cache)
+    config = tiny_config(tmp_path, feature_cache, ema_decay=0.9)
     config["scst"] = {"epochs": 1, "samples": 3, "batch_images": 8, "lr": 1e-3, "max_len": 8, "warmup_steps": 1,
-                      "init_from": str(trained_run / "best"), "hflip": 0.5, "ema_decay": 0.9,
-                      "bleu_reward_weight": 1.0, "loss_average": "token", "sample_dropout": True}
+                      "init_from": str(trained_run / "best")}
     cfg = write_config(tmp_path / "c.json", config)
     assert main(["train", "--config", str(cfg)]) == 0
     run = tmp_path / "run"
@@ -110,7 +109,7 @@ def test_scst_fine_tunes_a_trained_model(tmp_path, feature_cache, trained_run):
     start = load_file(str(trained_run / "best" / "model.safetensors"))
     last = torch.load(run / "scst" / "last.pt", weights_only=False)
     tuned = last["model"]
-    assert last["ema"]  # scst.ema_decay: the phase keeps (and validates) a moving average
+    assert last["ema"]  # train.ema_decay: the phase keeps (and validates) a moving average
     assert any(not torch.allclose(start[k].float(), tuned[k].float(), atol=1e-4) for k in start if k in tuned)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["best_dir"] in (str(run / "best"), str(run / "scst" / "best"))
@@ -118,6 +117,23 @@ def test_scst_fine_tunes_a_trained_model(tmp_path, feature_cache, trained_run):
 
     config["scst"]["epochs"] = 0  # init_from without an SCST phase is a config mistake, said plainly
     assert main(["train", "--config", str(write_config(tmp_path / "bad.json", config))]) != 0
+
+
+def test_scst_runs_on_its_own_schedule_and_the_rest_of_the_train_section():
+    """SCST's schedule is its own section's (explicit, with its own defaults), never the cross-entropy one's;
+    every other trainer setting comes from ``train``."""
+    from vlfuse.config import from_dict
+    from vlfuse.training.caption import CaptionExperiment
+
+    exp = from_dict(CaptionExperiment, {"train": {"lr": 1e-3, "batch_size": 16, "warmup_steps": 200, "patience": 3,
+                                                  "min_lr_ratio": 0.02, "weight_decay": 0.05, "ema_decay": 0.5},
+                                        "scst": {"epochs": 2, "lr": 5e-5}})
+    cfg = exp.scst.train_config(exp.train, out_dir="run/scst")
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio, cfg.patience) == \
+        (2, 32, 5e-5, 20, 0.5, 0)
+    assert (cfg.weight_decay, cfg.ema_decay, cfg.out_dir) == (0.05, 0.5, "run/scst")
+    cfg = from_dict(CaptionExperiment, {"scst": {"epochs": 1, "min_lr_ratio": 0.1, "patience": 2}}).scst.train_config(exp.train, "x")
+    assert (cfg.min_lr_ratio, cfg.patience) == (0.1, 2)
 
 
 def test_ema_weights_are_validated_saved_and_checkpointed(tmp_path):
@@ -152,18 +168,17 @@ def test_ema_weights_are_validated_saved_and_checkpointed(tmp_path):
     assert torch.equal(torch.load(tmp_path / "run" / "last.pt", weights_only=False)["ema"]["weight"], ema)
 
 
-def test_grouped_mirrored_training_with_image_memory(tmp_path, feature_cache):
-    """data.group_by_image + data.hflip + a grid memory encoder: batches of images with all their captions,
+def test_grouped_mirrored_training(tmp_path, feature_cache):
+    """data.group_by_image + data.mirror: batches of images with all their captions,
     resumable with the same weights as an uninterrupted run (the mirroring draws come from the saved RNG)."""
-    overrides = ["data.group_by_image=true", "data.hflip=0.5", "model.fusion.memory_layers=1", "train.batch_size=4"]
+    overrides = ["data.group_by_image=true", "data.mirror=0.5", "train.batch_size=4"]
     straight_cfg = write_config(tmp_path / "a.json", tiny_config(tmp_path / "a", feature_cache))
     assert main(["train", "--config", str(straight_cfg), *overrides]) == 0
     hist = records(tmp_path / "a" / "run")
     assert [h["step"] for h in hist] == [6, 12]  # 24 images / 4 per batch, each with its 5 captions
     summary = json.loads((tmp_path / "a" / "run" / "summary.json").read_text())
     assert summary["train_captions"] == 120 and summary["train_images"] == 24
-    cap = Captioner.from_pretrained(tmp_path / "a" / "run" / "best")
-    assert len(cap.model.decoder.fusion.memory_blocks) == 1
+    Captioner.from_pretrained(tmp_path / "a" / "run" / "best")
 
     cfg = write_config(tmp_path / "b.json", tiny_config(tmp_path / "b", feature_cache))
     assert main(["train", "--config", str(cfg), *overrides, "train.max_steps=4"]) == 0
@@ -222,3 +237,139 @@ def test_cpu_amp_runs_the_forward_pass_in_bfloat16_and_keeps_float_weights(tmp_p
         assert model.weight.dtype == torch.float32 and not torch.equal(model.weight, before)
         saved = torch.load(tmp_path / f"run{cpu_amp}" / "last.pt", weights_only=False)["model"]
         assert saved["weight"].dtype == torch.float32
+
+
+# -- mirroring: one knob (data.mirror, a probability), one mechanism (vlfuse.data.mirror) for every task --------
+
+def test_mirror_text_swaps_left_and_right_as_whole_words():
+    from vlfuse.data.mirror import mirror_text
+
+    assert mirror_text("A dog on the left, a cat to the Right.") == "A dog on the right, a cat to the Left."
+    assert mirror_text("LEFT or right-hand? leftover, lefty") == "RIGHT or left-hand? leftover, lefty"
+    assert mirror_text(mirror_text("the left one and the right one")) == "the left one and the right one"
+
+
+def test_a_mirrored_caption_sample_swaps_left_and_right():
+    from pathlib import Path
+
+    from vlfuse.data.captions import CaptionSet
+    from vlfuse.data.tokenizer import Tokenizer
+    from vlfuse.training.caption import encode_items, make_collate
+
+    data = CaptionSet([Path("a.jpg"), Path("b.jpg")], [["a dog on the left", "the Right cat"], ["a cat"]])
+    tok = Tokenizer.build(["a dog on the left", "a cat to the right of a dog"] * 5, min_count=1)
+    items = encode_items(data, tok, max_len=10, group_by_image=True)
+    feats = torch.arange(2 * 3 * 2 * 2, dtype=torch.float16).view(2, 3, 2, 2)
+    acts, tokens, rows = make_collate(feats)(items)
+    assert torch.equal(acts, feats.float()) and rows.tolist() == [0, 0, 1]
+    assert [tok.decode(t.tolist()) for t in tokens] == ["a dog on the left", "the right cat", "a cat"]
+    mirrored = feats + 100  # stands in for the cached stem outputs of the mirror images
+    acts, tokens, rows = make_collate(feats, mirror=1.0, mirrored_features=mirrored)(items)
+    assert torch.equal(acts, mirrored.float()) and rows.tolist() == [0, 0, 1]
+    assert [tok.decode(t.tolist()) for t in tokens] == ["a dog on the right", "the left cat", "a cat"]
+
+
+def test_a_mirrored_retrieval_sample_uses_its_captions_mirrored_text():
+    from vlfuse.training.retrieval import make_collate, mirrored_rows
+
+    captions = ["a dog on the left", "a cat", "the right hand"]
+    changed, rows = mirrored_rows(captions)
+    assert changed == ["a dog on the right", "the left hand"] and rows == [3, 1, 4]
+    text = torch.arange(5.0)[:, None]  # each caption row's (pooled) text features: its row number
+    cells, mirrored_cells = torch.zeros(3, 4, 8), torch.ones(3, 4, 8)
+    items = [(0, [0]), (1, [1]), (2, [2])]
+    got_cells, got_text, image_ids = make_collate(cells, text, mirrored_cells, 1.0, rows)(items)
+    assert torch.equal(got_cells, mirrored_cells) and got_text[:, 0].tolist() == [3.0, 1.0, 4.0]
+    got_cells, got_text, _ = make_collate(cells, text)(items)
+    assert torch.equal(got_cells, cells) and got_text[:, 0].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_token_states_of_the_mirrored_captions_append_after_the_captions():
+    """With a tuned text layer, retrieval caches token states per caption: those of the captions mirroring changes
+    are appended (``TokenStates.cat``) and found at the rows ``mirrored_rows`` gives."""
+    from vlfuse.training.retrieval import TokenStates
+
+    def states(lengths, start):
+        offsets = torch.tensor([0, *lengths]).cumsum(0)
+        return TokenStates(torch.arange(start, start + int(offsets[-1]) * 2.0).view(-1, 2), offsets)
+
+    plain, extra = states([3, 1], 0), states([2], 100)
+    both = plain.cat(extra)
+    assert len(both) == 3
+    for row, (source, source_row) in enumerate([(plain, 0), (plain, 1), (extra, 0)]):
+        assert all(torch.equal(a, b) for a, b in zip(both.batch([row]), source.batch([source_row])))
+
+
+def test_a_mirrored_vqa_sample_swaps_left_and_right_in_questions_and_answers():
+    from vlfuse.data.mirror import mirror_pixels
+    from vlfuse.data.tokenizer import Tokenizer
+    from vlfuse.data.vqa import VQAQuestion, VQASet
+    from vlfuse.training.vqa import encode_items, make_collate
+
+    data = VQASet(["a.png"], [VQAQuestion(0, "what is on the left?", ["circle"]),
+                              VQAQuestion(0, "is the circle left or right?", ["left", "left", "right"])])
+    tok = Tokenizer.build([q.question for q in data.questions], min_count=1)
+    answers = ["circle", "left", "right"]
+    items = encode_items(data, tok, answers, max_len=10)
+    acts = torch.arange(2 * 3 * 2.0).view(1, 2, 3, 2).half()  # small-cnn: the stem outputs are the pixels
+    collate = make_collate(acts, 3, 0, mirror=1.0, mirrored_acts=mirror_pixels(acts))
+    acts_b, image_index, ids, _, targets = collate(items)
+    assert torch.equal(acts_b, acts.float().flip(-1)) and image_index.tolist() == [0, 0]
+    assert [tok.decode(q.tolist()) for q in ids] == ["what is on the right", "is the circle right or left"]
+    assert torch.allclose(targets, torch.tensor([[1.0, 0.0, 0.0], [0.0, 1 / 3, 2 / 3]]))  # 2 of 3 said "left"
+    _, _, ids, _, targets = make_collate(acts, 3, 0)(items)
+    assert [tok.decode(q.tolist()) for q in ids] == ["what is on the left", "is the circle left or right"]
+    assert torch.allclose(targets, torch.tensor([[1.0, 0.0, 0.0], [0.0, 2 / 3, 1 / 3]]))
+
+
+@pytest.mark.parametrize("task", ["caption", "retrieval", "vqa"])
+def test_the_mirror_knob_is_one_probability_in_every_task(task):
+    from vlfuse.config import from_dict
+    from vlfuse.errors import ConfigError
+    from vlfuse.training.caption import CaptionExperiment
+    from vlfuse.training.retrieval import RetrievalExperiment
+    from vlfuse.training.vqa import parse_experiment
+
+    parse = {"caption": lambda raw: from_dict(CaptionExperiment, raw),
+             "retrieval": lambda raw: from_dict(RetrievalExperiment, raw), "vqa": parse_experiment}[task]
+    assert parse({"data": {"mirror": 0.5}}).data.mirror == 0.5
+    assert parse({"data": {"mirror": 1}}).data.mirror == 1.0 and parse({}).data.mirror == 0.0
+    for bad in (1.5, -0.1):
+        with pytest.raises(ConfigError, match=r"data\.mirror is the probability .* must be in \[0, 1\], got"):
+            parse({"data": {"mirror": bad}})
+    old = {"data": {"flip": True}} if task == "vqa" else {"data": {"hflip": 0.5}}
+    with pytest.raises(ConfigError, match=r"was removed.* Use 'data\.mirror' instead"):
+        parse(old)
+
+
+def test_vqa_training_mirrors_and_is_reproducible_from_train_seed(tmp_path):
+    """A tiny VQA run with data.mirror (questions and answers that say left/right) trains end to end, and the same
+    config trained twice gives the same weights: train.seed decides the initial weights and the mirroring draws."""
+    import json
+
+    from PIL import Image
+
+    from vlfuse.training.vqa import train
+
+    lines = []
+    for i in range(12):
+        image = Image.new("RGB", (32, 32), "white")
+        image.paste((255, 0, 0), (0, 0, 16, 32) if i % 2 else (16, 0, 32, 32))  # red on the left or the right
+        image.save(tmp_path / f"{i}.png")
+        side = "left" if i % 2 else "right"
+        lines.append(json.dumps({"image": f"{i}.png", "question": "which side is red?", "answer": side}))
+        lines.append(json.dumps({"image": f"{i}.png", "question": f"is the {side} half red?", "answer": "yes"}))
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    runs = []
+    for run in ("a", "b"):
+        config = {"task": "vqa", "data": {"path": str(tmp_path / "train.jsonl"), "val_fraction": 0.25,
+                                          "test_split": "", "mirror": 0.5},
+                  "model": {"vision": {"name": "small-cnn", "channels": 8, "num_layers": 2, "image_size": 32},
+                            "text": {"name": "embedding", "embed_dim": 8}, "fusion": {"name": "concat", "dim": 16},
+                            "head": {"name": "classifier", "hidden_dim": 16}},
+                  "train": {"epochs": 2, "batch_size": 4, "warmup_steps": 1, "out_dir": str(tmp_path / run),
+                            "progress": False, "threads": 1}}
+        torch.manual_seed(len(runs))  # whatever the global generator held before must not matter
+        assert train(config)["answers"] == 3
+        runs.append(torch.load(tmp_path / run / "last.pt", weights_only=False)["model"])
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])

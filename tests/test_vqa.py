@@ -38,12 +38,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def tiny_config(fusion: str = "mul", text: str = "gru", question_input: str = "pooled", **vision) -> VQAModelConfig:
+def tiny_config(fusion: str = "mul", text: str = "gru", **vision) -> VQAModelConfig:
     text_kwargs = {"embed_dim": 8, "hidden_dim": 8} if text in ("gru", "lstm") else {"embed_dim": 8} \
         if text == "embedding" else {}
     return VQAModelConfig(vision=Part(vision.pop("name", "small-cnn"), vision or {"channels": 8, "num_layers": 2}),
                           text=Part(text, text_kwargs), fusion=Part(fusion, {"dim": 16}),
-                          head=Part("classifier", {"hidden_dim": 16}), question_input=question_input,
+                          head=Part("classifier", {"hidden_dim": 16}),
                           num_answers=len(ANSWERS), vocab_size=20)
 
 
@@ -61,10 +61,9 @@ def shape_image(color=(255, 0, 0)) -> Image.Image:
     return Image.fromarray(arr)
 
 
-@pytest.mark.parametrize("question_input", ["pooled", "tokens"])
 @pytest.mark.parametrize("fusion", FUSIONS.names())
-def test_every_fusion_forward_backward(fusion, question_input):
-    net = VQAModel(tiny_config(fusion, question_input=question_input))
+def test_every_fusion_forward_backward(fusion):
+    net = VQAModel(tiny_config(fusion))
     pixels = torch.randn(2, 3, 32, 32)  # two images ...
     ids, mask = pad_batch([[1, 5, 6, 2], [1, 7, 2], [1, 5, 2]])  # ... three questions about them
     image_index = torch.tensor([0, 1, 1])

@@ -1,4 +1,5 @@
-"""Typed dataclass configs: strict loading from YAML/JSON, dotted CLI overrides, saving.
+"""Typed dataclass configs: strict loading from YAML/JSON, recipes that inherit (``base:``), dotted CLI
+overrides, saving.
 
 Unknown keys are errors that name the key (and suggest the closest valid one),
 so a typo in a config never silently falls back to a default.
@@ -51,12 +52,65 @@ def _strip_optional(tp: Any) -> Any:
     return tp
 
 
+# Options removed in the structure clean-up (issue 19; git history has them), each with the value it had by
+# default. Checkpoints' config.json and resolved configs written before still list them: at that value an option
+# asked for what vlfuse now always does, so loading drops it; any other value asked for something that no longer
+# exists, and is a ConfigError naming the option.
+REMOVED_OPTIONS: Dict[str, Any] = {
+    "TrainConfig.grad_clip": 1.0,
+    "SCSTConfig.hflip": 0.0,
+    "SCSTConfig.ema_decay": 0.0,
+    "SCSTConfig.bleu_reward_weight": 0.0,
+    "SCSTConfig.loss_average": "sequence",
+    "SCSTConfig.sample_dropout": False,
+    "CaptionDataConfig.captions_file": "",
+    "CaptionDataConfig.segmenter": "english",
+    "CaptionDataConfig.hflip": 0.0,
+    "CaptionModelConfig.gen_weight": 1.0,
+    "CaptionModelConfig.align_weight": 0.0,
+    "CaptionModelConfig.align_dim": 256,
+    "RetrievalDataConfig.captions_file": "",
+    "RetrievalDataConfig.hflip": 0.0,
+    "RetrievalModelConfig.init_temperature": 0.07,
+    "RetrievalModelConfig.hard_negative_weight": 0.0,
+    "RetrievalModelConfig.hard_negative_margin": 0.2,
+    "RetrievalModelConfig.mirror_average": False,
+    "VQADataConfig.min_count": 1,
+    "VQADataConfig.flip": False,
+    "VQAModelConfig.question_input": "pooled",
+}
+# Removed options whose job another option of the same section does now (named in the error).
+REPLACED_OPTIONS: Dict[str, str] = {
+    "CaptionDataConfig.hflip": "mirror",
+    "RetrievalDataConfig.hflip": "mirror",
+    "VQADataConfig.flip": "mirror",
+}
+
+
+def _without_removed_options(cls: type, data: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """``data`` without the removed options of ``cls`` that hold their old default (see REMOVED_OPTIONS)."""
+    kept = {}
+    for key, value in data.items():
+        removed = f"{cls.__name__}.{key}"
+        if removed not in REMOVED_OPTIONS:
+            kept[key] = value
+        elif value != REMOVED_OPTIONS[removed]:
+            full = f"{path}.{key}" if path else key
+            instead = REPLACED_OPTIONS.get(removed)
+            hint = f" Use '{(path + '.' if path else '') + instead}' instead." if instead else ""
+            raise ConfigError(f"config key '{full}' was removed; it is accepted only at its old default "
+                              f"{REMOVED_OPTIONS[removed]!r} (what vlfuse now always does), got {value!r}.{hint}")
+    return kept
+
+
 def from_dict(cls: Type[T], data: Any, path: str = "") -> T:
-    """Build dataclass ``cls`` from a plain mapping, rejecting unknown keys by name."""
+    """Build dataclass ``cls`` from a plain mapping, rejecting unknown keys by name (removed options are
+    accepted at their old default only, see REMOVED_OPTIONS)."""
     if cls is Part:
         return Part.from_dict(data, path)  # type: ignore[return-value]
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{path or '<root>'}' must be a mapping, got {type(data).__name__}")
+    data = _without_removed_options(cls, data, path)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -129,9 +183,47 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+BASE_KEY = "base"  # a recipe's ``base: other.yaml``: start from that recipe, then apply this file's settings
+
+
 def read_config_file(path: str | Path) -> Dict[str, Any]:
-    """Read a YAML or JSON config file into a mapping."""
-    path = Path(path)
+    """Read a YAML or JSON config file into a mapping, resolving recipe inheritance.
+
+    A file with ``base: other.yaml`` (a path relative to the file) starts from that file's settings, itself
+    resolved the same way, and deep-merges its own sections over them (see :func:`merge_over`). A chain that
+    comes back to a file it already passed is a ConfigError naming the chain. The result has no ``base`` key."""
+    return _read_recipe(Path(path), ())
+
+
+def _read_recipe(path: Path, chain: tuple) -> Dict[str, Any]:
+    here = path.resolve()
+    if here in chain:
+        cycle = " -> ".join(str(p) for p in (*chain[chain.index(here):], here))
+        raise ConfigError(f"config file '{path}' inherits from itself through 'base': {cycle}")
+    data = _parse_config_file(path)
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file '{path}': '{BASE_KEY}' must be the path of another config file, got {base!r}")
+    return merge_over(_read_recipe(path.parent / base, (*chain, here)), data)
+
+
+def merge_over(base: Dict[str, Any], settings: Dict[str, Any]) -> Dict[str, Any]:
+    """``settings`` over ``base`` (a new mapping): nested sections merge key by key, anything else replaces.
+    A part (a mapping with a ``name``) that names another part replaces the base's part whole, since the
+    base part's options need not apply to it."""
+    merged = dict(base)
+    for key, value in settings.items():
+        old = merged.get(key)
+        if isinstance(value, dict) and isinstance(old, dict) and value.get("name", old.get("name")) == old.get("name"):
+            merged[key] = merge_over(old, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parse_config_file(path: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     text = path.read_text(encoding="utf-8")

@@ -132,9 +132,3 @@ def list_images(paths: Iterable[Union[str, os.PathLike]], recursive: bool = True
         else:
             out.append(p)
     return out
-
-
-def mirror_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """Transformed images (B, 3, H, W) -> the same images mirrored left-right (a photo's mirror image shows
-    the same scene; retrieval uses it as training augmentation and for test-time averaging)."""
-    return pixels.flip(-1)

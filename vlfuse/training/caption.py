@@ -4,13 +4,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
 from ..config import from_dict, save_json, to_dict
 from ..data.captions import CaptionSet, read_captions
+from ..data.mirror import check_mirror_probability, draw_mirrored, mirror_text
 from ..data.tokenizer import PAD, Tokenizer
 from ..errors import ConfigError, DataError
 from ..generation import DecodeConfig
@@ -28,16 +29,17 @@ class CaptionDataConfig:
     format: str = "auto"
     train_split: str = "train"
     val_split: str = "val"
-    captions_file: str = ""        # Flickr layout only: e.g. captions_zh.txt (default captions.txt)
     image_root: str = ""           # Karpathy/COCO only: folder the image paths are relative to (default: the JSON's)
     min_count: int = 5             # words seen fewer times in training captions map to <unk>
-    segmenter: str = "english"
     cache_dir: str = "cache/features"
     train_limit: int = 0           # use only the first N training images (0 = all)
     val_limit: int = 0             # validate on the first N val images (0 = all)
     group_by_image: bool = False   # a batch holds train.batch_size images with all their captions (else captions)
-    hflip: float = 0.0             # probability of training on an image's mirror image (its own cached stem
-                                   # features) with the caption's "left" and "right" swapped (augmentation)
+    mirror: float = 0.0            # probability of training on an image's mirror image, "left"/"right" swapped in
+                                   # its captions (vlfuse.data.mirror; the cross-entropy phase, not SCST)
+
+    def __post_init__(self):
+        check_mirror_probability(self.mirror)
 
 
 @dataclasses.dataclass
@@ -52,7 +54,7 @@ class CaptionExperiment:
 
 
 def load_split(cfg: CaptionDataConfig, split: str, limit: int) -> CaptionSet:
-    extra = {k: v for k, v in (("captions_file", cfg.captions_file), ("image_root", cfg.image_root)) if v}
+    extra = {"image_root": cfg.image_root} if cfg.image_root else {}
     data = read_captions(cfg.path, split=split, fmt=cfg.format, **extra)
     return data.subset(limit) if limit else data
 
@@ -67,49 +69,48 @@ def cached_features(cache: FeatureCache, data: CaptionSet, progress: bool) -> Tu
     return cache.load([digests[i] for i in keep]), kept, failures
 
 
+class TrainingItem(NamedTuple):
+    """An image's row in the cached features and token ids of captions of it: as written, and as they read
+    for the image's mirror image (``mirror_text``)."""
+
+    row: int
+    captions: List[torch.Tensor]
+    mirrored: List[torch.Tensor]
+
+
 def encode_items(data: CaptionSet, tokenizer: Tokenizer, max_len: int, group_by_image: bool = False
-                 ) -> List[Tuple[int, List[torch.Tensor]]]:
-    """Training items (image row, [caption token ids, ...]): one per caption, or one per image with all of its
-    captions (``group_by_image``: the image side then runs once for all of them)."""
+                 ) -> List[TrainingItem]:
+    """Training items: one per caption, or one per image with all of its captions (``group_by_image``: the
+    image side then runs once for all of them)."""
+    def encode(captions: List[str]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        ids = [torch.tensor(tokenizer.encode(c, max_len)) for c in captions]
+        mirrored = [t if mirror_text(c) == c else torch.tensor(tokenizer.encode(mirror_text(c), max_len))
+                    for c, t in zip(captions, ids)]
+        return ids, mirrored
+
     if group_by_image:
-        return [(i, [torch.tensor(tokenizer.encode(c, max_len)) for c in caps])
-                for i, caps in enumerate(data.captions) if caps]
-    return [(i, [torch.tensor(tokenizer.encode(c, max_len))]) for i, c in data.pairs()]
+        return [TrainingItem(i, *encode(caps)) for i, caps in enumerate(data.captions) if caps]
+    return [TrainingItem(i, *encode([c])) for i, c in data.pairs()]
 
 
-MIRRORED_WORDS = (("left", "right"),)
+def make_collate(features: torch.Tensor, mirror: float = 0.0, mirrored_features: Optional[torch.Tensor] = None):
+    """Training items -> (stem activations (B_img, C, H, W), tokens (B, L), rows (B,)), ``rows`` naming each
+    caption's image. With probability ``mirror`` an image is replaced by its mirror image (``mirrored_features``:
+    the cached stem outputs of the mirrored photos, ``FeatureCache(mirrored=True)``) and its captions by their
+    mirrored token ids."""
+    if mirror > 0 and mirrored_features is None:
+        raise ValueError("mirroring needs the cached features of the mirrored images")
 
-
-def mirrored_ids(tokenizer: Tokenizer) -> torch.Tensor:
-    """(V,) token id -> the id of the same word in a mirrored image ("left" <-> "right"; others unchanged)."""
-    table = torch.arange(len(tokenizer))
-    for a, b in MIRRORED_WORDS:
-        if a in tokenizer.index and b in tokenizer.index:
-            table[tokenizer.index[a]], table[tokenizer.index[b]] = tokenizer.index[b], tokenizer.index[a]
-    return table
-
-
-def make_collate(features: torch.Tensor, hflip: float = 0.0, mirror_table: Optional[torch.Tensor] = None,
-                 mirrored_features: Optional[torch.Tensor] = None):
-    """Items (see ``encode_items``) -> (stem activations (B_img, C, H, W), tokens (B, L), rows (B,)), ``rows``
-    naming each caption's image. With ``hflip`` a random share of the images is replaced by its mirror image
-    (``mirrored_features``: the cached stem outputs of the mirrored photos, see ``FeatureCache(mirrored=True)``)
-    and their captions are mapped through ``mirror_table``."""
-    if hflip > 0 and (mirror_table is None or mirrored_features is None):
-        raise ValueError("hflip needs the mirrored images' features and the mirror_table of the vocabulary")
-
-    def collate(items: List[Tuple[int, List[torch.Tensor]]]):
-        idx = torch.tensor([i for i, _ in items])
+    def collate(items: List[TrainingItem]):
+        idx = torch.tensor([item.row for item in items])
         acts = features[idx].float()
-        counts = torch.tensor([len(caps) for _, caps in items])
-        rows = torch.arange(len(items)).repeat_interleave(counts)
-        tokens = torch.nn.utils.rnn.pad_sequence([t for _, caps in items for t in caps], batch_first=True,
-                                                 padding_value=PAD)
-        if hflip > 0:
-            flip = torch.rand(len(items)) < hflip
+        flip = draw_mirrored(len(items), mirror)
+        if flip.any():
             acts[flip] = mirrored_features[idx[flip]].float()
-            flipped = flip[rows]
-            tokens[flipped] = mirror_table[tokens[flipped]]
+        counts = torch.tensor([len(item.captions) for item in items])
+        rows = torch.arange(len(items)).repeat_interleave(counts)
+        captions = [t for item, f in zip(items, flip.tolist()) for t in (item.mirrored if f else item.captions)]
+        tokens = torch.nn.utils.rnn.pad_sequence(captions, batch_first=True, padding_value=PAD)
         return acts, tokens, rows
     return collate
 
@@ -148,8 +149,7 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     elif resume and (out / "vocab.json").is_file():
         tokenizer = Tokenizer.load(out)
     else:
-        tokenizer = Tokenizer.build((c for caps in train_set.captions for c in caps), exp.data.min_count,
-                                    segmenter=exp.data.segmenter)
+        tokenizer = Tokenizer.build((c for caps in train_set.captions for c in caps), exp.data.min_count)
     seed_everything(exp.train.seed)  # initial weights too, not only the training order, follow train.seed
     model = init.model.train() if init is not None else CaptionModel(exp.model, len(tokenizer))
     cache = FeatureCache(exp.data.cache_dir, model.vision)
@@ -183,12 +183,12 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
         tqdm.write(f"starting SCST from {exp.scst.init_from}: val {exp.train.select_metric} {result['best']:.4f}")
     else:
         mirrored = None
-        if exp.data.hflip > 0:  # the kept training images, mirrored: a second cache entry per image
+        if exp.data.mirror > 0:  # the kept training images, mirrored: a second cache entry per image
             mirrored, _, _ = cached_features(FeatureCache(exp.data.cache_dir, model.vision, mirrored=True),
                                              train_set, exp.train.progress)
-        collate = make_collate(train_feats, exp.data.hflip, mirrored_ids(tokenizer), mirrored)
+        collate = make_collate(train_feats, exp.data.mirror, mirrored)
         trainer = Trainer(model, items, collate, lambda net, b: net(*b), evaluate, save_best,
-                          exp.train, lengths=[max(len(t) for t in caps) for _, caps in items],
+                          exp.train, lengths=[max(len(t) for t in item.captions) for item in items],
                           frozen_prefixes=model.persistent_prefixes(),
                           pretrained_prefixes=model.pretrained_prefixes())
         if resume and trainer.resume():
@@ -205,7 +205,7 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
         build_and_attach(best_dir, train_set, exp.memory, progress=exp.train.progress)
         memory_minutes = (time.time() - t_memory) / 60
     summary = {"best_" + exp.train.select_metric: result["best"], "best_epoch": result["best_epoch"],
-               "train_images": len(train_set), "train_captions": sum(len(caps) for _, caps in items),
+               "train_images": len(train_set), "train_captions": sum(len(item.captions) for item in items),
                "vocab_size": len(tokenizer),
                "skipped_images": len(bad_train) + len(bad_val),
                "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -236,26 +236,14 @@ def _scst_phase(exp: CaptionExperiment, model: CaptionModel, tokenizer: Tokenize
 
     out = Path(exp.train.out_dir)
     load_weights(out / "best", model, allowed_missing_prefixes=model.persistent_prefixes())
-    cfg = dataclasses.replace(exp.train, epochs=exp.scst.epochs, batch_size=exp.scst.batch_images,
-                              lr=exp.scst.lr, warmup_steps=exp.scst.warmup_steps, patience=0,
-                              out_dir=str(out / "scst"), min_lr_ratio=0.5,
-                              ema_decay=exp.scst.ema_decay)
+    cfg = exp.scst.train_config(exp.train, out_dir=str(out / "scst"))
     rows = list(range(len(train_set)))
-    mirrored = None
-    if exp.scst.hflip > 0:  # the mirrored images' own cached stem outputs, as in the cross-entropy phase
-        mirrored, _, _ = cached_features(FeatureCache(exp.data.cache_dir, model.vision, mirrored=True), train_set,
-                                         exp.train.progress)
 
     def collate(items: List[int]):
         idx = torch.tensor(items)
-        acts = train_feats[idx].float()
-        flip = torch.zeros(len(items), dtype=torch.bool)
-        if mirrored is not None:
-            flip = torch.rand(len(items)) < exp.scst.hflip
-            acts[flip] = mirrored[idx[flip]].float()
-        return acts, idx, flip
+        return train_feats[idx].float(), idx
 
-    loss_fn = make_scst_loss(model, tokenizer, train_set.captions, exp.scst, mirrored_ids(tokenizer))
+    loss_fn = make_scst_loss(model, tokenizer, train_set.captions, exp.scst)
     trainer = Trainer(model, rows, collate, loss_fn,
                       evaluate, save_best, cfg, frozen_prefixes=model.persistent_prefixes(),
                       pretrained_prefixes=model.pretrained_prefixes())

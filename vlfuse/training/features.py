@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.images import load_image, mirror_pixels
+from ..data.images import load_image
+from ..data.mirror import mirror_pixels
 from ..errors import ImageError
 from ..io import atomic_path, file_digest
 

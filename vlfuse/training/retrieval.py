@@ -1,7 +1,8 @@
 """Retrieval training on cached features: the image stem's outputs (of each photo and, for mirroring, of its
-mirror image) come from the shared FeatureCache; the text encoder's frozen part runs once per caption too:
-its pooled output when the whole encoder is frozen, else the token states entering the tuned top layers.
-An epoch then only runs the attention pooling, the tuned text layers (if any) and the two projections."""
+mirror image) come from the shared FeatureCache; the text encoder's frozen part runs once per caption too (and
+once per caption that mirroring changes): its pooled output when the whole encoder is frozen, else the token
+states entering the tuned top layers. An epoch then only runs the attention pooling, the tuned text layers (if
+any) and the two projections."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..config import from_dict, save_json, to_dict
 from ..data.captions import CaptionSet
+from ..data.mirror import check_mirror_probability, draw_mirrored, mirror_text
 from ..errors import ConfigError
 from ..io import atomic_path, config_digest
 from ..metrics.retrieval import recall_metrics
@@ -22,7 +24,7 @@ from ..nn.text import pad_batch
 from ..tasks.retrieval.pipeline import RetrievalModel, RetrievalModelConfig, Retriever
 from .caption import cached_features, load_split
 from .features import FeatureCache
-from .trainer import TrainConfig, Trainer
+from .trainer import TrainConfig, Trainer, seed_everything
 
 
 @dataclasses.dataclass
@@ -31,13 +33,16 @@ class RetrievalDataConfig:
     format: str = "auto"
     train_split: str = "train"
     val_split: str = "val"
-    captions_file: str = ""                # Flickr layout only: e.g. captions_zh.txt (default captions.txt)
     image_root: str = ""                   # Karpathy/COCO only: folder the image paths are relative to
     cache_dir: str = "cache/features"      # image stem outputs (shared FeatureCache)
     text_cache_dir: str = "cache/text"     # pooled frozen text-encoder outputs per caption
     train_limit: int = 0
     val_limit: int = 0
-    hflip: float = 0.0                     # probability of using an image's mirror image instead (augmentation)
+    mirror: float = 0.0                    # probability of training on an image's mirror image, "left"/"right"
+                                           # swapped in its caption (vlfuse.data.mirror)
+
+    def __post_init__(self):
+        check_mirror_probability(self.mirror)
 
 
 @dataclasses.dataclass
@@ -86,6 +91,11 @@ class TokenStates:
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    def cat(self, other: "TokenStates") -> "TokenStates":
+        """These captions' states followed by ``other``'s."""
+        return TokenStates(torch.cat([self.flat, other.flat]), torch.cat([self.offsets, other.offsets[1:] +
+                                                                          self.offsets[-1]]))
 
     def batch(self, rows: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Captions ``rows`` -> padded states (B, T, D) float32 and mask (B, T) bool."""
@@ -139,22 +149,39 @@ def caption_rows(data: CaptionSet) -> Tuple[List[str], List[int]]:
     return [c for _, c in pairs], [i for i, _ in pairs]
 
 
+def mirrored_rows(captions: Sequence[str]) -> Tuple[List[str], List[int]]:
+    """The captions that mirroring changes (``mirror_text``), and for every caption row the row of its form for
+    the mirror image: the row itself when mirroring leaves the caption alone, else ``len(captions) + j`` for the
+    j-th changed caption (training appends their text features after the captions')."""
+    changed: List[str] = []
+    rows = list(range(len(captions)))
+    for r, caption in enumerate(captions):
+        mirrored = mirror_text(caption)
+        if mirrored != caption:
+            rows[r] = len(captions) + len(changed)
+            changed.append(mirrored)
+    return changed, rows
+
+
 def make_collate(image_feats: torch.Tensor, text: torch.Tensor | TokenStates | List[List[int]],
-                 mirrored_feats: Optional[torch.Tensor] = None, hflip: float = 0.0):
+                 mirrored_feats: Optional[torch.Tensor] = None, mirror: float = 0.0,
+                 mirror_rows: Optional[Sequence[int]] = None):
     """Items are (image index, its caption rows); each batch pairs every image with one of its captions
-    drawn at random, so an epoch visits every image once and no batch holds an image twice. With ``hflip``,
-    an image is replaced by its mirror image (``mirrored_feats``) with that probability. ``text`` is the
-    cached pooled text features, the cached token states or the token ids of every caption row."""
-    if hflip > 0 and mirrored_feats is None:
-        raise ConfigError("hflip needs the features of the mirrored images")
+    drawn at random, so an epoch visits every image once and no batch holds an image twice. With probability
+    ``mirror`` an image is replaced by its mirror image (``mirrored_feats``) and its caption row ``r`` by
+    ``mirror_rows[r]`` (see ``mirrored_rows``). ``text`` is the cached pooled text features, the cached token
+    states or the token ids of every caption row."""
+    if mirror > 0 and (mirrored_feats is None or mirror_rows is None):
+        raise ValueError("mirroring needs the features of the mirrored images and the mirrored caption rows")
 
     def collate(items):
         img = torch.tensor([i for i, _ in items])
         rows = [r[int(torch.randint(len(r), ()))] for _, r in items]
         cells = image_feats[img]  # (B, N, C) normalised cells
-        if hflip > 0:
-            flip = torch.rand(len(img)) < hflip
+        flip = draw_mirrored(len(img), mirror)
+        if flip.any():
             cells = torch.where(flip[:, None, None], mirrored_feats[img], cells)
+            rows = [mirror_rows[r] if f else r for r, f in zip(rows, flip.tolist())]
         if isinstance(text, torch.Tensor):
             return cells, text[torch.tensor(rows)].float(), img
         if isinstance(text, TokenStates):
@@ -166,13 +193,13 @@ def make_collate(image_feats: torch.Tensor, text: torch.Tensor | TokenStates | L
 
 
 @torch.no_grad()
-def score_split(model: RetrievalModel, image_views: Sequence[torch.Tensor], text: torch.Tensor | TokenStates |
-                List[List[int]], owner: Sequence[int], batch_size: int = 250) -> Dict[str, float]:
-    """Recall metrics of ``model`` on cached normalised cells of each image view (see ``RetrievalModel.image_views``)
-    and the cached pooled text features, cached token states or token id lists of the captions."""
+def score_split(model: RetrievalModel, cells: torch.Tensor, text: torch.Tensor | TokenStates | List[List[int]],
+                owner: Sequence[int], batch_size: int = 250) -> Dict[str, float]:
+    """Recall metrics of ``model`` on the images' cached normalised cells (M, N, C) and the cached pooled text
+    features, cached token states or token id lists of the captions."""
     model.eval()
-    imgs = torch.cat([model.embed_views([v[s:s + batch_size].float() for v in image_views], normalized=True)
-                      for s in range(0, len(image_views[0]), batch_size)])
+    imgs = torch.cat([model.embed_cells(cells[s:s + batch_size].float(), normalized=True)
+                      for s in range(0, len(cells), batch_size)])
     txts = []
     for s in range(0, len(text), batch_size):
         if isinstance(text, torch.Tensor):
@@ -185,16 +212,12 @@ def score_split(model: RetrievalModel, image_views: Sequence[torch.Tensor], text
     return recall_metrics((imgs @ torch.cat(txts).t()).numpy(), owner)
 
 
-def image_cells(model: RetrievalModel, cache_dir: str, data: CaptionSet, mirrored: bool, progress: bool
-                ) -> Tuple[List[torch.Tensor], CaptionSet, List]:
-    """Normalised grid cells of ``data``'s images, plus those of their mirror images when ``mirrored``
-    (each (M, N, C) fp16, built or loaded from the FeatureCache); unreadable images are dropped."""
-    feats, data, bad = cached_features(FeatureCache(cache_dir, model.vision), data, progress)
-    views = [frozen_cells(model, feats)]
-    if mirrored:
-        mirror, _, _ = cached_features(FeatureCache(cache_dir, model.vision, mirrored=True), data, progress)
-        views.append(frozen_cells(model, mirror))
-    return views, data, bad
+def image_cells(model: RetrievalModel, cache_dir: str, data: CaptionSet, progress: bool, mirrored: bool = False
+                ) -> Tuple[torch.Tensor, CaptionSet, List]:
+    """Normalised grid cells (M, N, C) fp16 of ``data``'s images, or of their mirror images (``mirrored``), built
+    or loaded from the FeatureCache; unreadable images are dropped (and returned with their errors)."""
+    feats, data, bad = cached_features(FeatureCache(cache_dir, model.vision, mirrored=mirrored), data, progress)
+    return frozen_cells(model, feats), data, bad
 
 
 def caption_text(model: RetrievalModel, tokenizer, captions: Sequence[str], cache_dir: str, progress: bool
@@ -212,21 +235,28 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     t_start = time.time()
     train_set = _split(exp.data, exp.data.train_split, exp.data.train_limit)
     val_set = _split(exp.data, exp.data.val_split, exp.data.val_limit)
+    seed_everything(exp.train.seed)  # the initial weights follow train.seed too, not only the training order
     retriever = Retriever.from_config(exp.model, exp.name)
     model, tokenizer = retriever.model, retriever.tokenizer
     if any(p.requires_grad for p in model.vision.parameters()):
         raise ConfigError("retrieval training runs on cached features: keep the vision encoder frozen "
                           "(trainable_blocks: 0)")
-    train_views, train_set, bad_train = image_cells(model, exp.data.cache_dir, train_set, exp.data.hflip > 0,
-                                                    exp.train.progress)
-    val_views, val_set, bad_val = image_cells(model, exp.data.cache_dir, val_set, exp.model.mirror_average,
-                                              exp.train.progress)
+    train_cells, train_set, bad_train = image_cells(model, exp.data.cache_dir, train_set, exp.train.progress)
+    val_cells, val_set, bad_val = image_cells(model, exp.data.cache_dir, val_set, exp.train.progress)
     for _, err in bad_train + bad_val:
         tqdm.write(f"skipped image: {err}")
     train_caps, train_owner = caption_rows(train_set)
     val_caps, val_owner = caption_rows(val_set)
     train_text = caption_text(model, tokenizer, train_caps, exp.data.text_cache_dir, exp.train.progress)
     val_text = caption_text(model, tokenizer, val_caps, exp.data.text_cache_dir, exp.train.progress)
+    mirrored_cells, mirror_rows = None, None
+    if exp.data.mirror > 0:  # the kept images' mirror images, and the captions mirroring changes
+        mirrored_cells = image_cells(model, exp.data.cache_dir, train_set, exp.train.progress, mirrored=True)[0]
+        changed, mirror_rows = mirrored_rows(train_caps)
+        if changed:
+            extra = caption_text(model, tokenizer, changed, exp.data.text_cache_dir, exp.train.progress)
+            train_text = torch.cat([train_text, extra]) if isinstance(train_text, torch.Tensor) \
+                else train_text.cat(extra)
     rows_of: Dict[int, List[int]] = {}
     for r, i in enumerate(train_owner):
         rows_of.setdefault(i, []).append(r)
@@ -238,13 +268,12 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     save_json(resolved, out / "config.resolved.json")
 
     def evaluate(m: RetrievalModel) -> Dict[str, float]:
-        return score_split(m, val_views, val_text, val_owner)
+        return score_split(m, val_cells, val_text, val_owner)
 
     def save_best(m: RetrievalModel, directory: Path) -> None:
         Retriever(m, tokenizer, exp.name).save_pretrained(directory, training=resolved)
 
-    collate = make_collate(train_views[0], train_text, train_views[1] if len(train_views) > 1 else None,
-                           exp.data.hflip)
+    collate = make_collate(train_cells, train_text, mirrored_cells, exp.data.mirror, mirror_rows)
     trainer = Trainer(model, items, collate, lambda net, b: net(*b), evaluate, save_best, exp.train,
                       pretrained_prefixes=model.pretrained_prefixes())
     if resume and trainer.resume():

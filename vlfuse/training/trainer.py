@@ -27,6 +27,9 @@ from ..errors import ConfigError
 from ..io import atomic_path
 
 
+GRAD_CLIP = 1.0  # gradients are clipped to this total norm
+
+
 @dataclasses.dataclass
 class TrainConfig:
     epochs: int = 20
@@ -35,7 +38,6 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 500
     min_lr_ratio: float = 0.02        # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0
     patience: int = 4                 # epochs without improvement before stopping (0 = never stop early)
     select_metric: str = "CIDEr"      # validation metric that picks the best checkpoint (higher is better)
     seed: int = 0
@@ -224,8 +226,7 @@ class Trainer:
                     losses = self.loss_fn(net, batch)
                 self.optimizer.zero_grad(set_to_none=True)
                 losses["loss"].backward()
-                if cfg.grad_clip:
-                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
                 self.optimizer.step()
                 self._update_ema()
                 self.state["global_step"] += 1

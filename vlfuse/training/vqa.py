@@ -1,8 +1,8 @@
 """VQA training: ``train(raw_config)`` builds every part from a typed config and runs the shared Trainer.
 
-Images are decoded and transformed once into an in-memory tensor (and a frozen stem, if any, is run once);
-a training item is one image with all of its questions, so the vision encoder sees each image once per step
-however many questions are asked about it.
+Images are decoded and transformed once into an in-memory tensor (and a frozen stem, if any, is run once, and
+once more over the mirror images when training mirrors); a training item is one image with all of its questions,
+so the vision encoder sees each image once per step however many questions are asked about it.
 """
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
 from ..config import from_dict, save_json, to_dict
+from ..data.mirror import check_mirror_probability, draw_mirrored, mirror_pixels, mirror_text
 from ..data.tokenizer import Tokenizer
 from ..data.vqa import (
     EASY_VQA,
@@ -31,7 +32,7 @@ from ..evaluation.vqa import predict_set, score_answers
 from ..metrics.vqa import soft_scores
 from ..tasks.vqa.model import VQAModel, VQAModelConfig, soft_cross_entropy
 from ..tasks.vqa.pipeline import QuestionAnswerer, make_question_tokenizer
-from .trainer import TrainConfig, Trainer
+from .trainer import TrainConfig, Trainer, seed_everything
 
 
 @dataclasses.dataclass
@@ -41,11 +42,14 @@ class VQADataConfig:
     val_split: str = ""              # empty: hold out val_fraction of the training images instead
     val_fraction: float = EASY_VQA_VAL_FRACTION
     test_split: str = "test"         # scored with the best checkpoint after training (empty: skip)
-    min_count: int = 1               # question words seen fewer times map to <unk>
     max_answers: int = 1000          # answer vocabulary: the most frequent training answers
     train_limit: int = 0             # use only the first N training questions (0 = all)
     val_limit: int = 0
-    flip: bool = False               # random horizontal flips (safe when no question mentions left/right)
+    mirror: float = 0.0              # probability of training on an image's mirror image, "left"/"right" swapped
+                                     # in its questions and answers (vlfuse.data.mirror)
+
+    def __post_init__(self):
+        check_mirror_probability(self.mirror)
 
 
 # VQA's own training defaults (a batch is 32 images with all their questions); keys a config sets win
@@ -77,26 +81,53 @@ def load_splits(cfg: VQADataConfig) -> Tuple[VQASet, VQASet]:
     return train, val.limit_questions(cfg.val_limit)
 
 
-def encode_items(data: VQASet, tokenizer, answers: List[str], max_len: int) -> List[Tuple[int, list]]:
-    """One item per image: (image index, [(question ids, {answer index: score}), ...])."""
+class Question(NamedTuple):
+    """A training question: its token ids and soft answer scores {answer index: score}, as asked and as it
+    reads for the image's mirror image (``mirror_text`` of the question and of every answer)."""
+
+    ids: torch.Tensor
+    targets: Dict[int, float]
+    mirrored_ids: torch.Tensor
+    mirrored_targets: Dict[int, float]
+
+
+def encode_items(data: VQASet, tokenizer, answers: List[str], max_len: int) -> List[Tuple[int, List[Question]]]:
+    """One item per image: (image index, its questions)."""
     index = {a: i for i, a in enumerate(answers)}
-    per_image: Dict[int, list] = {}
+
+    def targets(answer_scores: Dict[str, float]) -> Dict[int, float]:
+        return {index[a]: s for a, s in answer_scores.items() if a in index}
+
+    per_image: Dict[int, List[Question]] = {}
     for q in data.questions:
-        targets = {index[a]: s for a, s in soft_scores(q.answers).items() if a in index}
-        per_image.setdefault(q.image, []).append((torch.tensor(tokenizer.encode(q.question, max_len)), targets))
+        scores = soft_scores(q.answers)
+        ids = torch.tensor(tokenizer.encode(q.question, max_len))
+        mirrored = mirror_text(q.question)
+        mirrored_ids = ids if mirrored == q.question else torch.tensor(tokenizer.encode(mirrored, max_len))
+        mirrored_scores = {mirror_text(a): s for a, s in scores.items()}  # "left" <-> "right": one to one
+        question = Question(ids, targets(scores), mirrored_ids, targets(mirrored_scores))
+        per_image.setdefault(q.image, []).append(question)
     return sorted(per_image.items())
 
 
-def make_collate(acts: torch.Tensor, num_answers: int, pad_id: int, flip: bool):
+def make_collate(acts: torch.Tensor, num_answers: int, pad_id: int, mirror: float = 0.0,
+                 mirrored_acts: Optional[torch.Tensor] = None):
+    """Items (see ``encode_items``) -> (stem activations (M, ...), each question's image (Q,), question ids (Q, T),
+    their mask, soft answer targets (Q, A)). With probability ``mirror`` an image is replaced by its mirror image
+    (``mirrored_acts``) and its questions and answers by their mirrored forms."""
+    if mirror > 0 and mirrored_acts is None:
+        raise ValueError("mirroring needs the stem activations of the mirror images")
+
     def collate(items):
         images = torch.tensor([i for i, _ in items])
         batch_acts = acts[images].float()  # (M, ...)
-        if flip:
-            mirror = torch.rand(len(items)) < 0.5
-            batch_acts[mirror] = batch_acts[mirror].flip(-1)
+        flip = draw_mirrored(len(items), mirror)
+        if flip.any():
+            batch_acts[flip] = mirrored_acts[images[flip]].float()
         image_index, seqs, targets = [], [], []
-        for m, (_, questions) in enumerate(items):
-            for ids, scores in questions:
+        for m, ((_, questions), mirrored) in enumerate(zip(items, flip.tolist())):
+            for q in questions:
+                ids, scores = (q.mirrored_ids, q.mirrored_targets) if mirrored else (q.ids, q.targets)
                 image_index.append(m)
                 seqs.append(ids)
                 row = torch.zeros(num_answers)
@@ -116,14 +147,18 @@ def vqa_loss(net, batch) -> Dict[str, torch.Tensor]:
     return {"loss": loss, "acc": acc.detach()}
 
 
-def prepare_images(network: VQAModel, data: VQASet, progress: bool) -> Tuple[torch.Tensor, VQASet]:
-    """Decode + transform every image once, run the frozen stem once; drop questions about unreadable images."""
+def prepare_images(network: VQAModel, data: VQASet, progress: bool, mirrored: bool = False
+                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor], VQASet]:
+    """Decode + transform every image once, run the frozen stem once (and over the mirror images, when
+    ``mirrored``); drop questions about unreadable images. Returns (activations, mirrored or None, data)."""
     pixels, kept, errors = load_pixels(data.images, network.vision.transform, progress, desc=f"images {data.name}")
     for err in errors:
         tqdm.write(f"skipped image: {err}", file=sys.stderr)
     if errors:
         data = data.subset_images(kept)
-    return network.stem_activations(pixels, progress=progress and len(pixels) > 1000), data
+    show = progress and len(pixels) > 1000
+    acts = network.stem_activations(pixels, progress=show)
+    return acts, network.stem_activations(mirror_pixels(pixels), progress=show) if mirrored else None, data
 
 
 def train(raw_config: dict, resume: bool = False) -> Dict:
@@ -141,9 +176,11 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
         raise DataError(f"no answers found in {train_set.name}")
     tokenizer = _question_tokenizer(exp, train_set, out, resume)
     model_cfg = dataclasses.replace(exp.model, num_answers=len(answers), vocab_size=len(tokenizer))
+    seed_everything(exp.train.seed)  # the initial weights follow train.seed too, not only the training order
     network = VQAModel(model_cfg)
-    train_acts, train_set = prepare_images(network, train_set, exp.train.progress)
-    val_acts, val_set = prepare_images(network, val_set, exp.train.progress)
+    train_acts, mirrored_acts, train_set = prepare_images(network, train_set, exp.train.progress,
+                                                          mirrored=exp.data.mirror > 0)
+    val_acts, _, val_set = prepare_images(network, val_set, exp.train.progress)
     prep_minutes = (time.time() - t_start) / 60
     items = encode_items(train_set, tokenizer, answers, model_cfg.max_question_len)
     resolved = to_dict(dataclasses.replace(exp, model=model_cfg))
@@ -159,8 +196,8 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
         QuestionAnswerer(net, tokenizer, answers).save_pretrained(directory, training=resolved)
 
     pad_id = getattr(tokenizer, "pad_id", 0)
-    trainer = Trainer(network, items, make_collate(train_acts, len(answers), pad_id, exp.data.flip), vqa_loss,
-                      evaluate, save_best, exp.train)
+    collate = make_collate(train_acts, len(answers), pad_id, exp.data.mirror, mirrored_acts)
+    trainer = Trainer(network, items, collate, vqa_loss, evaluate, save_best, exp.train)
     if resume and trainer.resume():
         tqdm.write(f"resumed from {trainer.last_path} at epoch {trainer.state['epoch'] + 1}")
     t_train = time.time()
@@ -190,4 +227,4 @@ def _question_tokenizer(exp: VQAExperiment, train_set: VQASet, out: Path, resume
         return make_question_tokenizer(exp.model)
     if resume and (out / "vocab.json").is_file():
         return Tokenizer.load(out)
-    return Tokenizer.build((q.question for q in train_set.questions), exp.data.min_count)
+    return Tokenizer.build((q.question for q in train_set.questions), min_count=1)  # every training word

@@ -12,22 +12,16 @@ from .base import Fusion, FusionOutput, GridPositions
 
 @FUSIONS.register("cross-attention")
 class CrossAttentionFusion(Fusion):
-    """``num_layers`` blocks of (causal) self-attention over text + cross-attention to the grid.
-
-    ``memory_layers`` self-attention blocks first refine the grid cells in context of each other (the encoder
-    of an encoder-decoder captioner); they run once per image, so incremental decoding costs the same.
-    """
+    """``num_layers`` blocks of (causal) self-attention over text + cross-attention to the grid."""
 
     uses_grid = True
     accepts_rows = True
 
     def __init__(self, image_dim: int, text_dim: int, dim: int = 512, num_layers: int = 3, num_heads: int = 8,
-                 dropout: float = 0.1, memory_layers: int = 0):
+                 dropout: float = 0.1):
         super().__init__()
         self.out_dim = dim
         self.grid = GridPositions(image_dim, dim)
-        self.memory_blocks = nn.ModuleList(TransformerBlock(dim, num_heads, dropout) for _ in range(memory_layers))
-        self.memory_norm = nn.LayerNorm(dim) if memory_layers else nn.Identity()
         self.text_in = nn.Linear(text_dim, dim) if text_dim != dim else nn.Identity()
         self.blocks = nn.ModuleList(TransformerBlock(dim, num_heads, dropout, cross=True) for _ in range(num_layers))
         self.norm = nn.LayerNorm(dim)
@@ -50,10 +44,7 @@ class CrossAttentionFusion(Fusion):
 
     def memory(self, image: ImageFeatures) -> torch.Tensor:
         """Grid (B, N, image_dim) -> the cells the text attends to (B, N, dim)."""
-        memory = self.grid(image.grid)
-        for block in self.memory_blocks:
-            memory, _ = block(memory)
-        return self.memory_norm(memory)
+        return self.grid(image.grid)
 
     def init_cache(self, image: ImageFeatures) -> Dict[str, torch.Tensor]:
         memory = self.memory(image)

@@ -23,13 +23,10 @@ class CaptionModelConfig:
     decoder: Part = dataclasses.field(default_factory=lambda: Part("transformer"))
     max_len: int = 20                 # caption words kept in training and generated at most
     label_smoothing: float = 0.1
-    gen_weight: float = 1.0           # β in α·L_align + β·L_gen
-    align_weight: float = 0.0         # α: weight of the image–text contrastive alignment term
-    align_dim: int = 256
 
 
 class CaptionModel(nn.Module):
-    """Vision encoder + caption decoder (which owns the fusion module) + optional alignment heads."""
+    """Vision encoder + caption decoder (which owns the fusion module)."""
 
     def __init__(self, config: CaptionModelConfig, vocab_size: int):
         super().__init__()
@@ -37,10 +34,6 @@ class CaptionModel(nn.Module):
         self.vision = VISION_ENCODERS.build(config.vision.name, **config.vision.kwargs)
         self.decoder = DECODERS.build(config.decoder.name, vocab_size=vocab_size, image_dim=self.vision.out_dim,
                                       fusion=config.fusion, **config.decoder.kwargs)
-        if config.align_weight > 0:
-            self.align_image = nn.Linear(self.vision.out_dim, config.align_dim)
-            self.align_text = nn.Linear(self.decoder.embed.embedding_dim, config.align_dim)
-            self.align_scale = nn.Parameter(torch.tensor(2.659))  # log(1/0.07), as CLIP
 
     def forward(self, acts: torch.Tensor, tokens: torch.Tensor, rows: Optional[torch.Tensor] = None
                 ) -> Dict[str, torch.Tensor]:
@@ -56,33 +49,12 @@ class CaptionModel(nn.Module):
         logits, attention = self.decoder(image, inputs, mask, rows=rows)
         gen = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=PAD,
                               label_smoothing=self.config.label_smoothing)
-        out = {"gen": gen}
-        total = self.config.gen_weight * gen
+        out = {"gen": gen, "loss": gen}
         if attention is not None:
             reg = self.decoder.fusion.regularizer(attention, (targets != PAD).float())
             out["attn_reg"] = reg
-            total = total + reg
-        if self.config.align_weight > 0:
-            out["align"] = self._align_loss(image if rows is None else image.index_select(rows), targets, rows)
-            total = total + self.config.align_weight * out["align"]
-        out["loss"] = total
+            out["loss"] = gen + reg
         return out
-
-    def _align_loss(self, image: ImageFeatures, targets: torch.Tensor, rows: Optional[torch.Tensor] = None
-                    ) -> torch.Tensor:
-        """Symmetric InfoNCE between pooled image and mean word embedding of the caption; two captions of one
-        image (equal ``rows``) are not negatives of each other."""
-        words = (targets != PAD) & (targets != EOS)
-        emb = self.decoder.embed(targets) * words[..., None]
-        text = emb.sum(1) / words.sum(1, keepdim=True).clamp_min(1)
-        img = F.normalize(self.align_image(image.pooled), dim=-1)
-        txt = F.normalize(self.align_text(text), dim=-1)
-        logits = self.align_scale.exp().clamp(max=100) * img @ txt.t()  # (B, B)
-        labels = torch.arange(len(logits), device=logits.device)
-        if rows is not None:
-            same = (rows[:, None] == rows[None, :]) & (labels[:, None] != labels[None, :])
-            logits = logits.masked_fill(same, float("-inf"))
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
     @torch.no_grad()
     def generate(self, image: ImageFeatures, decode: DecodeConfig, per_image: int = 1,

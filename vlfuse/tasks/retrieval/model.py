@@ -3,12 +3,12 @@
 Image tower: a registered vision encoder's grid (B, N, C) -> attention pooling -> projection.
 Text tower: a registered text encoder (MiniLM by default, frozen or with its top layers tuned),
 mean-pooled -> projection. Both land L2-normalised in one ``embed_dim`` space; training uses the
-symmetric InfoNCE loss with a learned temperature, plus an optional VSE++ hardest-negative term.
+symmetric InfoNCE loss with a learned temperature.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import Part
-from ...data.images import mirror_pixels
 from ...errors import ConfigError
 from ...nn.pooling import AttentionPool, Projection
 from ...registry import TEXT_ENCODERS, VISION_ENCODERS
+
+
+INIT_TEMPERATURE = 0.07  # the contrastive loss's temperature before training learns it (CLIP's)
 
 
 @dataclasses.dataclass
@@ -31,13 +33,7 @@ class RetrievalModelConfig:
     pool_heads: int = 8
     dropout: float = 0.1
     cell_dropout: float = 0.0         # training only: drop this fraction of grid cells (feature augmentation)
-    init_temperature: float = 0.07
-    hard_negative_weight: float = 0.0  # weight of the VSE++ max-violation hinge (0 = pure InfoNCE)
-    hard_negative_margin: float = 0.2
     max_len: int = 48                 # caption word pieces kept
-    # Image vector = normalised sum of the photo's and its left-right mirror image's embeddings (a second CNN
-    # pass; mirroring the feature grid instead would change nothing: the attention pooling ignores cell order).
-    mirror_average: bool = False
 
 
 class RetrievalModel(nn.Module):
@@ -54,7 +50,7 @@ class RetrievalModel(nn.Module):
         self.pool = AttentionPool(self.vision.out_dim, config.pool_heads, config.cell_dropout)
         self.image_proj = Projection(self.vision.out_dim, config.hidden_dim, config.embed_dim, config.dropout)
         self.text_proj = Projection(self.text.out_dim, config.hidden_dim, config.embed_dim, config.dropout)
-        self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1.0 / config.init_temperature))))
+        self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1.0 / INIT_TEMPERATURE))))
 
     @property
     def text_frozen(self) -> bool:
@@ -62,23 +58,9 @@ class RetrievalModel(nn.Module):
         return not any(p.requires_grad for p in self.text.parameters())
 
     # -- towers -----------------------------------------------------------------------------------
-    def image_views(self, pixels: torch.Tensor) -> List[torch.Tensor]:
-        """Transformed images (B, 3, H, W) -> the views whose embeddings make an image's vector:
-        the image, and with ``mirror_average`` also its mirror image."""
-        return [pixels, mirror_pixels(pixels)] if self.config.mirror_average else [pixels]
-
-    def embed_views(self, views: Sequence[torch.Tensor], normalized: bool = False) -> torch.Tensor:
-        """Grid cells of each of ``image_views`` (each (B, N, C), raw or already ``pool.normalize``-d) ->
-        unit vectors (B, D): the normalised sum of the views' embeddings. Every image embedding outside
-        the training loss (validation, evaluation, indexing, serving) goes through here."""
-        if len(views) != (2 if self.config.mirror_average else 1):
-            raise ValueError(f"expected the grids of {'2 views' if self.config.mirror_average else '1 view'} "
-                             f"(see image_views), got {len(views)}")
-        embedded = [self.embed_cells(v, normalized) for v in views]  # each (B, D)
-        return embedded[0] if len(embedded) == 1 else F.normalize(torch.stack(embedded).sum(0), dim=-1)
-
     def embed_cells(self, cells: torch.Tensor, normalized: bool = False) -> torch.Tensor:
-        """Grid cells of one view (B, N, C), raw or already ``pool.normalize``-d -> unit vectors (B, D)."""
+        """Grid cells (B, N, C), raw or already ``pool.normalize``-d -> unit vectors (B, D). Every image embedding
+        (training, validation, evaluation, indexing, serving) goes through here."""
         pooled, _ = self.pool(cells, normalized)  # (B, C)
         return F.normalize(self.image_proj(pooled), dim=-1)  # (B, D)
 
@@ -123,19 +105,7 @@ class RetrievalModel(nn.Module):
         logits = self.logit_scale.exp().clamp(max=100) * sim
         labels = torch.arange(len(sim), device=sim.device)
         nce = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
-        out = {"nce": nce, "loss": nce}
-        if self.config.hard_negative_weight > 0:
-            out["hard"] = self.hardest_negative_loss(sim)
-            out["loss"] = nce + self.config.hard_negative_weight * out["hard"]
-        out["temperature"] = 1.0 / self.logit_scale.exp().detach()
-        return out
-
-    def hardest_negative_loss(self, sim: torch.Tensor) -> torch.Tensor:
-        """VSE++ (Faghri et al. 2018): hinge on the hardest negative in each row and column."""
-        pos = sim.diag()
-        off = sim.masked_fill(torch.eye(len(sim), dtype=torch.bool, device=sim.device), -2.0)
-        m = self.config.hard_negative_margin
-        return (F.relu(m + off.max(1).values - pos) + F.relu(m + off.max(0).values - pos)).mean()
+        return {"nce": nce, "loss": nce, "temperature": 1.0 / self.logit_scale.exp().detach()}
 
     def pretrained_prefixes(self) -> Tuple[str, ...]:
         """Parameters that start from pretrained weights (tuned at ``train.pretrained_lr_scale``)."""

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...checkpoint import _storable_state, load_weights, save_checkpoint
-from ...config import from_dict, to_dict
+from ...config import REMOVED_OPTIONS, from_dict, to_dict
 from ...data.images import ImageInput, load_image
 from ...errors import ImageError, InputError
 from ...io import tensors_digest
@@ -51,8 +51,6 @@ class RetrievalImageTower(nn.Module):
         self.onnx_encoder = None if encoder is self.vision else encoder
 
     # the image tower's own code is the dual encoder's
-    image_views = RetrievalModel.image_views
-    embed_views = RetrievalModel.embed_views
     embed_cells = RetrievalModel.embed_cells
 
     @classmethod
@@ -67,9 +65,7 @@ class RetrievalImageTower(nn.Module):
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Transformed images (B, 3, H, W) -> (B, D) float32, unit length."""
-        views = self.image_views(pixels)
-        grids = (self.onnx_encoder or self.vision)(torch.cat(views)).grid.split(len(pixels))
-        return self.embed_views(grids).float()
+        return self.embed_cells((self.onnx_encoder or self.vision)(pixels).grid).float()
 
     def persistent_prefixes(self) -> Tuple[str, ...]:
         return ("vision.stem_layers.",) if getattr(self.vision, "pretrained", False) else ()
@@ -80,14 +76,15 @@ class RetrievalImageTower(nn.Module):
         return weights_digest(self, identity_config(self.config))
 
 
-# Config fields added after models shipped, with the value that means the old behaviour. At that value they are
-# left out of the model id, so checkpoints (and the indexes they built) from before the field keep their id.
-_ADDED_FIELDS = {"mirror_average": False}
+# Config fields removed after models shipped, which the model id hashed: they enter it at the value every
+# checkpoint that still loads has (config.REMOVED_OPTIONS), so the ids that indexes and caption memories recorded
+# stay valid. (mirror_average, also removed, was left out of the id at that value.)
+_REMOVED_FIELDS = ("init_temperature", "hard_negative_weight", "hard_negative_margin")
 
 
 def identity_config(config: RetrievalModelConfig) -> dict:
     """The model config as it enters the model id."""
-    return {k: v for k, v in to_dict(config).items() if not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])}
+    return {**to_dict(config), **{k: REMOVED_OPTIONS[f"RetrievalModelConfig.{k}"] for k in _REMOVED_FIELDS}}
 
 
 def weights_digest(model: nn.Module, config: dict) -> str:
@@ -183,9 +180,7 @@ class Retriever(Pipeline):
     @torch.inference_mode()
     def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """Transformed images (B, 3, H, W) -> (B, D) float32."""
-        views = self.model.image_views(pixels.to(self.device))
-        grids = self.model.vision(torch.cat(views)).grid.split(len(pixels))  # one CNN call for all views
-        return self.model.embed_views(grids).float().cpu().numpy()
+        return self.model.embed_cells(self.model.vision(pixels.to(self.device)).grid).float().cpu().numpy()
 
     def embed_images(self, images: Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
         """Image files / bytes / PIL images / arrays -> (B, D) float32, L2-normalised.

@@ -24,14 +24,9 @@ class VQAModelConfig:
     text: Part = dataclasses.field(default_factory=lambda: Part("gru", {"embed_dim": 128, "hidden_dim": 256}))
     fusion: Part = dataclasses.field(default_factory=lambda: Part("mul", {"dim": 512}))
     head: Part = dataclasses.field(default_factory=lambda: Part("classifier", {"hidden_dim": 512}))
-    question_input: str = "pooled"    # pooled: fuse the question vector (T=1); tokens: fuse every token, then mean
     max_question_len: int = 30        # question words kept (longer questions are truncated, not rejected)
     vocab_size: int = 0               # question vocabulary size (set by training; ignored by MiniLM)
     num_answers: int = 0              # answer vocabulary size (set by training)
-
-    def __post_init__(self):
-        if self.question_input not in ("pooled", "tokens"):
-            raise ConfigError(f"model.question_input must be 'pooled' or 'tokens', got '{self.question_input}'")
 
 
 class VQAModel(nn.Module):
@@ -61,12 +56,7 @@ class VQAModel(nn.Module):
                       mask: torch.Tensor) -> torch.Tensor:
         question = self._encode_unique(ids, mask)
         image = image.index_select(image_index)  # (Q, N, C): each question meets its image
-        if self.config.question_input == "tokens":
-            out = self.fusion(image, question.tokens, question.mask)
-            m = question.mask[..., None].to(out.states.dtype)
-            fused = (out.states * m).sum(1) / m.sum(1).clamp_min(1.0)  # (Q, D)
-        else:
-            fused = self.fusion(image, question.pooled[:, None]).states[:, 0]  # (Q, D)
+        fused = self.fusion(image, question.pooled[:, None]).states[:, 0]  # (Q, D): the question vector, T=1
         return self.head(fused)  # (Q, A)
 
     def _encode_unique(self, ids: torch.Tensor, mask: torch.Tensor) -> TextFeatures:
