@@ -94,6 +94,7 @@ def run(args) -> int:
         return 2
     from ..serving.runtime import ModelChoice, ServiceModels
     from ..serving.settings import ServeSettings, check_bind_allowed, load_api_keys
+    from .environment import runtime_options
 
     if args.threads < 1:
         print(f"vlfuse serve: error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
@@ -115,7 +116,7 @@ def run(args) -> int:
     logging.getLogger("vlfuse").setLevel(args.log_level.upper())
     models = ServiceModels.load(ModelChoice(args.caption_model), ModelChoice(args.vqa_model),
                                 ModelChoice(args.retrieval_model), index=args.index, device=args.device,
-                                thumbnail_size=settings.thumbnail_size, onnx=False if args.no_onnx else None,
+                                thumbnail_size=settings.thumbnail_size, runtime=runtime_options(no_onnx=args.no_onnx),
                                 caption_rerank=args.caption_rerank)
     release_free_heap()
     loaded = [task for task, ok in models.loaded().items() if ok]

@@ -25,31 +25,26 @@ from ...hub import resolve_model
 from ...nn.pooling import AttentionPool, Projection
 from ...nn.text import WordPieceTokenizer, pad_batch
 from ...registry import VISION_ENCODERS
+from ...runtime import Runtime, RuntimeOptions
 from .model import RetrievalModel, RetrievalModelConfig
 
 
 class RetrievalImageTower(nn.Module):
     """The image side of a trained ``RetrievalModel`` alone, without its text encoder: pixels -> unit vectors in
     the retrieval space, exactly as ``Retriever.embed_pixels``. Loads in a fraction of the time (no MiniLM);
-    consensus reranking of captions uses it to find an image's neighbours in a caption memory."""
+    consensus reranking of captions uses it to find an image's neighbours in a caption memory. Its CNN runs on
+    the copy ``self.runtime`` makes as the ``runtime`` options say (ONNX Runtime on a CPU by default)."""
 
     PREFIXES = ("vision.", "pool.", "image_proj.")
 
-    def __init__(self, config: RetrievalModelConfig):
+    def __init__(self, config: RetrievalModelConfig, runtime: RuntimeOptions = RuntimeOptions()):
         super().__init__()
         self.config = config
         self.vision = VISION_ENCODERS.build(config.vision.name, **config.vision.kwargs)
         self.pool = AttentionPool(self.vision.out_dim, config.pool_heads, config.cell_dropout)
         self.image_proj = Projection(self.vision.out_dim, config.hidden_dim, config.embed_dim, config.dropout)
-        self.onnx_encoder = None  # the CNN's ONNX Runtime copy, where ``use_fast_encoder`` made one
+        self.runtime = Runtime(runtime, vision=self.vision)
         self.eval()
-
-    def use_fast_encoder(self, onnx: Optional[bool] = None) -> None:
-        """Run the CNN through ONNX Runtime where ``onnx`` allows (as a Captioner's image encoder)."""
-        from ...runtime.onnx_vision import fast_image_encoder
-
-        encoder = fast_image_encoder(self.vision, onnx, next(self.parameters()).device)
-        self.onnx_encoder = None if encoder is self.vision else encoder
 
     # the image tower's own code is the dual encoder's
     image_views = RetrievalModel.image_views
@@ -57,12 +52,13 @@ class RetrievalImageTower(nn.Module):
     embed_cells = RetrievalModel.embed_cells
 
     @classmethod
-    def from_pretrained(cls, name_or_path: Union[str, Path]) -> "RetrievalImageTower":
+    def from_pretrained(cls, name_or_path: Union[str, Path],
+                        runtime: RuntimeOptions = RuntimeOptions()) -> "RetrievalImageTower":
         directory = resolve_model(name_or_path)
         raw = read_config(directory)
         if raw.get("task") != "retrieval":
             raise ModelNotFoundError(f"'{name_or_path}' is a '{raw.get('task')}' model, not a retrieval model")
-        tower = cls(from_dict(RetrievalModelConfig, raw["model"], "model"))
+        tower = cls(from_dict(RetrievalModelConfig, raw["model"], "model"), runtime)
         load_weights(directory, tower, allowed_missing_prefixes=tower.persistent_prefixes(),
                      only_prefixes=cls.PREFIXES)
         return tower
@@ -71,7 +67,7 @@ class RetrievalImageTower(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Transformed images (B, 3, H, W) -> (B, D) float32, unit length."""
         views = self.image_views(pixels)
-        grids = (self.onnx_encoder or self.vision)(torch.cat(views)).grid.split(len(pixels))
+        grids = self.runtime.image_encoder(torch.cat(views)).grid.split(len(pixels))  # one CNN call for all views
         return self.embed_views(grids).float()
 
     def persistent_prefixes(self) -> Tuple[str, ...]:
@@ -110,18 +106,25 @@ class Retriever:
     >>> q = r.embed_texts(["two dogs playing in the snow"])   # (1, 256) float32, unit length
     >>> v = r.embed_images(["a.jpg", "b.jpg"])                  # (2, 256)
     >>> scores = v @ q[0]
+
+    Images are encoded by the copy of the CNN that ``self.runtime`` makes as the ``runtime`` options say (ONNX
+    Runtime on a CPU by default: the same recall@K on Flickr8k val as PyTorch, ~1.6x faster).
     """
 
-    def __init__(self, model: RetrievalModel, tokenizer, name: str = "retrieval", extra_config: Optional[dict] = None):
+    def __init__(self, model: RetrievalModel, tokenizer, name: str = "retrieval", extra_config: Optional[dict] = None,
+                 runtime: RuntimeOptions = RuntimeOptions()):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.extra_config = extra_config or {}
         self._model_id: Optional[str] = None
+        self.runtime = Runtime(runtime, vision=model.vision)
 
     # -- loading and saving -------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: Union[str, Path], device: Optional[str] = None) -> "Retriever":
+    def from_pretrained(cls, name_or_path: Union[str, Path], device: Optional[str] = None,
+                        runtime: RuntimeOptions = RuntimeOptions()) -> "Retriever":
+        """Load a built-in model or a checkpoint directory, to run inference as ``runtime`` says."""
         directory = resolve_model(name_or_path)
         raw = read_config(directory)
         if raw.get("task") != "retrieval":
@@ -131,7 +134,7 @@ class Retriever:
         load_weights(directory, model, allowed_missing_prefixes=model.persistent_prefixes())
         tokenizer = WordPieceTokenizer.load(directory)
         extra = {k: v for k, v in raw.items() if k not in ("task", "model")}
-        return cls(model.to(device or "cpu"), tokenizer, raw.get("name") or Path(directory).name, extra)
+        return cls(model.to(device or "cpu"), tokenizer, raw.get("name") or Path(directory).name, extra, runtime)
 
     @classmethod
     def from_config(cls, config: RetrievalModelConfig, name: str = "retrieval") -> "Retriever":
@@ -193,7 +196,7 @@ class Retriever:
     def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """Transformed images (B, 3, H, W) -> (B, D) float32."""
         views = self.model.image_views(pixels.to(self.device))
-        grids = self.model.vision(torch.cat(views)).grid.split(len(pixels))  # one CNN call for all views
+        grids = self.runtime.image_encoder(torch.cat(views)).grid.split(len(pixels))  # one CNN call for all views
         return self.model.embed_views(grids).float().cpu().numpy()
 
     def embed_images(self, images: Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
