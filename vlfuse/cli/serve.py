@@ -26,8 +26,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                                           "flickr8k-retrieval if installed)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
     p.add_argument("--no-onnx", action="store_true",
-                   help="encode caption images with PyTorch and decode with TorchScript (on a CPU the default is "
-                        "ONNX Runtime for both where it is installed: faster, ~30 MB more memory)")
+                   help="encode images with PyTorch and decode with TorchScript (on a CPU the default is ONNX "
+                        "Runtime for every model where it is installed: faster, ~30 MB more memory)")
     p.add_argument("--caption-rerank", action="store_true",
                    help="caption with the model's consensus reranking where it is the model's default "
                         "(flickr8k-caption: better captions, ~4x the time per image, ~130 MB more memory); "

@@ -139,6 +139,7 @@ class ConsensusReranker:
         from ..retrieval.pipeline import RetrievalImageTower
 
         tower = RetrievalImageTower.from_pretrained(config.retriever, runtime=runtime).to(device or "cpu")
+        tower.runtime.build()  # its CNN's fast copy now, not in the first photo's time
         return cls(tower, CaptionMemory.load(directory), config)
 
     def neighbours(self, pixels: torch.Tensor) -> List[List[str]]:
