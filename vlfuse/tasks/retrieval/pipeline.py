@@ -108,7 +108,7 @@ class Retriever:
     >>> scores = v @ q[0]
 
     Images are encoded by the copy of the CNN that ``self.runtime`` makes as the ``runtime`` options say (ONNX
-    Runtime on a CPU by default: the same recall@K on Flickr8k val as PyTorch, ~1.6x faster).
+    Runtime on a CPU by default: the same recall@K on Flickr8k val as PyTorch's CNN, docs/retrieval.md).
     """
 
     def __init__(self, model: RetrievalModel, tokenizer, name: str = "retrieval", extra_config: Optional[dict] = None,
