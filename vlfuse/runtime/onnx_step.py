@@ -157,9 +157,8 @@ class OnnxStepDecoder(nn.Module):
     """``base`` (``inference_decoder(decoder)``) whose step runs in ONNX Runtime when a batch holds at most
     ``max_images`` images (default: ``vlfuse.runtime.policy.step_runs_onnx``'s measured limits). The int8 graph is
     exported from a float copy of ``decoder`` with fused q/k/v, made only when it is not in ``cache`` yet. The image
-    side (``init_state``) is ``base``'s; its per-image memory
-    keys/values are stacked once per batch, and the past keys/values of all blocks travel as one tensor, so a
-    step hands ONNX Runtime four inputs."""
+    side (``init_state``) is ``base``'s; its per-image memory keys/values are stacked once per batch, and the past
+    keys/values of all blocks travel as one tensor, so a step hands ONNX Runtime four inputs."""
 
     def __init__(self, base: nn.Module, decoder: nn.Module, cache: GraphCache, max_images: Optional[int] = None):
         super().__init__()
