@@ -29,9 +29,8 @@ def main() -> None:
     results = str(Path(args.out).with_suffix("")) + ".captions.json"
     m = evaluate_captioner(cap, args.data, "val", decode, batch_size=args.batch_size, results_path=results)
     m["model"] = args.model
-    m["image_encoder"] = cap.image_backend
     m["batch_size"] = args.batch_size
-    m["decoding_step"] = cap.decoding_backend_for(args.batch_size)
+    m.update(cap.runtime.backends(args.batch_size))  # what runs the image encoder and the decoding step
     m["targets"] = {"BLEU-4": 0.22, "CIDEr": 0.55}
     m["meets_targets"] = {"BLEU-4": m["BLEU-4"] >= 0.22, "CIDEr": m["CIDEr"] >= 0.55}
     m["training"] = cap.extra_config.get("training", {}).get("model")

@@ -64,7 +64,8 @@ def main() -> None:
     # every per-image figure is measured for both in turn on the same item (interleaved), so machine noise hits
     # both alike.
     cap = Captioner.from_pretrained(args.model, onnx=False if args.no_onnx else None)
-    caps = [cap] if cap.image_backend == "torch" else [cap, Captioner.from_pretrained(args.model, onnx=False)]
+    onnx = cap.runtime.backends()["image_encoder"] == "onnxruntime"
+    caps = [cap, Captioner.from_pretrained(args.model, onnx=False)] if onnx else [cap]
     paths = sample_images(args.images, args.n)
     pixels = [cap.preprocess([p]) for p in paths]
     greedy, beam3 = DecodeConfig(strategy="greedy"), DecodeConfig(strategy="beam", beam_size=3)
@@ -91,8 +92,7 @@ def main() -> None:
     def measures(i, c) -> dict:
         enc_ms, greedy_ms, beam_ms, enc_greedy_ms = times[4 * i: 4 * i + 4]
         return {
-            "image_encoder": c.image_backend,
-            "decoding_step": c.decoding_backend,
+            **c.runtime.backends(),  # what runs the image encoder and the decoding step
             "encoder_ms_per_image_batch1": round(enc_ms, 2),
             "caption_greedy_ms_per_image_batch1": round(greedy_ms, 2),
             "caption_beam3_ms_per_image_batch1": round(beam_ms, 2),

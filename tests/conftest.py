@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -20,17 +19,17 @@ FLICKR = (REPO / ".." / "shared" / "data" / "flickr8k").resolve()
 
 @pytest.fixture(autouse=True, scope="session")
 def onnx_cache_in_tmp(tmp_path_factory):
-    """Image encoders exported for ONNX Runtime are cached in a temporary folder, not the user's ~/.cache."""
-    from vlfuse.runtime import onnx_vision
+    """Graphs exported for ONNX Runtime are cached in a temporary folder, not the user's ~/.cache: the library's
+    default folder for models loaded in the tests, ``$VLFUSE_ONNX_CACHE`` for the commands they run (read by
+    vlfuse.cli, also in child processes)."""
+    from vlfuse.cli.environment import ONNX_CACHE_ENV
+    from vlfuse.runtime import cache as graph_cache
 
-    saved = os.environ.get(onnx_vision.CACHE_ENV)
     cache = tmp_path_factory.mktemp("onnx-cache")
-    os.environ[onnx_vision.CACHE_ENV] = str(cache)  # read when a graph is cached, so setting it now counts
-    yield cache
-    if saved is None:
-        os.environ.pop(onnx_vision.CACHE_ENV, None)
-    else:
-        os.environ[onnx_vision.CACHE_ENV] = saved
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(graph_cache, "DEFAULT_CACHE_DIR", cache)  # read when a model's Runtime is made
+        patch.setenv(ONNX_CACHE_ENV, str(cache))
+        yield cache
 
 
 def flickr_or_skip() -> Path:

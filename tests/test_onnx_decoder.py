@@ -12,11 +12,13 @@ from conftest import flickr_or_skip
 from vlfuse.config import Part
 from vlfuse.errors import ConfigError
 from vlfuse.generation import DecodeConfig
+from vlfuse.runtime import GraphCache, backend
 from vlfuse.runtime import onnx_step as onnx_decoder
+from vlfuse.runtime.decoder import inference_decoder
 from vlfuse.runtime.onnx_step import OnnxStepDecoder, onnx_step_decoder, step_key
 from vlfuse.runtime.torchscript import ScriptableCrossAttentionStep, ScriptedDecoder
 from vlfuse.tasks.caption.model import CaptionModel, CaptionModelConfig
-from vlfuse.tasks.caption.pipeline import Captioner, inference_decoder
+from vlfuse.tasks.caption.pipeline import Captioner
 
 
 def _model(fusion_dim: int = 32, vocab: int = 40) -> CaptionModel:
@@ -65,7 +67,7 @@ def test_int8_step_decodes_greedy_and_beam_and_is_cached(tmp_path, monkeypatch):
     weights reads the cached graph instead of exporting again."""
     model = _model()
     base = inference_decoder(model.decoder)
-    fast = OnnxStepDecoder(base, model.decoder, max_images=8, cache_dir=tmp_path)
+    fast = OnnxStepDecoder(base, model.decoder, GraphCache(tmp_path), max_images=8)
     assert [p.name for p in tmp_path.glob("*.onnx")] == [f"{step_key(model.decoder)}.step.onnx"]
     with torch.no_grad():
         image = model.vision(torch.randn(3, 3, 32, 32))
@@ -85,19 +87,20 @@ def test_int8_step_decodes_greedy_and_beam_and_is_cached(tmp_path, monkeypatch):
         raise AssertionError("exported again although the graph was cached")
 
     monkeypatch.setattr(onnx_decoder, "export_step", no_export)
-    OnnxStepDecoder(inference_decoder(model.decoder), model.decoder, cache_dir=tmp_path)
+    OnnxStepDecoder(inference_decoder(model.decoder), model.decoder, GraphCache(tmp_path))
 
     threads = torch.get_num_threads()
     try:  # by default as measured: ONNX Runtime's one-thread step up to 8 images with one torch thread, up to 4
         torch.set_num_threads(1)  # with more (TorchScript's step uses them)
-        one = OnnxStepDecoder(base, model.decoder, cache_dir=tmp_path)
+        one = OnnxStepDecoder(base, model.decoder, GraphCache(tmp_path))
         assert fast.runs_onnx(1) and one.runs_onnx(8) and not one.runs_onnx(9)
         torch.set_num_threads(2)
-        default = OnnxStepDecoder(base, model.decoder, cache_dir=tmp_path)
+        default = OnnxStepDecoder(base, model.decoder, GraphCache(tmp_path))
         assert default.runs_onnx(4) and not default.runs_onnx(5)
+        assert (backend(default, images=4), backend(default, images=5)) == ("onnxruntime", "torchscript")
     finally:
         torch.set_num_threads(threads)
-    few = OnnxStepDecoder(base, model.decoder, max_images=2, cache_dir=tmp_path)  # 3 images: TorchScript's step
+    few = OnnxStepDecoder(base, model.decoder, GraphCache(tmp_path), max_images=2)  # 3 images: TorchScript's step
     with torch.no_grad():
         state = few.init_state(image)
         assert onnx_decoder.PAST not in state
@@ -105,23 +108,23 @@ def test_int8_step_decodes_greedy_and_beam_and_is_cached(tmp_path, monkeypatch):
                                                                                          base.init_state(image))[0])
 
 
-def test_fallbacks_and_explicit_request_errors(monkeypatch, caplog):
-    model = _model()
+def test_fallbacks_and_explicit_request_errors(monkeypatch, caplog, tmp_path):
+    model, cache = _model(), GraphCache(tmp_path)
     base = inference_decoder(model.decoder)
     wide = _model(fusion_dim=48)  # fusion blocks wider than the decoder's: their keys/values do not stack
-    assert onnx_step_decoder(inference_decoder(wide.decoder), wide.decoder, None).__class__ is ScriptedDecoder
+    assert onnx_step_decoder(inference_decoder(wide.decoder), wide.decoder, None, cache).__class__ is ScriptedDecoder
     eager = inference_decoder(model.decoder, script=False)
-    assert onnx_step_decoder(eager, model.decoder, None) is eager  # no TorchScript step: nothing to stand in for
+    assert onnx_step_decoder(eager, model.decoder, None, cache) is eager  # no TorchScript step to stand in for
 
     def broken(*args, **kwargs):
         raise RuntimeError("unsupported operator")
 
     monkeypatch.setattr(onnx_decoder, "export_step", broken)
     with caplog.at_level(logging.WARNING, logger="vlfuse.runtime.onnx_step"):
-        assert onnx_step_decoder(base, model.decoder, None) is base
+        assert onnx_step_decoder(base, model.decoder, None, cache) is base
     assert "unsupported operator" in caplog.text
     with pytest.raises(ConfigError, match="unsupported operator"):
-        onnx_step_decoder(base, model.decoder, True)
+        onnx_step_decoder(base, model.decoder, True, cache)
 
 
 def test_shipped_captioner_decodes_with_onnx_runtime_by_default():
@@ -131,8 +134,9 @@ def test_shipped_captioner_decodes_with_onnx_runtime_by_default():
     data = flickr_or_skip()
     fast = Captioner.from_pretrained("flickr8k-caption")
     plain = Captioner.from_pretrained("flickr8k-caption", onnx=False)
-    assert (fast.decoding_backend, plain.decoding_backend) == ("onnxruntime", "torchscript")
-    assert Captioner.from_pretrained("flickr8k-caption", int8=False).decoding_backend == "torchscript"
+    backends = [c.runtime.backends()["decoding_step"] for c in (fast, plain)]
+    assert backends == ["onnxruntime", "torchscript"]
+    assert Captioner.from_pretrained("flickr8k-caption", int8=False).runtime.backends()["decoding_step"] == "torchscript"
     photos = [data / "images" / name for name in (data / "val.txt").read_text().split()[:12]]
     features = plain.encode(plain.preprocess(photos))
     greedy = plain.decode_config(beam=1)

@@ -27,6 +27,7 @@ from serving_helpers import (
 
 from vlfuse.errors import ConfigError
 from vlfuse.generation import DecodeConfig
+from vlfuse.runtime import RuntimeOptions
 
 fastapi = pytest.importorskip("fastapi")  # the "serve" extra; installed in CI
 from fastapi.testclient import TestClient  # noqa: E402
@@ -513,7 +514,6 @@ def test_first_start_builds_the_onnx_graphs_in_a_child_process(caption_dir, tmp_
     from vlfuse.serving import models as service_models
 
     cache = tmp_path / "cache"
-    monkeypatch.setenv(onnx_vision.CACHE_ENV, str(cache))
 
     def no_export(*args, **kwargs):
         raise AssertionError("exported in the server's own process")
@@ -521,18 +521,20 @@ def test_first_start_builds_the_onnx_graphs_in_a_child_process(caption_dir, tmp_
     with monkeypatch.context() as m:
         m.setattr(onnx_vision, "export_onnx", no_export)
         m.setattr(onnx_decoder, "export_step", no_export)
-        models = ServiceModels.load(ModelChoice(str(caption_dir)), ModelChoice("none"), ModelChoice("none"))
+        models = ServiceModels.load(ModelChoice(str(caption_dir)), ModelChoice("none"), ModelChoice("none"),
+                                    runtime=RuntimeOptions(cache_dir=cache))
     captioner, weights = models.captioner, Captioner.from_pretrained(str(caption_dir)).model
     assert sorted(p.name for p in cache.glob("*.onnx")) == sorted(
         [onnx_vision.graph_name(weights.vision), onnx_decoder.step_graph_name(weights.decoder)])
-    assert (captioner.image_backend, captioner.decoding_backend) == ("onnxruntime", "onnxruntime")
-    assert captioner.onnx_graphs_to_build() == []  # built: a second start has nothing to export
+    assert captioner.runtime.backends() == {"image_encoder": "onnxruntime", "decoding_step": "onnxruntime"}
+    assert captioner.runtime.graphs_to_build() == []  # built: a second start has nothing to export
 
-    monkeypatch.setenv(onnx_vision.CACHE_ENV, str(tmp_path / "cache2"))
     monkeypatch.setattr(service_models, "_BUILD_GRAPHS", "raise SystemExit('no luck')")
     with caplog.at_level(logging.WARNING, logger="vlfuse.serving.models"):
-        models = ServiceModels.load(ModelChoice(str(caption_dir)), ModelChoice("none"), ModelChoice("none"))
-    assert "no luck" in caplog.text and models.captioner.decoding_backend == "onnxruntime"  # exported here
+        models = ServiceModels.load(ModelChoice(str(caption_dir)), ModelChoice("none"), ModelChoice("none"),
+                                    runtime=RuntimeOptions(cache_dir=tmp_path / "cache2"))
+    assert "no luck" in caplog.text  # exported here instead
+    assert models.captioner.runtime.backends()["decoding_step"] == "onnxruntime"
 
 
 def test_service_models_load_subset_and_errors(caption_dir):
@@ -540,7 +542,8 @@ def test_service_models_load_subset_and_errors(caption_dir):
     assert models.loaded() == {"caption": True, "vqa": False, "retrieval": False}
     assert models.describe()["vqa"] == {"loaded": False, "reason": "disabled at startup"}
     assert models.describe()["caption"]["image_encoder"] == "onnxruntime"
-    plain = ServiceModels.load(ModelChoice(str(caption_dir)), ModelChoice("none"), ModelChoice("none"), onnx=False)
+    plain = ServiceModels.load(ModelChoice(str(caption_dir)), ModelChoice("none"), ModelChoice("none"),
+                               runtime=RuntimeOptions(onnx=False))
     assert plain.describe()["caption"]["image_encoder"] == "torch"  # `vlfuse serve --no-onnx`
     assert plain.describe()["caption"]["decoding_step"] == "torchscript"
     from vlfuse.errors import ModelNotFoundError

@@ -56,9 +56,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from ..tasks.caption.pipeline import Captioner
+    from .environment import runtime_options
 
-    captioner = Captioner.from_pretrained(args.model, device=args.device, int8=False if args.float32 else None,
-                                          onnx=False if args.no_onnx else None)
+    captioner = Captioner.from_pretrained(args.model, device=args.device,
+                                          runtime=runtime_options(no_onnx=args.no_onnx, float32=args.float32))
     decode = captioner.decode_config(**decode_options(args))
     paths = list_images(args.paths)
     if args.samples:

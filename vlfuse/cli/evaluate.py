@@ -10,6 +10,7 @@ from ..config import save_json
 from ..errors import ConfigError
 from ..evaluation import EvaluationRequest
 from .caption import add_decode_arguments, decode_options
+from .environment import runtime_options
 
 # task -> (module, default model); each module defines evaluate(args) -> metrics dict
 TASK_MODULES = {"caption": ("vlfuse.evaluation.caption", "flickr8k-caption")}
@@ -39,7 +40,8 @@ def run(args) -> int:
     module, default_model = TASK_MODULES[args.task]
     request = EvaluationRequest(model=args.model or default_model, data=args.data, split=args.split,
                                 fmt=args.format, limit=args.limit, out=args.out, results=args.results,
-                                batch_size=args.batch_size, device=args.device, decode=decode_options(args))
+                                batch_size=args.batch_size, device=args.device, runtime=runtime_options(),
+                                decode=decode_options(args))
     metrics = importlib.import_module(module).evaluate(request)
     text = json.dumps(metrics, indent=2, ensure_ascii=False)
     print(text)

@@ -46,17 +46,19 @@ def print_report(report, index, out) -> None:
 def run(args) -> int:
     from ..tasks.retrieval.index import ImageIndex
     from ..tasks.retrieval.pipeline import Retriever
+    from .environment import runtime_options
 
     paths = list_images(args.paths)
     if args.action == "build":
         if not paths:
             raise InputError(f"no image files found in {', '.join(args.paths)}")
-        retriever = Retriever.from_pretrained(args.model, device=args.device)
+        retriever = Retriever.from_pretrained(args.model, device=args.device, runtime=runtime_options())
         index = ImageIndex.build(retriever, paths, progress=not args.no_progress, batch_size=args.batch_size)
         out = args.out
     else:
         index = ImageIndex.load(args.index)
-        retriever = Retriever.from_pretrained(model_for(index, args.model), device=args.device)
+        retriever = Retriever.from_pretrained(model_for(index, args.model), device=args.device,
+                                              runtime=runtime_options())
         index.add(retriever, paths, progress=not args.no_progress, batch_size=args.batch_size)
         out = args.index
     if len(index) == 0:

@@ -24,6 +24,7 @@ def run(args) -> int:
     from ..data.images import load_image
     from ..tasks.retrieval.index import ImageIndex
     from ..tasks.retrieval.pipeline import Retriever
+    from .environment import runtime_options
     from .index import model_for
 
     if (args.query is None) == (args.image is None):
@@ -34,7 +35,8 @@ def run(args) -> int:
         raise InputError(f"-k must be at least 1, got {args.k}")
     index = ImageIndex.load(args.index)
     query_image = load_image(args.image) if args.image else None  # fail on a bad query before loading the model
-    retriever = Retriever.from_pretrained(model_for(index, args.model), device=args.device)
+    retriever = Retriever.from_pretrained(model_for(index, args.model), device=args.device,
+                                          runtime=runtime_options())
     index.check_compatible(retriever)
     if query_image is not None:
         vector = retriever.embed_images([query_image])

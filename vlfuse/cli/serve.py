@@ -26,8 +26,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                                           "flickr8k-retrieval if installed)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
     p.add_argument("--no-onnx", action="store_true",
-                   help="encode caption images with PyTorch and decode with TorchScript (on a CPU the default is "
-                        "ONNX Runtime for both where it is installed: faster, ~30 MB more memory)")
+                   help="encode images with PyTorch and decode with TorchScript (on a CPU the default is ONNX "
+                        "Runtime for every model where it is installed: faster, ~30 MB more memory)")
     p.add_argument("--caption-rerank", action="store_true",
                    help="caption with the model's consensus reranking where it is the model's default "
                         "(flickr8k-caption: better captions, ~4x the time per image, ~130 MB more memory); "
@@ -94,6 +94,7 @@ def run(args) -> int:
         return 2
     from ..serving.models import ModelChoice, ServiceModels
     from ..serving.settings import ServeSettings, check_bind_allowed, load_api_keys
+    from .environment import runtime_options
 
     if args.threads < 1:
         print(f"vlfuse serve: error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
@@ -115,7 +116,7 @@ def run(args) -> int:
     logging.getLogger("vlfuse").setLevel(args.log_level.upper())
     models = ServiceModels.load(ModelChoice(args.caption_model), ModelChoice(args.vqa_model),
                                 ModelChoice(args.retrieval_model), index=args.index, device=args.device,
-                                thumbnail_size=settings.thumbnail_size, onnx=False if args.no_onnx else None,
+                                thumbnail_size=settings.thumbnail_size, runtime=runtime_options(no_onnx=args.no_onnx),
                                 caption_rerank=args.caption_rerank)
     release_free_heap()
     loaded = [task for task, ok in models.loaded().items() if ok]

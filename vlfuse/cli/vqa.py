@@ -20,13 +20,14 @@ def run(args) -> int:
     from ..data.images import load_image
     from ..errors import InputError
     from ..tasks.vqa.pipeline import QuestionAnswerer, check_question
+    from .environment import runtime_options
 
     # check the cheap things before loading the model, so bad input fails fast
     check_question(args.question)
     if args.top_k < 1:
         raise InputError(f"--top-k must be at least 1, got {args.top_k}")
     image = load_image(args.image)
-    model = QuestionAnswerer.from_pretrained(args.model, device=args.device)
+    model = QuestionAnswerer.from_pretrained(args.model, device=args.device, runtime=runtime_options())
     result = model(image, args.question, top_k=args.top_k)
     if args.json:
         print(json.dumps({"image": args.image, "question": args.question.strip(), "answer": result.answer,

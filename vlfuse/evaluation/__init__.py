@@ -5,6 +5,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from ..runtime import RuntimeOptions
+
 
 @dataclasses.dataclass
 class EvaluationRequest:
@@ -19,6 +21,7 @@ class EvaluationRequest:
     results: Optional[str] = None         # where the generated outputs go
     batch_size: int = 32
     device: Optional[str] = None
+    runtime: RuntimeOptions = RuntimeOptions()  # how the model runs inference (ONNX Runtime, int8, graph cache)
     decode: Dict[str, Any] = dataclasses.field(default_factory=dict)  # captioning: decoding options over the model's
 
     def results_path(self, suffix: str) -> Optional[str]:

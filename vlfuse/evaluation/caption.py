@@ -45,7 +45,7 @@ def evaluate_captioner(captioner, data_path: str, split: str, decode: DecodeConf
 def evaluate(request: EvaluationRequest) -> Dict:
     """``vlfuse evaluate --task caption``: caption the split's images with the model's decoding default
     overridden by ``request.decode``, score them against the references."""
-    captioner = Captioner.from_pretrained(request.model, device=request.device)
+    captioner = Captioner.from_pretrained(request.model, device=request.device, runtime=request.runtime)
     decode = captioner.decode_config(**request.decode)
     metrics = evaluate_captioner(captioner, request.data, request.split, decode, fmt=request.fmt,
                                  limit=request.limit, batch_size=request.batch_size,

@@ -17,7 +17,7 @@ from . import EvaluationRequest
 
 def evaluate(request: EvaluationRequest) -> Dict:
     """``vlfuse evaluate --task retrieval``: embed the split's images and captions with the model, score them."""
-    retriever = Retriever.from_pretrained(request.model, device=request.device)
+    retriever = Retriever.from_pretrained(request.model, device=request.device, runtime=request.runtime)
     data = read_captions(request.data, split=request.split, fmt=request.fmt)
     if request.limit:
         data = data.subset(request.limit)

@@ -68,7 +68,7 @@ def evaluate_model(model, data: VQASet, batch_size: int = 512, progress: bool = 
 
 def evaluate(request: EvaluationRequest) -> Dict:
     """``vlfuse evaluate --task vqa --model M --data easy-vqa|file.jsonl --split test [--limit N] [--out m.json]``."""
-    model = QuestionAnswerer.from_pretrained(request.model, device=request.device)
+    model = QuestionAnswerer.from_pretrained(request.model, device=request.device, runtime=request.runtime)
     data_arg = "easy-vqa" if request.data in ("../shared/data/flickr8k", None) else request.data
     split = request.split
     data = read_vqa(data_arg, split).limit_questions(request.limit)

@@ -7,7 +7,8 @@ and runs the step in ONNX Runtime for batches of a few images (where it is faste
 for larger ones. The graph restates ``vlfuse.runtime.torchscript.ScriptableCrossAttentionStep`` over stacked state
 (``_ExportStep``), is exported from a float copy of the decoder with fused q/k/v, and its linear layers are
 quantized to int8 weights (a scale per output row, as the PyTorch int8 decoder's) by ONNX Runtime's
-``quantize_dynamic``. It is cached on disk like the image encoder's graph (``vlfuse.runtime.onnx_vision``).
+``quantize_dynamic``. It is cached on disk like the image encoder's graph (``vlfuse.runtime.cache``), and which
+backend runs a batch is ``vlfuse.runtime.policy``'s choice (``step_runs_onnx``).
 """
 from __future__ import annotations
 
@@ -17,15 +18,17 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Dict, FrozenSet, List, Optional, Tuple, Union
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .cache import GraphCache, weights_key
 from .decoder import inference_decoder
-from .onnx_vision import DEFAULT, OPSET, cached_file, session_options, weights_key
+from .policy import step_runs_onnx
+from .sessions import OPSET, session_options
 from .torchscript import ScriptableCrossAttentionStep
 
 log = logging.getLogger(__name__)
@@ -148,22 +151,16 @@ def export_step(decoder: nn.Module, quantize: bool = True) -> bytes:
 
 
 MEMORY, PAST = "onnx_memory", "onnx_past"  # this decoder's state entries (stacked over blocks)
-# ONNX Runtime's step (one thread: more only slow it down, its threads wake per operation) against TorchScript's,
-# per step on the 2-core CPU, idle, one torch thread: 0.33-0.42 vs 0.42-0.55 ms at 1 row, 0.97-1.65 vs 1.06-1.80 ms
-# at 8, at 16 sometimes faster (2.07 vs 2.17 ms), sometimes slower (3.06 vs 2.79 ms), 4.1 vs 3.8 ms at 32; with two
-# torch threads TorchScript's step is faster from ~8 rows (0.98 vs 1.47 ms at 8).
-MAX_IMAGES_ONE_THREAD, MAX_IMAGES_MORE_THREADS = 8, 4
 
 
 class OnnxStepDecoder(nn.Module):
     """``base`` (``inference_decoder(decoder)``) whose step runs in ONNX Runtime when a batch holds at most
-    ``max_images`` images. The int8 graph is exported from a float copy of ``decoder`` with fused q/k/v, made only
-    when the graph is not cached yet. The image side (``init_state``) is ``base``'s; its per-image memory
-    keys/values are stacked once per batch, and the past keys/values of all blocks travel as one tensor, so a
-    step hands ONNX Runtime four inputs."""
+    ``max_images`` images (default: ``vlfuse.runtime.policy.step_runs_onnx``'s measured limits). The int8 graph is
+    exported from a float copy of ``decoder`` with fused q/k/v, made only when it is not in ``cache`` yet. The image
+    side (``init_state``) is ``base``'s; its per-image memory keys/values are stacked once per batch, and the past
+    keys/values of all blocks travel as one tensor, so a step hands ONNX Runtime four inputs."""
 
-    def __init__(self, base: nn.Module, decoder: nn.Module, max_images: Optional[int] = None,
-                 cache_dir: Union[Path, str, None] = DEFAULT):
+    def __init__(self, base: nn.Module, decoder: nn.Module, cache: GraphCache, max_images: Optional[int] = None):
         super().__init__()
         import onnxruntime as ort
 
@@ -174,16 +171,17 @@ class OnnxStepDecoder(nn.Module):
         def export() -> bytes:
             return export_step(inference_decoder(decoder, int8=False, script=False))
 
-        graph: Union[str, bytes] = cached_file(step_graph_name(decoder), export, cache_dir)
+        graph = cache.graph(step_graph_name(decoder), export)
         self.session = ort.InferenceSession(graph, session_options(1, prepack=True, arena=False),
                                             providers=["CPUExecutionProvider"])
 
     def runs_onnx(self, images: int) -> bool:
-        """Whether a batch of ``images`` decodes in ONNX Runtime (``max_images``, by default as measured: up to
-        8 images with one torch thread, up to 4 with more, where TorchScript's step uses them)."""
-        if self.max_images is not None:
-            return images <= self.max_images
-        return images <= (MAX_IMAGES_ONE_THREAD if torch.get_num_threads() == 1 else MAX_IMAGES_MORE_THREADS)
+        """Whether a batch of ``images`` decodes in ONNX Runtime (else in ``base``, TorchScript's step)."""
+        return step_runs_onnx(images, self.max_images)
+
+    def backend_for(self, images: int) -> str:
+        """What runs the decoding steps of a batch of ``images`` images (``vlfuse.runtime.backend``)."""
+        return "onnxruntime" if self.runs_onnx(images) else self.base.backend_for(images)
 
     def init_state(self, image) -> State:
         state = self.base.init_state(image)
@@ -214,17 +212,17 @@ def _position(t: int) -> np.ndarray:
     return np.array([t], dtype=np.int64)
 
 
-def onnx_step_decoder(base: nn.Module, decoder: nn.Module, onnx: Optional[bool]) -> nn.Module:
+def onnx_step_decoder(base: nn.Module, decoder: nn.Module, onnx: Optional[bool], cache: GraphCache) -> nn.Module:
     """``base`` (``inference_decoder(decoder)``, int8) with its step run by ONNX Runtime where the export covers
     the architecture (the TorchScript step's: a Transformer decoder over cross-attention fusion), else ``base``
-    itself. An export or runtime failure falls back to ``base`` with a warning, or raises ConfigError where
-    ``onnx`` is True (asked for explicitly)."""
+    itself; the graph is read from or written to ``cache``. An export or runtime failure falls back to ``base``
+    with a warning, or raises ConfigError where ``onnx`` is True (asked for explicitly)."""
     from .torchscript import ScriptedDecoder
 
     if not isinstance(base, ScriptedDecoder) or not covers(decoder):
         return base
     try:
-        return OnnxStepDecoder(base, decoder)
+        return OnnxStepDecoder(base, decoder, cache)
     except Exception as exc:  # noqa: BLE001 — an exporter or runtime limitation: TorchScript still decodes
         if onnx:
             raise ConfigError(f"could not run the decoding step with ONNX Runtime: {exc}") from exc

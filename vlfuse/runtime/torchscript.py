@@ -113,6 +113,10 @@ class ScriptedDecoder(nn.Module):
     def per_image_state(self) -> FrozenSet[str]:
         return self.decoder.per_image_state()
 
+    def backend_for(self, images: int) -> str:
+        """What runs the decoding steps of a batch of ``images`` images (``vlfuse.runtime.backend``)."""
+        return "torchscript"
+
     def step(self, tokens: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
         # The plain interpreter (no profiling and re-optimising per new shape, which costs seconds on the first
         # captions and brings nothing here: the CPU has no fuser). The setting is thread-local.

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from ..data.images import load_image
 from ..errors import ModelNotFoundError, VlfuseError
 from ..generation import DecodeConfig
+from ..runtime import RuntimeOptions
 
 log = logging.getLogger(__name__)
 
@@ -42,38 +43,40 @@ def _device_kw(device: Optional[str]) -> dict:
     return {"device": device} if device else {}
 
 
-# Run in a child process: load the caption model and build its ONNX Runtime graphs into the cache folder.
+# Run in a child process: load a model with a pipeline class and build its ONNX Runtime graphs into the cache.
 _BUILD_GRAPHS = """
-import sys, torch
+import importlib, json, sys, torch
 torch.set_num_threads(1)
-from vlfuse.tasks.caption.pipeline import Captioner
-name, device, onnx = sys.argv[1], sys.argv[2] or None, {"None": None, "True": True, "False": False}[sys.argv[3]]
-captioner = Captioner.from_pretrained(name, device=device, onnx=onnx)
-captioner.image_encoder, captioner.generator
+from vlfuse.runtime import RuntimeOptions
+module, pipeline, name, device, options = sys.argv[1:6]
+runtime = RuntimeOptions(**json.loads(options))
+getattr(importlib.import_module(module), pipeline).from_pretrained(name, device=device or None, runtime=runtime
+                                                                   ).runtime.build()
 """
 
 
-def build_graphs_in_child(name: str, device: Optional[str], onnx: Optional[bool], what: Sequence[str]) -> bool:
-    """Export the caption model's ONNX Runtime graphs (``what``) into the cache folder from a child process, so
-    that the exporter's memory (torch's exporter, ``onnx``, the quantizer: ~60 MB that stay resident, and a peak
-    of ~600 MB for the three-model server) never enters the server's. True if the child succeeded."""
+def build_graphs_in_child(pipeline, name: str, device: Optional[str], what: Sequence[str]) -> bool:
+    """Export the ONNX Runtime graphs (``what``) of model ``name``, loaded as ``pipeline`` (a Captioner,
+    QuestionAnswerer or Retriever) is, into its cache folder from a child process, so that the exporter's memory
+    (torch's exporter, ``onnx``, the quantizer: ~60 MB that stay resident, and a peak of ~600 MB for the
+    three-model server) never enters the server's. True if the child succeeded."""
+    import json
     import os
     import subprocess
     import sys
 
     import vlfuse
 
-    from ..runtime import onnx_vision
-
-    log.info("building the caption model's ONNX Runtime graphs (%s) once, in a child process", ", ".join(what))
+    log.info("building the ONNX Runtime graphs of %s (%s) once, in a child process", name, ", ".join(what))
     root = str(Path(vlfuse.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-    cache = onnx_vision.default_cache_dir()
-    if cache is not None:
-        env[onnx_vision.CACHE_ENV] = str(cache)
+    options, cls = pipeline.runtime.options, type(pipeline)
+    folder = pipeline.runtime.cache.folder  # the folder this process reads the graphs from, resolved here
+    runtime = {"onnx": options.onnx, "int8": options.int8, "cache_dir": str(folder) if folder else None}
     try:
-        proc = subprocess.run([sys.executable, "-c", _BUILD_GRAPHS, name, device or "", repr(onnx)], env=env,
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run([sys.executable, "-c", _BUILD_GRAPHS, cls.__module__, cls.__qualname__, name,
+                               device or "", json.dumps(runtime)], env=env, capture_output=True, text=True,
+                              timeout=600)
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("could not build the ONNX Runtime graphs in a child process (%s); building them here", exc)
         return False
@@ -84,10 +87,19 @@ def build_graphs_in_child(name: str, device: Optional[str], onnx: Optional[bool]
     return True
 
 
-def _load_captioner(name: str, device: Optional[str], onnx: Optional[bool] = None, rerank: bool = False):
+def build_fast_copies(pipeline, name: str, device: Optional[str]) -> None:
+    """Make ``pipeline``'s inference copies now, not during the first request; graphs not in the cache yet (the
+    first start with this model) are exported in a child process first, then read from the cache."""
+    missing = pipeline.runtime.graphs_to_build()
+    if missing:
+        build_graphs_in_child(pipeline, name, device, missing)
+    pipeline.runtime.build()
+
+
+def _load_captioner(name: str, device: Optional[str], runtime: RuntimeOptions, rerank: bool = False):
     from ..tasks.caption.pipeline import Captioner
 
-    captioner = Captioner.from_pretrained(name, device=device, onnx=onnx)
+    captioner = Captioner.from_pretrained(name, device=device, runtime=runtime)
     if captioner.decode_defaults.strategy == "rerank" and not rerank:
         # consensus reranking costs ~4x the time per image and ~130 MB (memory, idf, retriever tower): the
         # service decodes greedily unless started with --caption-rerank
@@ -95,30 +107,32 @@ def _load_captioner(name: str, device: Optional[str], onnx: Optional[bool] = Non
         log.info("caption model: decoding greedily (its default, rerank, needs --caption-rerank)")
     elif rerank:
         captioner.reranker  # load the memory now, not during the first request (raises if the model has none)
-    missing = captioner.onnx_graphs_to_build()
-    if missing:  # the first start with this model: export out of process, then read them from the cache
-        build_graphs_in_child(str(name), device, onnx, missing)
-    # build the decoding copy and the ONNX Runtime image encoder now, not during the first request, then free
-    # the PyTorch weights they replace (the server never saves the model or draws attention maps): ~29 MB
+    build_fast_copies(captioner, str(name), device)
+    # free the PyTorch weights the decoding copy and the ONNX Runtime image encoder replace (the server never
+    # saves the model or draws attention maps): ~29 MB
     freed = captioner.drop_unused_weights()
     log.info("caption model: %.0f MB of PyTorch weights not needed for captioning freed", freed / 2 ** 20)
     return captioner
 
 
-def _load_vqa(name: str, device: Optional[str]):
+def _load_vqa(name: str, device: Optional[str], runtime: RuntimeOptions):
     try:
         from ..tasks.vqa.pipeline import QuestionAnswerer
     except ImportError as exc:
         raise ModelNotFoundError(f"VQA is not available in this vlfuse build ({exc})") from None
-    return QuestionAnswerer.from_pretrained(name, **_device_kw(device))
+    vqa = QuestionAnswerer.from_pretrained(name, runtime=runtime, **_device_kw(device))
+    build_fast_copies(vqa, str(name), device)
+    return vqa
 
 
-def _load_retriever(name: str, device: Optional[str]):
+def _load_retriever(name: str, device: Optional[str], runtime: RuntimeOptions):
     try:
         from ..tasks.retrieval.pipeline import Retriever
     except ImportError as exc:
         raise ModelNotFoundError(f"retrieval is not available in this vlfuse build ({exc})") from None
-    return Retriever.from_pretrained(name, **_device_kw(device))
+    retriever = Retriever.from_pretrained(name, runtime=runtime, **_device_kw(device))
+    build_fast_copies(retriever, str(name), device)
+    return retriever
 
 
 def _load_index(path: str, retriever):
@@ -147,11 +161,12 @@ class ServiceModels:
     @classmethod
     def load(cls, caption: ModelChoice = ModelChoice(), vqa: ModelChoice = ModelChoice(),
              retrieval: ModelChoice = ModelChoice(), index: Optional[str] = None, device: Optional[str] = None,
-             thumbnail_size: int = 192, onnx: Optional[bool] = None,
+             thumbnail_size: int = 192, runtime: RuntimeOptions = RuntimeOptions(),
              caption_rerank: bool = False) -> "ServiceModels":
         """Load the chosen models. Raises VlfuseError if an explicitly chosen model or the index fails.
-        ``onnx`` is the caption model's (``Captioner.from_pretrained``): None = ONNX Runtime's image encoder and
-        decoding step on a CPU where it is installed, False = PyTorch's encoder and TorchScript's step.
+        ``runtime`` is every model's (``from_pretrained``): by default ONNX Runtime's image encoders and decoding
+        step on a CPU where it is installed; ``RuntimeOptions(onnx=False)``: PyTorch's encoders and TorchScript's
+        step.
         ``caption_rerank`` keeps a caption model's rerank decoding default (else it decodes greedily)."""
         loaded: Dict[str, Any] = {}
         names: Dict[str, str] = {}
@@ -166,8 +181,8 @@ class ServiceModels:
                 continue
             name = choice.name or DEFAULT_MODELS[task]
             try:
-                options = {"onnx": onnx, "rerank": caption_rerank} if task == "caption" else {}
-                loaded[task] = LOADERS[task](name, device, **options)
+                options = {"rerank": caption_rerank} if task == "caption" else {}
+                loaded[task] = LOADERS[task](name, device, runtime, **options)
                 names[task] = str(name)
             except VlfuseError as exc:
                 if choice.explicit:
@@ -204,8 +219,8 @@ class ServiceModels:
             out[task] = entry
         if out["caption"]["loaded"]:
             out["caption"]["decode"] = dataclasses.asdict(self.captioner.decode_defaults)
-            out["caption"]["image_encoder"] = self.captioner.image_backend  # "onnxruntime" or "torch"
-            out["caption"]["decoding_step"] = self.captioner.decoding_backend  # "onnxruntime", "torchscript", ...
+            # what runs the image encoder and the decoding step: "onnxruntime", "torchscript" or "torch"
+            out["caption"].update(self.captioner.runtime.backends())
         if out["retrieval"]["loaded"]:
             out["retrieval"]["index"] = {"path": self.names.get("index"), "images": len(self.index.paths)}
         return out

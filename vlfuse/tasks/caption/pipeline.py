@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -17,8 +17,7 @@ from ...data.tokenizer import BOS, Tokenizer
 from ...errors import ConfigError, ImageError
 from ...generation import DecodeConfig
 from ...nn.vision import ImageFeatures
-from ...runtime.decoder import inference_decoder
-from ...runtime.onnx_vision import fast_image_encoder, use_onnx
+from ...runtime import Runtime, RuntimeOptions
 from ..base import Pipeline
 from .model import CaptionModel, CaptionModelConfig
 from .rerank import CaptionMemory, ConsensusReranker, rerank_config
@@ -45,12 +44,17 @@ class Captioner(Pipeline):
 
     A checkpoint may also carry a caption memory (``"rerank"`` in its config.json, see ``caption_memory``) for
     the ``rerank`` strategy; ``memory_dir`` is the directory its files are in (``from_pretrained`` sets it).
+
+    Inference runs on the fast copies that ``self.runtime`` (a ``vlfuse.runtime.Runtime``) makes as the
+    ``runtime`` options say (by default on a CPU: images encoded by ONNX Runtime, captions decoded by an int8 copy
+    of the decoder whose step runs in ONNX Runtime or TorchScript); ``self.runtime.backends(n)`` says which.
+    ``self.model`` stays the PyTorch modules, for saving, attention maps and training.
     """
 
     task = "caption"
 
     def __init__(self, model: CaptionModel, tokenizer: Tokenizer, extra_config: Optional[dict] = None,
-                 int8: bool = False, onnx: Optional[bool] = False, memory_dir: Optional[Path] = None):
+                 runtime: RuntimeOptions = RuntimeOptions(), memory_dir: Optional[Path] = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.extra_config = extra_config or {}
@@ -63,32 +67,14 @@ class Captioner(Pipeline):
 
             warnings.warn(f"{self.rerank_unavailable()}; decoding greedily instead", stacklevel=2)
             self.decode_defaults = self.decode_defaults.override(strategy="greedy")
-        # Captions are generated with a copy of the decoder arranged for decoding (``inference_decoder``), its
-        # linear layers int8 when asked (CPU only); ``self.model`` stays as trained for saving, attention maps
-        # and training.
-        self.int8 = int8
-        self._generator: Optional[nn.Module] = None  # built on first use (saving a model never needs it)
-        self._generator_lock = threading.Lock()
-        # Images are encoded for inference by ONNX Runtime when ``onnx`` is True, or when it is None and ONNX
-        # Runtime is installed and the model is on a CPU (``fast_image_encoder``), and the int8 decoding step
-        # runs there too where its export covers the architecture (``onnx_decoder``); ``self.model`` stays the
-        # PyTorch modules.
-        self.onnx = onnx
-        self._image_encoder = None
+        self._reranker_lock = threading.Lock()
+        self.runtime = Runtime(runtime, vision=model.vision, decoder=model.decoder)
         self._dropped_device: Optional[torch.device] = None  # set by drop_unused_weights
 
     @property
     def generator(self) -> nn.Module:
-        """The decoder copy that generates captions (``inference_decoder``)."""
-        with self._generator_lock:
-            if self._generator is None:
-                generator = inference_decoder(self.model.decoder, int8=self.int8)
-                if self.int8 and use_onnx(self.onnx, self.device):
-                    from ...runtime.onnx_step import onnx_step_decoder
-
-                    generator = onnx_step_decoder(generator, self.model.decoder, self.onnx)
-                self._generator = generator
-            return self._generator
+        """The copy of the decoder that generates captions (``self.runtime.decoder``)."""
+        return self.runtime.decoder
 
     def rerank_unavailable(self) -> str:
         """Why the rerank strategy cannot run here ("" when it can)."""
@@ -104,93 +90,40 @@ class Captioner(Pipeline):
     @property
     def reranker(self) -> ConsensusReranker:
         """The retriever's image tower, the caption memory and its scorer (loaded on first use)."""
-        with self._generator_lock:
+        with self._reranker_lock:
             if self._reranker is None:
                 why = self.rerank_unavailable()
                 if why:
                     raise ConfigError(f"{why}; decode with greedy, beam or sample instead")
-                self._reranker = ConsensusReranker.load(self.memory_dir, self.rerank_config, self.device, self.onnx)
+                self._reranker = ConsensusReranker.load(self.memory_dir, self.rerank_config, self.device,
+                                                        self.runtime.options)
             return self._reranker
-
-    @property
-    def image_encoder(self) -> Callable[[torch.Tensor], ImageFeatures]:
-        """What encodes images for inference: ``self.model.vision`` or its ONNX Runtime copy."""
-        with self._generator_lock:
-            if self._image_encoder is None:
-                self._image_encoder = fast_image_encoder(self.model.vision, self.onnx, self.device)
-            return self._image_encoder
-
-    @property
-    def image_backend(self) -> str:
-        """"onnxruntime" or "torch": what runs the image encoder at inference."""
-        return "torch" if self.image_encoder is self.model.vision else "onnxruntime"
-
-    def onnx_graphs_to_build(self) -> List[str]:
-        """The ONNX Runtime graphs that inference would export now, not being in the cache folder yet: "image
-        encoder" and/or "decoding step". Empty where ONNX Runtime is not used, they are built, or there is no
-        cache folder (then each process exports in memory). A server can build them in a child process first."""
-        from ...runtime import onnx_step as onnx_decoder
-        from ...runtime import onnx_vision
-
-        if not use_onnx(self.onnx, self.device) or onnx_vision.default_cache_dir() is None:
-            return []
-        todo = []
-        if self._image_encoder is None and not onnx_vision.is_cached(onnx_vision.graph_name(self.model.vision)):
-            todo.append("image encoder")
-        if (self.int8 and self._generator is None and onnx_decoder.covers(self.model.decoder)
-                and not onnx_vision.is_cached(onnx_decoder.step_graph_name(self.model.decoder))):
-            todo.append("decoding step")
-        return todo
-
-    @property
-    def decoding_backend(self) -> str:
-        """"onnxruntime", "torchscript" or "torch": what runs a decoding step at inference (for batches of a few
-        images where it is "onnxruntime": see ``decoding_backend_for``)."""
-        return self.decoding_backend_for(1)
-
-    def decoding_backend_for(self, images: int) -> str:
-        """What runs the decoding steps of a batch of ``images`` images: "onnxruntime", "torchscript" or
-        "torch"."""
-        from ...runtime.onnx_step import OnnxStepDecoder
-        from ...runtime.torchscript import ScriptedDecoder
-
-        generator = self.generator
-        if isinstance(generator, OnnxStepDecoder):
-            return "onnxruntime" if generator.runs_onnx(images) else "torchscript"
-        return "torchscript" if isinstance(generator, ScriptedDecoder) else "torch"
 
     # -- loading and saving -------------------------------------------------------------------------
     @classmethod
     def _from_checkpoint(cls, directory: Path, raw: dict, device: Optional[str] = None,
-                         int8: Optional[bool] = None, onnx: Optional[bool] = None) -> "Captioner":
-        """``from_pretrained``'s options: ``int8`` (default: on for CPU) generates with the decoder's linear
-        layers quantized to int8 (see ``inference_decoder``); ``int8=False`` keeps them float. ``onnx`` (default:
-        on for CPU where onnxruntime is installed) encodes images with ONNX Runtime (see ``onnx_vision``) and,
-        with ``int8``, runs the decoding step there (see ``onnx_decoder``); ``onnx=False`` keeps PyTorch (and
-        TorchScript)."""
+                         int8: Optional[bool] = None, onnx: Optional[bool] = None,
+                         runtime: RuntimeOptions = RuntimeOptions()) -> "Captioner":
+        """``from_pretrained``'s options: inference runs as ``runtime`` says (by default on a CPU: images encoded
+        by ONNX Runtime, captions decoded with int8 weights, the step in ONNX Runtime). ``int8`` and ``onnx``,
+        where given, stand for those fields of ``runtime``: ``int8=False`` decodes with the float decoder,
+        ``onnx=False`` keeps PyTorch's encoder and TorchScript's step."""
         config = from_dict(CaptionModelConfig, raw["model"], "model")
         tokenizer = Tokenizer.load(directory)
         model = CaptionModel(config, len(tokenizer))
         load_weights(directory, model, allowed_missing_prefixes=model.persistent_prefixes())
         extra = {k: v for k, v in raw.items() if k not in ("task", "model")}
-        device = torch.device(device or "cpu")
-        if int8 is None:
-            int8 = device.type == "cpu"
-        return cls(model.to(device), tokenizer, extra, int8=int8, onnx=onnx, memory_dir=Path(directory))
+        given = {name: value for name, value in (("int8", int8), ("onnx", onnx)) if value is not None}
+        return cls(model.to(device or "cpu"), tokenizer, extra, dataclasses.replace(runtime, **given),
+                   memory_dir=Path(directory))
 
     def drop_unused_weights(self) -> int:
-        """Free the PyTorch weights that captioning no longer reads once its fast copies are built: the decoder's
-        (captions come from ``generator``, a copy) and, where ONNX Runtime encodes images, the vision encoder's
-        (~29 MB for flickr8k-caption). For a process that only captions, such as the server; afterwards
+        """Free the PyTorch weights that captioning no longer reads once its fast copies are built
+        (``Runtime.drop_replaced_weights``). For a process that only captions, such as the server; afterwards
         ``save_pretrained`` and ``attention_map`` raise ConfigError (load the model again for those). Returns the
         bytes freed."""
-        self.generator, self.image_encoder  # noqa: B018 — build the fast copies from the weights first
         device = self.device
-        parts = [self.model.decoder] + ([self.model.vision] if self.image_backend == "onnxruntime" else [])
-        freed = sum(t.numel() * t.element_size() for part in parts
-                    for t in list(part.parameters()) + list(part.buffers()) if t.device.type != "meta")
-        for part in parts:
-            part.to("meta")  # no storage: the tensors keep their shapes, not their values
+        freed = self.runtime.drop_replaced_weights()
         self._dropped_device = device
         return freed
 
@@ -226,7 +159,7 @@ class Captioner(Pipeline):
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> ImageFeatures:
-        return self.image_encoder(pixels)
+        return self.runtime.image_encoder(pixels)
 
     # Beam search on a CPU in chunks of 16 images: per image ~35 % faster than chunks of 8 (6.5 vs 9-10 ms at
     # beam 3, one thread) now that the image's state is not copied per beam; 32 gains ~10 % more for ~20 MB

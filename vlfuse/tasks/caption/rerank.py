@@ -23,6 +23,7 @@ from ...data.tokenizer import Tokenizer
 from ...errors import ConfigError, ModelNotFoundError
 from ...generation import DecodeConfig
 from ...io import atomic_path, atomic_write
+from ...runtime import RuntimeOptions
 from ..base import read_checkpoint
 
 MEMORY_WEIGHTS = "memory.safetensors"
@@ -131,13 +132,13 @@ class ConsensusReranker:
 
     @classmethod
     def load(cls, directory: Union[str, Path], config: RerankConfig, device: Optional[torch.device] = None,
-             onnx: Optional[bool] = None) -> "ConsensusReranker":
-        """The memory in ``directory``; the retriever's tower on ``device``, its CNN run as ``onnx`` says
-        (``Captioner.from_pretrained``'s switch)."""
+             runtime: RuntimeOptions = RuntimeOptions()) -> "ConsensusReranker":
+        """The memory in ``directory``; the retriever's tower on ``device``, run as ``runtime`` says (the caption
+        model's runtime options)."""
         from ..retrieval.pipeline import RetrievalImageTower
 
-        tower = RetrievalImageTower.from_pretrained(config.retriever).to(device or "cpu")
-        tower.use_fast_encoder(onnx)
+        tower = RetrievalImageTower.from_pretrained(config.retriever, runtime=runtime).to(device or "cpu")
+        tower.runtime.build()  # its CNN's fast copy now, not in the first photo's time
         return cls(tower, CaptionMemory.load(directory), config)
 
     def neighbours(self, pixels: torch.Tensor) -> List[List[str]]:

@@ -23,6 +23,7 @@ from ...io import tensors_digest
 from ...nn.pooling import AttentionPool, Projection
 from ...nn.text import WordPieceTokenizer, pad_batch
 from ...registry import VISION_ENCODERS
+from ...runtime import Runtime, RuntimeOptions
 from ..base import Pipeline, read_checkpoint
 from .model import RetrievalModel, RetrievalModelConfig
 
@@ -30,34 +31,30 @@ from .model import RetrievalModel, RetrievalModelConfig
 class RetrievalImageTower(nn.Module):
     """The image side of a trained ``RetrievalModel`` alone, without its text encoder: pixels -> unit vectors in
     the retrieval space, exactly as ``Retriever.embed_pixels``. Loads in a fraction of the time (no MiniLM);
-    consensus reranking of captions uses it to find an image's neighbours in a caption memory."""
+    consensus reranking of captions uses it to find an image's neighbours in a caption memory. Its CNN runs on
+    the copy ``self.runtime`` makes as the ``runtime`` options say (ONNX Runtime on a CPU by default)."""
 
     PREFIXES = ("vision.", "pool.", "image_proj.")
 
-    def __init__(self, config: RetrievalModelConfig):
+    def __init__(self, config: RetrievalModelConfig, runtime: RuntimeOptions = RuntimeOptions()):
         super().__init__()
         self.config = config
         self.vision = VISION_ENCODERS.build(config.vision.name, **config.vision.kwargs)
         self.pool = AttentionPool(self.vision.out_dim, config.pool_heads, config.cell_dropout)
         self.image_proj = Projection(self.vision.out_dim, config.hidden_dim, config.embed_dim, config.dropout)
-        self.onnx_encoder = None  # the CNN's ONNX Runtime copy, where ``use_fast_encoder`` made one
+        self.runtime = Runtime(runtime, vision=self.vision)
         self.eval()
-
-    def use_fast_encoder(self, onnx: Optional[bool] = None) -> None:
-        """Run the CNN through ONNX Runtime where ``onnx`` allows (as a Captioner's image encoder)."""
-        from ...runtime.onnx_vision import fast_image_encoder
-
-        encoder = fast_image_encoder(self.vision, onnx, next(self.parameters()).device)
-        self.onnx_encoder = None if encoder is self.vision else encoder
 
     # the image tower's own code is the dual encoder's
     embed_cells = RetrievalModel.embed_cells
 
     @classmethod
-    def from_pretrained(cls, name_or_path: Union[str, Path]) -> "RetrievalImageTower":
-        """The image tower of a retrieval model (a built-in name or a checkpoint directory)."""
+    def from_pretrained(cls, name_or_path: Union[str, Path],
+                        runtime: RuntimeOptions = RuntimeOptions()) -> "RetrievalImageTower":
+        """The image tower of a retrieval model (a built-in name or a checkpoint directory), to run as ``runtime``
+        says."""
         directory, raw = read_checkpoint(name_or_path, "retrieval")
-        tower = cls(from_dict(RetrievalModelConfig, raw["model"], "model"))
+        tower = cls(from_dict(RetrievalModelConfig, raw["model"], "model"), runtime)
         load_weights(directory, tower, allowed_missing_prefixes=tower.persistent_prefixes(),
                      only_prefixes=cls.PREFIXES)
         return tower
@@ -65,7 +62,7 @@ class RetrievalImageTower(nn.Module):
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Transformed images (B, 3, H, W) -> (B, D) float32, unit length."""
-        return self.embed_cells((self.onnx_encoder or self.vision)(pixels).grid).float()
+        return self.embed_cells(self.runtime.image_encoder(pixels).grid).float()
 
     def persistent_prefixes(self) -> Tuple[str, ...]:
         return ("vision.stem_layers.",) if getattr(self.vision, "pretrained", False) else ()
@@ -100,26 +97,33 @@ class Retriever(Pipeline):
     >>> q = r.embed_texts(["two dogs playing in the snow"])   # (1, 256) float32, unit length
     >>> v = r.embed_images(["a.jpg", "b.jpg"])                  # (2, 256)
     >>> scores = v @ q[0]
+
+    Images are encoded by the copy of the CNN that ``self.runtime`` makes as the ``runtime`` options say (ONNX
+    Runtime on a CPU by default: the same recall@K on Flickr8k val as PyTorch's CNN, docs/retrieval.md).
     """
 
     task = "retrieval"
 
-    def __init__(self, model: RetrievalModel, tokenizer, name: str = "retrieval", extra_config: Optional[dict] = None):
+    def __init__(self, model: RetrievalModel, tokenizer, name: str = "retrieval", extra_config: Optional[dict] = None,
+                 runtime: RuntimeOptions = RuntimeOptions()):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.extra_config = extra_config or {}
         self._model_id: Optional[str] = None
+        self.runtime = Runtime(runtime, vision=model.vision)
 
     # -- loading and saving -------------------------------------------------------------------------
     @classmethod
-    def _from_checkpoint(cls, directory: Path, raw: dict, device: Optional[str] = None) -> "Retriever":
+    def _from_checkpoint(cls, directory: Path, raw: dict, device: Optional[str] = None,
+                         runtime: RuntimeOptions = RuntimeOptions()) -> "Retriever":
+        """``from_pretrained``'s options: ``device``, and ``runtime`` (how inference runs)."""
         config = from_dict(RetrievalModelConfig, raw["model"], "model")
         model = RetrievalModel(config)
         load_weights(directory, model, allowed_missing_prefixes=model.persistent_prefixes())
         tokenizer = WordPieceTokenizer.load(directory)
         extra = {k: v for k, v in raw.items() if k not in ("task", "model")}
-        return cls(model.to(device or "cpu"), tokenizer, raw.get("name") or Path(directory).name, extra)
+        return cls(model.to(device or "cpu"), tokenizer, raw.get("name") or Path(directory).name, extra, runtime)
 
     @classmethod
     def from_config(cls, config: RetrievalModelConfig, name: str = "retrieval") -> "Retriever":
@@ -180,7 +184,7 @@ class Retriever(Pipeline):
     @torch.inference_mode()
     def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """Transformed images (B, 3, H, W) -> (B, D) float32."""
-        return self.model.embed_cells(self.model.vision(pixels.to(self.device)).grid).float().cpu().numpy()
+        return self.model.embed_cells(self.runtime.image_encoder(pixels.to(self.device)).grid).float().cpu().numpy()
 
     def embed_images(self, images: Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
         """Image files / bytes / PIL images / arrays -> (B, D) float32, L2-normalised.

@@ -18,7 +18,9 @@ from ...data.images import ImageInput, load_image
 from ...data.tokenizer import Tokenizer
 from ...errors import ConfigError, InputError, ModelNotFoundError
 from ...nn.text import WordPieceTokenizer, pad_batch
+from ...nn.vision import ImageFeatures
 from ...registry import TEXT_ENCODERS
+from ...runtime import Runtime, RuntimeOptions
 from ..base import Pipeline
 from .model import VQAModel, VQAModelConfig
 
@@ -55,21 +57,27 @@ def make_question_tokenizer(config: VQAModelConfig, directory: Optional[Path] = 
 
 
 class QuestionAnswerer(Pipeline):
-    """Answer questions about images with a trained VQA network, its question tokenizer and answer list."""
+    """Answer questions about images with a trained VQA network, its question tokenizer and answer list. Images
+    are encoded by the copy of the vision encoder that ``self.runtime`` makes as the ``runtime`` options say (ONNX
+    Runtime on a CPU by default)."""
 
     task = "vqa"
 
-    def __init__(self, network: VQAModel, tokenizer, answers: Sequence[str], extra_config: Optional[dict] = None):
+    def __init__(self, network: VQAModel, tokenizer, answers: Sequence[str], extra_config: Optional[dict] = None,
+                 runtime: RuntimeOptions = RuntimeOptions()):
         if len(answers) != network.config.num_answers:
             raise ConfigError(f"{len(answers)} answers given for a network with {network.config.num_answers} outputs")
         self.network = network.eval()
         self.tokenizer = tokenizer
         self.answers = list(answers)
         self.extra_config = extra_config or {}
+        self.runtime = Runtime(runtime, vision=network.vision)
 
     # -- loading and saving -------------------------------------------------------------------------
     @classmethod
-    def _from_checkpoint(cls, directory: Path, raw: dict, device: Optional[str] = None) -> "QuestionAnswerer":
+    def _from_checkpoint(cls, directory: Path, raw: dict, device: Optional[str] = None,
+                         runtime: RuntimeOptions = RuntimeOptions()) -> "QuestionAnswerer":
+        """``from_pretrained``'s options: ``device``, and ``runtime`` (how inference runs)."""
         config = from_dict(VQAModelConfig, raw["model"], "model")
         answers_path = directory / ANSWERS_FILE
         if not answers_path.is_file():
@@ -80,7 +88,7 @@ class QuestionAnswerer(Pipeline):
         network = VQAModel(config)
         load_weights(directory, network, allowed_missing_prefixes=network.persistent_prefixes())
         extra = {k: v for k, v in raw.items() if k not in ("task", "model")}
-        return cls(network.to(device or "cpu"), make_question_tokenizer(config, directory), answers, extra)
+        return cls(network.to(device or "cpu"), make_question_tokenizer(config, directory), answers, extra, runtime)
 
     def save_pretrained(self, directory: Union[str, Path], half: bool = True, **extra) -> Path:
         """config.json (task 'vqa') + model.safetensors (fp16) + question vocabulary + answers.json."""
@@ -110,7 +118,14 @@ class QuestionAnswerer(Pipeline):
     def answer_acts(self, acts: torch.Tensor, image_index: Sequence[int], questions: Sequence[str],
                     top_k: int = 3) -> List[VQAAnswer]:
         """Answers for questions about already-computed stem activations (M images); no input checks."""
-        image = self.network.vision.tail(acts.float().to(self.device))
+        return self.answer_features(self.network.vision.tail(acts.float().to(self.device)), image_index, questions,
+                                    top_k)
+
+    @torch.inference_mode()
+    def answer_features(self, image: ImageFeatures, image_index: Sequence[int], questions: Sequence[str],
+                        top_k: int = 3) -> List[VQAAnswer]:
+        """Answers for questions about already-encoded images (M images); question q is about image
+        ``image_index[q]``; no input checks."""
         ids, mask = self.encode_questions(questions)
         index = torch.as_tensor(list(image_index), dtype=torch.long, device=self.device)
         probs = self.network.answer_logits(image, index, ids, mask).float().softmax(-1)  # (Q, A)
@@ -144,8 +159,8 @@ class QuestionAnswerer(Pipeline):
         for s in range(0, len(questions), batch_size):
             batch = torch.stack(list(pixels[s:s + batch_size])).to(self.device)
             with torch.inference_mode():
-                acts = self.network.vision.stem(batch)
-            results += self.answer_acts(acts, range(len(batch)), questions[s:s + batch_size], top_k)
+                image = self.runtime.image_encoder(batch)
+            results += self.answer_features(image, range(len(batch)), questions[s:s + batch_size], top_k)
         return results
 
     def __call__(self, image: ImageInput, question: str, top_k: int = 3) -> VQAAnswer:
