@@ -21,7 +21,7 @@ def test_load_dispatches_on_the_checkpoints_task(name, pipeline):
 
 def test_load_passes_the_tasks_own_options():
     cap = vlfuse.load("flickr8k-caption", int8=False, onnx=False)
-    assert cap.int8 is False and cap.image_backend == "torch"
+    assert cap.runtime.options.int8 is False and cap.runtime.backends()["image_encoder"] == "torch"
     with pytest.raises(TypeError, match="int8"):  # an option the task does not have is not silently ignored
         vlfuse.load("easyvqa", int8=False)
 
