@@ -127,6 +127,7 @@ class TransformerDecoder(nn.Module):
         """Token ids (B, T) and their positions' embeddings (T, D) -> the blocks' input (B, T, D)."""
         return self.embed(tokens) * self.embed.embedding_dim ** 0.5 + positions
 
+    @torch.jit.export
     def step(self, tokens: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
         """Incremental: only the newest token is computed; earlier keys/values are cached in ``state``. Written
         in the subset of Python that TorchScript compiles and the ONNX exporter traces: the decoding fast paths

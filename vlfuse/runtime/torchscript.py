@@ -3,9 +3,10 @@
 At batch 1 a decoding step is ~100 small operations, and on a CPU the Python around each of them (module calls,
 argument parsing, dispatch) costs more than the arithmetic: run by TorchScript's interpreter the same step is
 ~4x faster. ``ScriptedDecoder`` compiles the decoder's own ``step`` (``TransformerDecoder.step`` ->
-``CrossAttentionFusion.step`` -> ``TransformerBlock.step``, written in the subset of Python TorchScript accepts)
-over the *same* submodules: no weights are copied and nothing is restated, so the compiled step computes what the
-eager one does (``tests/test_parts.py`` checks it). ``scripted_decoder`` uses it for the architectures it covers
+``CrossAttentionFusion.step`` -> ``TransformerBlock.step``, written in the subset of Python TorchScript accepts;
+``step`` is marked ``@torch.jit.export``, the training ``forward``s ``@torch.jit.ignore``) over the *same*
+submodules: no weights are copied and nothing is restated, so the compiled step computes what the eager one does
+(``tests/test_parts.py`` checks it). ``scripted_decoder`` uses it for the architectures it covers
 (``supports``); anything else decodes through the eager step unchanged. The state keeps the eager step's entries,
 so beam search reorders it as usual.
 """
@@ -21,18 +22,6 @@ from ..nn.decoders import TransformerDecoder
 from ..nn.fusion.cross_attention import CrossAttentionFusion
 
 State = Dict[str, torch.Tensor]
-
-
-class DecoderStep(nn.Module):
-    """A decoder's ``step`` as a module's ``forward``: what ``torch.jit.script`` and ``torch.onnx.export`` take."""
-
-    def __init__(self, decoder: nn.Module):
-        super().__init__()
-        self.decoder = decoder
-
-    def forward(self, tokens: torch.Tensor, state: Dict[str, torch.Tensor]
-                ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        return self.decoder.step(tokens, state)
 
 
 def supports(decoder: nn.Module) -> bool:
@@ -52,7 +41,7 @@ class ScriptedDecoder(nn.Module):
             # TorchScript is marked deprecated in favour of torch.compile, whose C++ compilation takes tens of
             # seconds: too slow for a command-line caption's cold start. If it goes, scripted_decoder falls back.
             warnings.simplefilter("ignore", DeprecationWarning)
-            self.scripted_step = torch.jit.script(DecoderStep(decoder))
+            self.scripted = torch.jit.script(decoder)  # its ``step`` (``forward`` is the training pass)
 
     def init_state(self, image) -> State:
         return self.decoder.init_state(image)
@@ -64,7 +53,7 @@ class ScriptedDecoder(nn.Module):
         # The plain interpreter (no profiling and re-optimising per new shape, which costs seconds on the first
         # captions and brings nothing here: the CPU has no fuser). The setting is thread-local.
         with torch.jit.optimized_execution(False):
-            return self.scripted_step(tokens, state)
+            return self.scripted.step(tokens, state)
 
 
 def scripted_decoder(decoder: nn.Module) -> nn.Module:
