@@ -4,6 +4,7 @@ default, greedy on the TorchScript and the eager float32 paths), retrieval recal
 
     python benchmarks/structure_parity.py --out benchmarks/results/structure_parity_before.json   # old code
     python benchmarks/structure_parity.py --compare benchmarks/results/structure_parity_before.json
+    python benchmarks/structure_parity.py --compare ... --captions-only   # the captions alone, while iterating
 
 With ``--compare`` it writes ``structure_parity.json``: this run, and per output how many differ from the
 earlier run.
@@ -65,21 +66,21 @@ def main() -> None:
     p.add_argument("--photos", type=int, default=200)
     p.add_argument("--out", default=None)
     p.add_argument("--compare", default=None, help="an earlier run's JSON to compare with")
+    p.add_argument("--captions-only", action="store_true", help="skip the retrieval and VQA evaluations")
     args = p.parse_args()
     result = {"captions": caption_runs(val_photos(args.photos))}
-    ret = metrics("retrieval", "--data", str(DATA), "--split", "val")
-    result["retrieval_val"] = numbers(ret)
-    vqa = metrics("vqa", "--model", "easyvqa", "--data", "easy-vqa", "--split", "test")
-    result["easyvqa_test"] = numbers(vqa)
+    if not args.captions_only:
+        ret = metrics("retrieval", "--data", str(DATA), "--split", "val")
+        result["retrieval_val"] = numbers(ret)
+        vqa = metrics("vqa", "--model", "easyvqa", "--data", "easy-vqa", "--split", "test")
+        result["easyvqa_test"] = numbers(vqa)
     if args.compare:
         before = json.loads(Path(args.compare).read_text())
         result["differs_from_before"] = {
             "captions": {name: sum(before["captions"][name].get(k) != v for k, v in caps.items())
                          for name, caps in result["captions"].items() if name in before["captions"]},
-            "retrieval_val": {k: round(v - before["retrieval_val"].get(k, float("nan")), 6)
-                              for k, v in result["retrieval_val"].items()},
-            "easyvqa_test": {k: round(v - before["easyvqa_test"].get(k, float("nan")), 6)
-                             for k, v in result["easyvqa_test"].items()},
+            **{part: {k: round(v - before[part].get(k, float("nan")), 6) for k, v in result[part].items()}
+               for part in ("retrieval_val", "easyvqa_test") if part in result},
         }
         print(json.dumps(result["differs_from_before"], indent=2))
     out = Path(args.out or ROOT / "benchmarks/results/structure_parity.json")

@@ -1,8 +1,11 @@
 """Every registered fusion module x every registered decoder: forward + backward on tiny inputs."""
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
+
+import vlfuse
 
 from vlfuse.config import Part
 from vlfuse.registry import DECODERS, FUSIONS
@@ -68,6 +71,47 @@ def test_images_given_once_for_several_captions_equal_repeated_images(fusion, de
     repeated["gen"].backward()
     assert torch.allclose(grouped["gen"], repeated["gen"], atol=1e-5)
     assert grads and all(torch.allclose(g, dict(model.named_parameters())[n].grad, atol=1e-5) for n, g in grads.items())
+@pytest.mark.parametrize("decoder", DECODERS.names())
+@pytest.mark.parametrize("fusion", FUSIONS.names())
+def test_step_computes_what_forward_computes(fusion, decoder):
+    """The incremental step (the one decoding runs, also compiled and exported by vlfuse.runtime) and the
+    whole-sequence forward share their layers: stepping through a caption gives, at every position, the
+    log-probabilities of the forward pass, also with 2 rows per image (beams reading their image's state once)."""
+    from vlfuse.generation import reorder_state
+
+    torch.manual_seed(0)
+    cfg = CaptionModelConfig(vision=Part("small-cnn", {"image_size": 32, "channels": 8, "num_layers": 2}),
+                             fusion=Part(fusion, tiny_kwargs(FUSIONS.get(fusion))),
+                             decoder=Part(decoder, {**tiny_kwargs(DECODERS.get(decoder)), "num_layers": 1}
+                                          if decoder == "transformer" else tiny_kwargs(DECODERS.get(decoder))),
+                             max_len=10)
+    model = CaptionModel(cfg, vocab_size=30).eval()
+    tokens = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 9, 2, 4], [1, 4, 4, 4, 4], [1, 7, 3, 9, 5]])
+    rows = torch.tensor([0, 0, 1, 1])
+    with torch.no_grad():
+        image = model.vision(torch.randn(2, 3, 32, 32))
+        logits, _ = model.decoder(image, tokens, rows=rows)
+        want = logits.log_softmax(-1)  # (4, T, V)
+        state = reorder_state(model.decoder.init_state(image), rows, keep=model.decoder.per_image_state())
+        for t in range(tokens.shape[1]):
+            logp, state = model.decoder.step(tokens[:, :t + 1], state)
+            torch.testing.assert_close(logp, want[:, t], atol=1e-5, rtol=1e-5)
+
+
+def test_shipped_caption_weights_load_under_their_stored_names():
+    """The step's refactoring kept every parameter's name: the shipped checkpoint's stored keys are exactly the
+    model's (less the frozen backbone, which comes from its package, and tied weights stored once)."""
+    import json
+
+    from safetensors import safe_open
+
+    from vlfuse.tasks.caption.pipeline import Captioner
+
+    model = Captioner.from_pretrained("flickr8k-caption", int8=False, onnx=False).model
+    with safe_open(str(Path(vlfuse.__file__).parent / "pretrained/flickr8k-caption/model.safetensors"), "pt") as f:
+        stored, aliases = set(f.keys()), json.loads(f.metadata()["aliases"])
+    own = {k for k in model.state_dict() if not k.startswith(model.persistent_prefixes())}
+    assert stored == own - set(aliases) and stored
 
 
 def test_vision_encoder_inference_chunks_match_one_batch():
@@ -178,7 +222,7 @@ def test_inference_decoder_computes_what_the_decoder_computes(fusion, fusion_dim
 
     model = CaptionModel(cfg, vocab_size=30).eval()
     fast = inference_decoder(model.decoder, int8=False)
-    assert all(hasattr(b.self_attn, "qkv") for b in fast.modules() if b.__class__.__name__ == "TransformerBlock")
+    assert all(b.self_attn.qkv is not None for b in fast.modules() if b.__class__.__name__ == "TransformerBlock")
     assert isinstance(fast, ScriptedDecoder) == (fusion == "cross-attention")  # TorchScript step where covered
     with torch.no_grad():
         image = model.vision(torch.randn(3, 3, 32, 32))

@@ -23,10 +23,6 @@ from .vision import ImageFeatures
 State = Dict[str, torch.Tensor]
 
 
-def _image_from_state(state: State) -> ImageFeatures:
-    return ImageFeatures(grid=state["grid"], pooled=state["pooled"])
-
-
 @DECODERS.register("lstm")
 class LSTMDecoder(nn.Module):
     """LSTM language model; at each step the fusion module combines the image with the previous hidden
@@ -54,7 +50,7 @@ class LSTMDecoder(nn.Module):
     def _advance(self, word: torch.Tensor, state: State):
         state = dict(state)  # fusion.step extends its cache entries in the dict it is given
         query = state["h"][:, None]  # (B, 1, H): the previous hidden state asks where to look
-        fused = self.fusion.step(_image_from_state(state), query, state)
+        fused = self.fusion.step(query, state)
         context, att = fused.states, fused.attention
         x = torch.cat([self.embed(word), context[:, 0]], -1)  # (B, E + F)
         h, c = self.cell(x, (state["h"], state["c"]))
@@ -95,6 +91,7 @@ class TransformerDecoder(nn.Module):
         self.fusion = build_fusion(fusion.name, image_dim, dim, **fusion.kwargs)
         self.fusion_out = nn.Linear(self.fusion.out_dim, dim) if self.fusion.out_dim != dim else nn.Identity()
         self.blocks = nn.ModuleList(TransformerBlock(dim, num_heads, dropout) for _ in range(num_layers))
+        self.state_names = tuple((f"d{i}sk", f"d{i}sv") for i in range(num_layers))  # their step's keys/values
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, vocab_size, bias=False)
         if tie_embeddings:
@@ -109,12 +106,13 @@ class TransformerDecoder(nn.Module):
         """State entries read once per image by all of its rows (see ``vlfuse.generation``)."""
         return self.fusion.per_image_state()
 
+    @torch.jit.ignore  # teacher forcing: vlfuse.runtime.torchscript compiles ``step`` only
     def forward(self, image: ImageFeatures, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 need_weights: bool = False, rows: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``rows`` (B,): the image row of each caption, when images (B_img) come once for several captions."""
         t = tokens.shape[1]
-        x = self.drop(self.embed(tokens) * self.embed.embedding_dim ** 0.5 + self.pos[:t])  # (B, T, D)
+        x = self.drop(self.words(tokens, self.pos[:t]))  # (B, T, D)
         if rows is not None and self.fusion.accepts_rows:
             fused = self.fusion(image, x, mask, causal=True, need_weights=need_weights, rows=rows)
         else:
@@ -125,12 +123,18 @@ class TransformerDecoder(nn.Module):
             x, _ = block(x, allow)
         return self.out(self.norm(x)), fused.attention  # (B, T, V)
 
+    def words(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) and their positions' embeddings (T, D) -> the blocks' input (B, T, D)."""
+        return self.embed(tokens) * self.embed.embedding_dim ** 0.5 + positions
+
+    @torch.jit.export
     def step(self, tokens: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
-        """Incremental: only the newest token is computed; earlier keys/values are cached in ``state``."""
-        t = tokens.shape[1] - 1
-        x = self.embed(tokens[:, -1:]) * self.embed.embedding_dim ** 0.5 + self.pos[t:t + 1]  # (B, 1, D)
-        state = dict(state)
-        x = self.fusion_out(self.fusion.step(_image_from_state(state), x, state).states)
-        for i, block in enumerate(self.blocks):
-            x = block.step(x, state, f"d{i}s")
+        """Incremental: only the newest token is computed; earlier keys/values are cached in ``state``. Written
+        in the subset of Python that TorchScript compiles and the ONNX exporter traces: the decoding fast paths
+        (``vlfuse.runtime``) run this very method."""
+        x = self.words(tokens[:, -1:], self.pos[tokens.shape[1] - 1])  # (B, 1, D)
+        state = state.copy()  # the fusion and the blocks replace their entries
+        x = self.fusion_out(self.fusion.step(x, state).states)
+        for block, (k, v) in zip(self.blocks, self.state_names):
+            x, state[k], state[v] = block.step(x, state.get(k), state.get(v))
         return F.log_softmax(self.out(self.norm(x))[:, -1], -1), state

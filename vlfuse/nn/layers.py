@@ -1,8 +1,16 @@
-"""Small building blocks shared by fusion modules and decoders."""
+"""Small building blocks shared by fusion modules and decoders.
+
+``TransformerBlock.forward`` runs a whole sequence (training, attention maps); ``TransformerBlock.step`` runs one
+new position of an incremental decode. Both are made of the same pieces (``MultiHeadAttention``'s projections and
+``attend``, the block's MLP). The step is also what the decoding fast paths run — ``vlfuse.runtime.torchscript``
+compiles it with TorchScript and ``vlfuse.runtime.onnx_step`` exports it to ONNX — so the methods it calls are
+written in the subset of Python both accept: typed arguments, no ``*args``, optional submodules tested with
+``is None``, and for one position reshapes with ``-1`` and constants, which export without shape computations.
+"""
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,60 +23,62 @@ def causal_mask(t: int, device=None) -> torch.Tensor:
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention; returns head-averaged weights (B, T, S) when asked (for attention maps)."""
+    """Multi-head attention in pieces that whole-sequence forwards and decoding steps share: projections
+    (``queries`` and ``keys_values`` for sequences, ``step_qkv`` and ``step_queries`` for one new position) and
+    ``attend``, which also returns head-averaged weights (B, T, S) when asked (for attention maps)."""
 
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.scale = 1 / math.sqrt(self.head_dim)  # given to the attention kernel: a constant in exported graphs
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
         self.dropout = dropout
+        self.qkv: Optional[nn.Module] = None  # decoding copies: q and kv as one matrix (``fuse_qkv``)
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) -> queries (B, H, T, hd)."""
+        b, t, _ = x.shape
+        return self.q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
 
     def keys_values(self, memory: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """memory (B, S, D) -> keys, values (B, H, S, hd); computed once and cached when decoding."""
         b, s, _ = memory.shape
-        k, v = self.kv(memory).view(b, s, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return k, v
+        kv = self.kv(memory).view(b, s, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return kv[0], kv[1]
 
-    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow: Optional[torch.Tensor] = None,
-               need_weights: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """x (B, T, D) attends to precomputed keys/values (B, H, S, hd). Keys/values may also come once per
-        image for ``g`` consecutive rows of x each (beams or samples of one image: B = B_img * g); the rows'
-        queries then attend together, with no mask."""
-        b, t, d = x.shape
-        g = b // k.shape[0]
-        if g > 1:
-            assert allow is None and not need_weights and b == g * k.shape[0], "grouped rows attend unmasked"
-            q = self.q(x).view(b // g, g * t, self.num_heads, self.head_dim).transpose(1, 2)  # (B_img, H, gT, hd)
-            y = F.scaled_dot_product_attention(q, k, v)
-            return self.out(y.transpose(1, 2).reshape(b, t, d)), None
-        q = self.q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        if not need_weights:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allow,
-                                               dropout_p=self.dropout if self.training else 0.0)
-            weights = None
-        else:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: int,
+               allow: Optional[torch.Tensor] = None, need_weights: bool = False, dropout: float = 0.0
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Queries (B, H, T, hd) attend to keys/values (B, H, S, hd) -> (the heads merged and projected, ``positions``
+        to a row, the head-averaged weights (B, T, S) if asked). ``positions`` = T gives (B, T, D); a decoding step
+        passes the T rows of one image together (they share its keys/values) and takes (B·T, 1, D) with 1.
+        ``allow`` broadcasts to (B, H, T, S), True = may attend."""
+        weights: Optional[torch.Tensor] = None
+        if need_weights:
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, H, T, S)
             if allow is not None:
                 scores = scores.masked_fill(~allow, float("-inf"))
             attn = scores.softmax(-1)
             weights = attn.mean(1)  # (B, T, S)
-            y = F.dropout(attn, self.dropout, self.training) @ v
-        y = y.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
-        return self.out(y), weights
+            y = F.dropout(attn, dropout) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, allow, dropout, scale=self.scale)  # (B, H, T, hd)
+        return self.out(y.transpose(1, 2).reshape(-1, positions, self.dim)), weights
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor, allow: Optional[torch.Tensor] = None,
                 need_weights: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """x (B, T, D) attends to memory (B, S, D); ``allow`` broadcasts to (B, 1, T, S), True = may attend."""
+        """x (B, T, D) attends to memory (B, S, D) -> (B, T, D); ``allow`` broadcasts to (B, 1, T, S)."""
         k, v = self.keys_values(memory)
-        return self.attend(x, k, v, allow, need_weights)
+        dropout = self.dropout if self.training else 0.0
+        return self.attend(self.queries(x), k, v, x.shape[1], allow, need_weights, dropout)
 
     def fuse_qkv(self) -> None:
-        """Inference only: a self-attention step (``step_qkv``) projects queries, keys and values of its input with
-        one matrix instead of two (``q`` and ``kv`` stay for whole-sequence forwards over image cells)."""
+        """Inference only: a decoding step (``step_qkv``) projects queries, keys and values of its input with one
+        matrix instead of two (``q`` and ``kv`` stay for whole-sequence forwards over image cells)."""
         # the throwaway random init must not advance the global RNG (building a Captioner during training
         # would change the run's random stream); "meta" tensors would avoid it at ~35 MB of imports
         with torch.random.fork_rng(devices=[]):
@@ -79,19 +89,20 @@ class MultiHeadAttention(nn.Module):
         self.qkv = qkv
 
     def step_qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, T, D) -> queries, keys, values (B, H, T, hd) each."""
-        b, t, _ = x.shape
-        if hasattr(self, "qkv"):
-            q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            return q, k, v
-        k, v = self.keys_values(x)
-        return self.q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2), k, v
+        """One position x (B, 1, D) -> its query, key and value (B, H, 1, hd) each. With one position, (B, 1, D)
+        is laid out as (B, H, 1, hd) already: a reshape, no transpose."""
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).split(self.dim, -1)
+        else:
+            q = self.q(x)
+            k, v = self.kv(x).split(self.dim, -1)
+        shape = (-1, self.num_heads, 1, self.head_dim)
+        return q.reshape(shape), k.reshape(shape), v.reshape(shape)
 
-    def attend_q(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Projected queries (B, H, T, hd) attend to keys/values (B, H, S, hd), unmasked -> (B, T, D)."""
-        b, _, t, _ = q.shape
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.out(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+    def step_queries(self, x: torch.Tensor, images: int) -> torch.Tensor:
+        """One position x (B, 1, D) of rows that come ``g`` = B / ``images`` to an image (its beams or samples,
+        consecutive) -> queries (images, H, g, hd), which attend together to the image's keys/values."""
+        return self.q(x).reshape(images, -1, self.num_heads, self.head_dim).transpose(1, 2)
 
 
 class TransformerBlock(nn.Module):
@@ -101,53 +112,50 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.ln1 = nn.LayerNorm(dim)
         self.self_attn = MultiHeadAttention(dim, num_heads, dropout)
-        self.cross = cross
-        if cross:
-            self.ln_c = nn.LayerNorm(dim)
-            self.cross_attn = MultiHeadAttention(dim, num_heads, dropout)
+        # None without cross-attention: TorchScript then leaves out the code that reads them
+        self.ln_c: Optional[nn.LayerNorm] = nn.LayerNorm(dim) if cross else None
+        self.cross_attn: Optional[MultiHeadAttention] = MultiHeadAttention(dim, num_heads, dropout) if cross else None
         self.ln2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Dropout(dropout),
                                  nn.Linear(mlp_ratio * dim, dim))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, allow: Optional[torch.Tensor] = None, memory: Optional[torch.Tensor] = None,
-                memory_allow: Optional[torch.Tensor] = None, need_weights: bool = False,
-                memory_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
-        """x (B, T, D) -> (B, T, D), plus the cross-attention (or self-attention) weights if asked.
-        Cross-attention reads ``memory`` (B, S, D), or its precomputed ``cross_attn.keys_values`` in ``memory_kv``."""
+    def forward(self, x: torch.Tensor, allow: Optional[torch.Tensor] = None,
+                memory_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, need_weights: bool = False
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """A whole sequence x (B, T, D) -> (B, T, D), plus the cross-attention (or, without, the self-attention)
+        weights (B, T, S) if asked. ``allow`` (B or 1, 1, T, T): self-attention permission; ``memory_kv``: the
+        cross-attended memory's keys/values (B, H, S, hd) (``cross_attn.keys_values``)."""
         h = self.ln1(x)
-        a, w_self = self.self_attn(h, h, allow, need_weights and not self.cross)
+        a, weights = self.self_attn(h, h, allow, need_weights and self.cross_attn is None)
         x = x + self.drop(a)
-        w = w_self
-        if self.cross:
-            kv = memory_kv if memory_kv is not None else self.cross_attn.keys_values(memory)
-            a, w = self.cross_attn.attend(self.ln_c(x), *kv, memory_allow, need_weights)
+        if self.cross_attn is not None and self.ln_c is not None:
+            assert memory_kv is not None, "a cross-attention block reads a memory"
+            q = self.cross_attn.queries(self.ln_c(x))
+            dropout = self.cross_attn.dropout if self.training else 0.0
+            a, weights = self.cross_attn.attend(q, memory_kv[0], memory_kv[1], x.shape[1], None, need_weights,
+                                                dropout)
             x = x + self.drop(a)
-        x = x + self.drop(self.mlp(self.ln2(x)))
-        return x, w
+        return x + self.drop(self.mlp(self.ln2(x))), weights
 
-
-    def step(self, x: torch.Tensor, cache: Dict[str, torch.Tensor], prefix: str,
-             memory_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-             prefix_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-        """Incremental decoding of one new position x (B, 1, D). Self-attention keys/values of earlier
-        positions live in ``cache[prefix + 'k'/'v']`` (B, H, t, hd) and are extended in place of the dict;
-        ``memory_kv`` are the cross-attended memory's keys/values, which may come once per image for all of
-        its rows (see ``MultiHeadAttention.attend``); ``prefix_kv`` are extra always-visible keys/values (the
-        image cells of a joint model)."""
-        h = self.ln1(x)
-        q, k_new, v_new = self.self_attn.step_qkv(h)
-        if prefix + "k" in cache:
-            k_new = torch.cat([cache[prefix + "k"], k_new], 2)
-            v_new = torch.cat([cache[prefix + "v"], v_new], 2)
-        cache[prefix + "k"], cache[prefix + "v"] = k_new, v_new
-        k, v = k_new, v_new
-        if prefix_kv is not None:
-            k, v = torch.cat([prefix_kv[0], k], 2), torch.cat([prefix_kv[1], v], 2)
-        x = x + self.self_attn.attend_q(q, k, v)
-        if self.cross:
-            x = x + self.cross_attn.attend(self.ln_c(x), *memory_kv)[0]
-        return x + self.mlp(self.ln2(x))
+    def step(self, x: torch.Tensor, past_k: Optional[torch.Tensor], past_v: Optional[torch.Tensor],
+             memory_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One new position x (B, 1, D) of an incremental decode, given the self-attention keys/values of the
+        positions before it (B, H, t, hd; None before the first word; a joint model's image cells come first)
+        -> (B, 1, D) and the keys/values with this position's appended (B, H, t + 1, hd). ``memory_kv``: the
+        cross-attended memory's keys/values, once per image (B_img, H, S, hd) for its B / B_img rows. Decoding
+        applies no dropout (each call would cost the compiled step ~1 %)."""
+        q, k, v = self.self_attn.step_qkv(self.ln1(x))  # (B, H, 1, hd) each
+        if past_k is not None and past_v is not None:
+            k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+        x = x + self.self_attn.attend(q, k, v, 1)[0]
+        if self.cross_attn is not None and self.ln_c is not None:
+            assert memory_kv is not None, "a cross-attention block reads a memory"
+            memory_k, memory_v = memory_kv
+            q = self.cross_attn.step_queries(self.ln_c(x), memory_k.shape[0])  # (B_img, H, g, hd)
+            x = x + self.cross_attn.attend(q, memory_k, memory_v, 1)[0]
+        return x + self.mlp[3](self.mlp[1](self.mlp[0](self.ln2(x)))), k, v  # the MLP, without its dropout
 
 
 def text_allow(mask: Optional[torch.Tensor], t: int, causal: bool, device) -> Optional[torch.Tensor]:

@@ -8,11 +8,11 @@ A fusion module combines image features with a sequence of text-side query vecto
 - captioning (Transformer) calls it on all token embeddings with ``causal=True``;
 - VQA calls it on the question (pooled (B, 1, D) or all tokens with a mask);
 - retrieval can use it to pool one modality under the other.
-"""
-from __future__ import annotations
 
-import dataclasses
-from typing import Dict, FrozenSet, Optional
+No ``from __future__ import annotations`` here: TorchScript, which compiles decoding steps, reads the class
+annotations of the fusion modules it meets (``out_dim: int``) and cannot resolve them as strings.
+"""
+from typing import Dict, FrozenSet, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -20,8 +20,7 @@ from torch import nn
 from ..vision import ImageFeatures
 
 
-@dataclasses.dataclass
-class FusionOutput:
+class FusionOutput(NamedTuple):  # a NamedTuple, not a dataclass: TorchScript compiles decoding steps that return one
     states: torch.Tensor                      # (B, T, out_dim)
     attention: Optional[torch.Tensor] = None  # (B, T, N) weights over image cells, if the module attends
 
@@ -46,10 +45,11 @@ class Fusion(nn.Module):
         """Per-sequence state for incremental decoding (batch-first tensors); empty for stateless modules."""
         return {}
 
-    def step(self, image: ImageFeatures, x: torch.Tensor, cache: Dict[str, torch.Tensor]) -> FusionOutput:
-        """Fuse one new causal position x (B, 1, text_dim) given the cache (updated in place) -> (B, 1, out_dim).
+    def step(self, x: torch.Tensor, state: Dict[str, torch.Tensor]) -> FusionOutput:
+        """Fuse one new causal position x (B, 1, text_dim) -> (B, 1, out_dim), given the decoding state: the
+        image ("grid", "pooled") and ``init_cache``'s entries, which a step replaces in the dict it is given.
         Modules that treat positions independently need no cache: the default runs ``forward``."""
-        return self.forward(image, x)
+        return self.forward(ImageFeatures(grid=state["grid"], pooled=state["pooled"]), x)
 
     def per_image_state(self) -> FrozenSet[str]:
         """Names of decoding-state entries (``init_cache``'s, or the decoder's "grid"/"pooled") that ``step``

@@ -25,7 +25,11 @@ class CrossAttentionFusion(Fusion):
         self.text_in = nn.Linear(text_dim, dim) if text_dim != dim else nn.Identity()
         self.blocks = nn.ModuleList(TransformerBlock(dim, num_heads, dropout, cross=True) for _ in range(num_layers))
         self.norm = nn.LayerNorm(dim)
+        # each block's decoding-state entries: its self-attention keys and values so far, the memory's keys and
+        # values (named once: formatting the names at every step would cost the compiled step several per cent)
+        self.state_names = tuple((f"x{i}sk", f"x{i}sv", f"x{i}mk", f"x{i}mv") for i in range(num_layers))
 
+    @torch.jit.ignore  # TorchScript compiles ``step`` alone (see ``vlfuse.runtime.torchscript``)
     def forward(self, image: ImageFeatures, text: torch.Tensor, text_mask: Optional[torch.Tensor] = None,
                 causal: bool = False, need_weights: bool = False, rows: Optional[torch.Tensor] = None
                 ) -> FusionOutput:
@@ -49,16 +53,16 @@ class CrossAttentionFusion(Fusion):
     def init_cache(self, image: ImageFeatures) -> Dict[str, torch.Tensor]:
         memory = self.memory(image)
         cache = {}
-        for i, block in enumerate(self.blocks):
-            cache[f"x{i}mk"], cache[f"x{i}mv"] = block.cross_attn.keys_values(memory)
+        for block, (_, _, mk, mv) in zip(self.blocks, self.state_names):
+            cache[mk], cache[mv] = block.cross_attn.keys_values(memory)
         return cache
 
     def per_image_state(self) -> FrozenSet[str]:
         # the prepared image memory is read once per image by all of its rows; the image itself is not read
-        return frozenset(["grid", "pooled"] + [f"x{i}m{kv}" for i in range(len(self.blocks)) for kv in "kv"])
+        return frozenset(["grid", "pooled"] + [name for names in self.state_names for name in names[2:]])
 
-    def step(self, image: ImageFeatures, x: torch.Tensor, cache: Dict[str, torch.Tensor]) -> FusionOutput:
+    def step(self, x: torch.Tensor, state: Dict[str, torch.Tensor]) -> FusionOutput:
         x = self.text_in(x)
-        for i, block in enumerate(self.blocks):
-            x = block.step(x, cache, f"x{i}s", memory_kv=(cache[f"x{i}mk"], cache[f"x{i}mv"]))
+        for block, (sk, sv, mk, mv) in zip(self.blocks, self.state_names):
+            x, state[sk], state[sv] = block.step(x, state.get(sk), state.get(sv), (state[mk], state[mv]))
         return FusionOutput(self.norm(x))

@@ -57,16 +57,17 @@ class JointFusion(Fusion):
         return FusionOutput(self.norm(x[:, n:]), weights)
 
     def init_cache(self, image: ImageFeatures) -> Dict[str, torch.Tensor]:
-        # Image cells never attend to text, so their keys/values at every layer depend on the image alone.
+        # Image cells never attend to text, so their keys/values at every layer depend on the image alone: they
+        # start each layer's self-attention cache, which the text positions extend.
         x = self.grid(image.grid) + self.type_embed[0]  # (B, N, dim)
         cache = {}
         for i, block in enumerate(self.blocks):
-            cache[f"j{i}ik"], cache[f"j{i}iv"] = block.self_attn.keys_values(block.ln1(x))
+            cache[f"j{i}sk"], cache[f"j{i}sv"] = block.self_attn.keys_values(block.ln1(x))
             x, _ = block(x)
         return cache
 
-    def step(self, image: ImageFeatures, x: torch.Tensor, cache: Dict[str, torch.Tensor]) -> FusionOutput:
+    def step(self, x: torch.Tensor, state: Dict[str, torch.Tensor]) -> FusionOutput:
         x = self.text_in(x) + self.type_embed[1]
         for i, block in enumerate(self.blocks):
-            x = block.step(x, cache, f"j{i}t", prefix_kv=(cache[f"j{i}ik"], cache[f"j{i}iv"]))
+            x, state[f"j{i}sk"], state[f"j{i}sv"] = block.step(x, state[f"j{i}sk"], state[f"j{i}sv"])
         return FusionOutput(self.norm(x))

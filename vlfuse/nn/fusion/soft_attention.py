@@ -47,8 +47,8 @@ class SoftAttentionFusion(Fusion):
                 causal: bool = False, need_weights: bool = False) -> FusionOutput:
         return self.attend(text, self.init_cache(image))
 
-    def step(self, image: ImageFeatures, x: torch.Tensor, cache: Dict[str, torch.Tensor]) -> FusionOutput:
-        return self.attend(x, cache)
+    def step(self, x: torch.Tensor, state: Dict[str, torch.Tensor]) -> FusionOutput:
+        return self.attend(x, state)
 
     def regularizer(self, attention: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         if not self.doubly_stochastic:
