@@ -3,7 +3,9 @@ the samples drawn): candidates (samples besides the greedy caption), neighbours,
 
     python benchmarks/caption_rerank.py [--model flickr8k-caption] [--seeds 4]
 Writes benchmarks/results/caption_rerank.json: BLEU-4 / CIDEr mean, min and max over the seeds per setting.
-Candidates and neighbours are drawn once per seed (the largest setting) and every setting scores a prefix of them.
+Candidates and neighbours come from the Captioner's own ``rerank_candidates`` (each photo's samples seeded from its
+pixels and the seed), drawn once per seed for the largest setting; every setting scores a prefix of them (a
+photo's first 8 samples are the ones 8 candidates draw, up to the int8 decoding step's rounding).
 """
 from __future__ import annotations
 
@@ -14,18 +16,13 @@ import statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = [  # the shipped default first
-    {"candidates": 16, "neighbours": 50, "bleu_weight": 2.0, "logprob_weight": 0.5},
-    {"candidates": 0, "neighbours": 50, "bleu_weight": 2.0, "logprob_weight": 0.5},  # = the greedy caption
-    {"candidates": 8, "neighbours": 50, "bleu_weight": 2.0, "logprob_weight": 0.5},
-    {"candidates": 12, "neighbours": 50, "bleu_weight": 2.0, "logprob_weight": 0.5},
-    {"candidates": 16, "neighbours": 25, "bleu_weight": 2.0, "logprob_weight": 0.5},
-    {"candidates": 16, "neighbours": 40, "bleu_weight": 2.0, "logprob_weight": 0.5},
-    {"candidates": 16, "neighbours": 50, "bleu_weight": 0.0, "logprob_weight": 0.5},
-    {"candidates": 16, "neighbours": 50, "bleu_weight": 3.0, "logprob_weight": 0.5},
-    {"candidates": 16, "neighbours": 50, "bleu_weight": 2.0, "logprob_weight": 0.0},
-    {"candidates": 16, "neighbours": 50, "bleu_weight": 2.0, "logprob_weight": 1.0},
-]
+SHIPPED = {"candidates": 16, "neighbours": 50, "bleu_weight": 2.0, "logprob_weight": 0.5}
+SETTINGS = [SHIPPED, {**SHIPPED, "candidates": 0}]  # the shipped default first, then the greedy caption alone
+SETTINGS += [{**SHIPPED, "candidates": k, "neighbours": n, "bleu_weight": b}
+             for k in (4, 6, 8, 12, 16) for n, b in ((50, 2.0), (40, 2.0), (50, 0.0), (40, 0.0))
+             if (k, n, b) != (16, 50, 2.0)]
+SETTINGS += [{**SHIPPED, "neighbours": 25}, {**SHIPPED, "bleu_weight": 3.0}, {**SHIPPED, "logprob_weight": 0.0},
+             {**SHIPPED, "logprob_weight": 1.0}]
 
 
 def main() -> None:
@@ -45,26 +42,19 @@ def main() -> None:
     cap = Captioner.from_pretrained(args.model)
     reranker = cap.reranker
     data = read_captions(args.data, split="val")
-    most_cand = max(s["candidates"] for s in SETTINGS)
-    most_nb = max(s["neighbours"] for s in SETTINGS)
-    decode = cap.decode_defaults.override(strategy="sample")
+    decode = cap.decode_config(strategy="rerank", candidates=max(s["candidates"] for s in SETTINGS))
+    reranker.config = dataclasses.replace(reranker.config, neighbours=max(s["neighbours"] for s in SETTINGS))
 
-    def mean_logprob(ids, score):
-        return score / max(1, len(ids))
-
-    # per image: its neighbours; its greedy caption; per seed, its samples — (text, mean log-prob per word)
-    neighbours, greedy, samples = [], [], {seed: [] for seed in range(args.seeds)}
-    reranker.config.neighbours = most_nb
+    # per seed, per image: its candidates (text, mean log-prob per word), the greedy caption first; its neighbours
+    candidates = {seed: [] for seed in range(args.seeds)}
+    neighbours = []
     for s in tqdm(range(0, len(data), 32), desc="candidates", unit="batch"):
         pixels = cap.preprocess(data.images[s:s + 32])
-        feats = cap.encode(pixels)
-        neighbours += reranker.neighbours(pixels)
-        greedy += [(" ".join(r.tokens), r.score / max(1, len(r.tokens)))
-                   for r in cap.caption_features(feats, decode.override(strategy="greedy"))]
         for seed in range(args.seeds):
-            drawn = cap.model.generate(feats, decode.override(seed=seed), per_image=most_cand, decoder=cap.generator)
-            texts = [(" ".join(cap.tokenizer.vocab[t] for t in ids), mean_logprob(ids, sc)) for ids, sc in drawn]
-            samples[seed] += [texts[i:i + most_cand] for i in range(0, len(texts), most_cand)]
+            drawn, near = cap.rerank_candidates(pixels, decode.override(seed=seed))
+            candidates[seed] += [[(" ".join(r.tokens), r.score / max(1, len(r.tokens))) for r in options]
+                                 for options in drawn]
+        neighbours += near
 
     refs = {str(i): caps for i, caps in enumerate(data.captions)}
     rows = []
@@ -78,8 +68,8 @@ def main() -> None:
             hyps = {}
             for i in range(len(data)):
                 options = {}
-                for text, lp in [greedy[i]] + samples[seed][i][:setting["candidates"]]:
-                    options.setdefault(text, lp)
+                for text, logprob in candidates[seed][i][:setting["candidates"] + 1]:
+                    options.setdefault(text, logprob)  # as the Captioner: the greedy caption first, repeats once
                 texts = list(options)
                 best = reranker.choose(texts, neighbours[i][:setting["neighbours"]], [options[t] for t in texts])
                 hyps[str(i)] = texts[best]

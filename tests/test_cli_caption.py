@@ -123,20 +123,20 @@ def test_checkpoint_round_trip_gives_identical_captions(trained_run, mixed_folde
 def test_a_checkpoints_decoding_default_drives_api_and_cli_until_overridden(trained_run, mixed_folder, tmp_path,
                                                                             capsys):
     from vlfuse.errors import ConfigError
-    from vlfuse.generation import DecodeConfig
     from vlfuse.tasks.caption.pipeline import Captioner
+    from vlfuse.tasks.caption.rerank import CaptionDecodeConfig
 
     _, good, _ = mixed_folder
     # training saves the decoding the model was selected with on val (greedy) as its default
     trained = Captioner.from_pretrained(trained_run / "best")
     saved = json.loads((trained_run / "best" / "config.json").read_text())
     assert saved["decode"] == saved["training"]["val_decode"] and saved["decode"]["strategy"] == "greedy"
-    assert trained.decode_defaults == DecodeConfig(**saved["training"]["val_decode"])
+    assert trained.decode_defaults == CaptionDecodeConfig(**saved["training"]["val_decode"])
     # a checkpoint whose default is beam search of width 2 (and at most 4 words)
-    trained.decode_defaults = DecodeConfig(strategy="beam", beam_size=2, max_len=4)
+    trained.decode_defaults = CaptionDecodeConfig(strategy="beam", beam_size=2, max_len=4)
     ckpt = trained.save_pretrained(tmp_path / "beam2")
     cap = Captioner.from_pretrained(ckpt)
-    assert cap.decode_defaults == DecodeConfig(strategy="beam", beam_size=2, max_len=4)
+    assert cap.decode_defaults == CaptionDecodeConfig(strategy="beam", beam_size=2, max_len=4)
     explicit = cap(good, beam=2, max_len=4)
     assert cap(good) == explicit and all(len(c.split()) <= 4 for c in explicit)
     assert cap(good, beam=1) == cap(good, strategy="greedy", max_len=4)  # width 1 = greedy

@@ -1,11 +1,14 @@
-"""Decoding (vlfuse.generation): greedy == beam 1, batched == unbatched, n-gram blocking, max_len, top-p."""
+"""Decoding (vlfuse.generation): greedy == beam 1, batched == unbatched, n-gram blocking, max_len, top-p, sampling
+seeded per image; and a caption depends only on the photo, the model and the decoding options."""
+import json
 import math
 
 import pytest
 import torch
+from conftest import flickr_or_skip
 
 from vlfuse.errors import ConfigError
-from vlfuse.generation import DecodeConfig, generate
+from vlfuse.generation import DecodeConfig, content_seeds, generate
 
 PAD, BOS, EOS = 0, 1, 2
 V = 10  # 0 pad, 1 bos, 2 eos, 3 unk, 4..9 words
@@ -95,6 +98,47 @@ def test_sampling_without_a_nucleus_follows_the_distribution():
         assert abs(picks.count(token) / 4000 - p) < 0.03, (token, picks.count(token))
 
 
+def test_sampling_seeded_per_image_does_not_depend_on_the_batch():
+    """Each image's rows draw from its own seed: an image's samples are the same alone, in any batch, in any
+    position, and its first samples are the same whether few or many are drawn."""
+    step = table_step({BOS: {4: 0.4, 5: 0.3, 6: 0.2, 7: 0.1}, "default": {4: 0.3, 5: 0.3, 8: 0.2, EOS: 0.2}})
+    cfg = DecodeConfig(strategy="sample", top_p=1.0, max_len=6, no_repeat_ngram=0)
+
+    def draw(seeds, rows):
+        out = generate(step, state_for(len(seeds) * rows), len(seeds) * rows, cfg, seeds=seeds)
+        return [[ids for ids, _ in out[i * rows:(i + 1) * rows]] for i in range(len(seeds))]
+
+    alone = [draw([s], 4)[0] for s in (11, 22, 33)]
+    assert draw([11, 22, 33], 4) == alone
+    assert draw([33, 11], 4) == [alone[2], alone[0]]
+    assert draw([22, 22], 4) == [alone[1], alone[1]]  # the same image twice: the same samples
+    assert draw([22], 2)[0] == alone[1][:2]
+    assert len({tuple(map(tuple, a)) for a in alone}) == 3  # and different seeds draw differently
+    with pytest.raises(ConfigError, match="one per image"):
+        generate(step, state_for(5), 5, cfg, seeds=[1, 2])
+
+
+def test_greedy_first_decodes_each_images_first_row_greedily_beside_its_samples():
+    step = table_step({BOS: {4: 0.4, 5: 0.35, 6: 0.25}, 4: {7: 0.6, 8: 0.4}, "default": {EOS: 0.6, 9: 0.4}})
+    cfg = DecodeConfig(strategy="sample", top_p=1.0, max_len=5, no_repeat_ngram=0)
+    greedy = generate(step, state_for(1), 1, DecodeConfig(strategy="greedy", max_len=5, no_repeat_ngram=0))[0]
+    out = generate(step, state_for(2 * 8), 2 * 8, cfg, seeds=[1, 2], greedy_first=True)
+    for first in (out[0], out[8]):
+        assert first[0] == greedy[0] and first[1] == pytest.approx(greedy[1])
+    assert {tuple(ids) for ids, _ in out[1:8]} != {tuple(greedy[0])}  # the other rows are samples
+    assert out[1:8] == generate(step, state_for(8), 8, cfg, seeds=[1], greedy_first=True)[1:]
+
+
+def test_content_seeds_depend_on_the_content_and_the_seed_only():
+    pixels = torch.randn(3, 3, 8, 8)
+    seeds = content_seeds(pixels, 0)
+    assert seeds == content_seeds(pixels.clone(), 0) and len(set(seeds)) == 3
+    assert content_seeds(pixels[[2, 0]], 0) == [seeds[2], seeds[0]]  # per input, whatever the batch
+    assert content_seeds(pixels, 1) != seeds
+    assert content_seeds(pixels, None) != content_seeds(pixels, None)  # no seed: fresh samples every call
+    assert all(0 <= s < 2 ** 63 for s in seeds)
+
+
 def test_decode_config_override_keeps_what_is_not_given():
     base = DecodeConfig(strategy="greedy", max_len=12, no_repeat_ngram=2)
     assert base.override() == base and base.override(beam=None, max_len=None) == base
@@ -178,3 +222,33 @@ def test_beam_search_copies_only_the_state_that_changes(model_and_features, monk
     full = cap.model.generate(feats, cfg)
     assert [ids for ids, _ in fast] == [ids for ids, _ in full]
     assert [s for _, s in fast] == pytest.approx([s for _, s in full], abs=1e-5)
+
+
+# -- the shipped model: a caption depends only on the photo, the model and the decoding options ------------------
+
+@pytest.fixture(scope="module")
+def shipped_and_photos():
+    from vlfuse.tasks.caption.pipeline import Captioner
+
+    flickr = flickr_or_skip()
+    names = (flickr / "val.txt").read_text().split()[:16]
+    return Captioner.from_pretrained("flickr8k-caption"), [str(flickr / "images" / n) for n in names]
+
+
+@pytest.mark.parametrize("options", [{}, {"beam": 1}, {"strategy": "sample", "seed": 3}],
+                         ids=["default-rerank", "greedy", "sample"])
+def test_a_caption_does_not_depend_on_the_batch(shipped_and_photos, options):
+    cap, photos = shipped_and_photos
+    alone = cap(photos, batch_size=1, **options)
+    assert cap(photos, batch_size=3, **options) == alone
+    assert cap(photos, batch_size=16, **options) == alone
+    assert cap([photos[5], photos[0], photos[5]], **options) == [alone[5], alone[0], alone[5]]  # a photo twice
+
+
+def test_cli_and_python_api_give_the_same_captions(shipped_and_photos, capsys):
+    from vlfuse.cli.main import main
+
+    cap, photos = shipped_and_photos
+    assert main(["caption", *photos[:5], "--json", "--batch-size", "2"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [p["caption"] for p in printed] == cap(photos[:5])

@@ -16,7 +16,7 @@ from vlfuse.hub import resolve_model
 from vlfuse.metrics.cider_d import CiderD
 from vlfuse.metrics.consensus import ConsensusScorer
 from vlfuse.tasks.caption.pipeline import Captioner
-from vlfuse.tasks.caption.rerank import CaptionMemory, RerankConfig, attach_memory
+from vlfuse.tasks.caption.rerank import CaptionDecodeConfig, CaptionMemory, RerankConfig, attach_memory, shared_depth
 
 REFS = [["a dog runs on the grass", "a brown dog running in a field", "the dog is running"],
         ["two children play in the snow", "kids playing in snow", "two kids in the snow"],
@@ -92,6 +92,23 @@ def test_retrieval_image_tower_alone_embeds_as_the_whole_retriever():
     assert tower.digest() == RetrievalImageTower.from_pretrained("flickr8k-retrieval").digest()
 
 
+def test_shipped_caption_model_and_retriever_share_one_pass_through_their_common_cnn_layers():
+    """flickr8k-caption tunes EfficientNet-Lite0's last block; flickr8k-retrieval keeps it frozen: the 18 layers
+    before are the same, and one pass through them gives both models' outputs, as each model's own pass does and
+    the same for an image whatever its batch."""
+    pytest.importorskip("tokenizers")
+    cap = Captioner.from_pretrained("flickr8k-caption")
+    reranker = cap.reranker
+    assert shared_depth(cap.model.vision, reranker.tower.vision) == 18 and reranker.image_pass is not None
+    pixels = torch.randn(3, 3, 224, 224).clamp(-1, 1)
+    features, embeddings = reranker.image_pass(pixels)
+    own = cap.model.vision(pixels)
+    assert torch.allclose(features.grid, own.grid, atol=1e-3) and torch.allclose(features.pooled, own.pooled, atol=1e-4)
+    assert torch.allclose(embeddings, reranker.tower(pixels), atol=1e-4)
+    one = reranker.image_pass(pixels[1:2])
+    assert torch.equal(one[0].grid, features.grid[1:2]) and torch.equal(one[1], embeddings[1:2])
+
+
 @pytest.fixture(scope="module")
 def reranking_model(trained_run, tmp_path_factory):
     """The tiny trained caption model with a memory of its training captions embedded by flickr8k-retrieval."""
@@ -112,16 +129,15 @@ def test_memory_command_writes_a_memory_the_model_reranks_with(reranking_model, 
     cap = Captioner.from_pretrained(reranking_model)
     assert len(cap.reranker.memory) == 5 * 40  # every caption of the first 40 val images
     images = [photo(tmp_path / f"p{i}.jpg", seed=i) for i in range(3)]
-    greedy = cap(images, strategy="greedy")
+    pixels = cap.preprocess(images)
+    features, neighbours = cap.reranker.encode(pixels)  # one pass through the CNN layers the two models share
+    g_tokens = [r.tokens for r in cap.caption_features(features, cap.decode_config(strategy="greedy"))]
     # no samples: the greedy caption is the only candidate
-    assert cap(images, strategy="rerank", candidates=0) == greedy
+    assert cap(images, strategy="rerank", candidates=0) == [" ".join(t) for t in g_tokens]
     # with samples, the chosen caption agrees with the image's neighbours at least as well as the greedy one
     reranked = cap(images, strategy="rerank", candidates=6, temperature=1.0, seed=0)
-    pixels = cap.preprocess(images)
-    neighbours = cap.reranker.neighbours(pixels)
     tokens = [r.tokens for r in cap.caption_pixels(pixels, cap.decode_config(strategy="rerank", candidates=6,
                                                                                temperature=1.0, seed=0))]
-    g_tokens = [r.tokens for r in cap.caption_pixels(pixels, cap.decode_config(strategy="greedy"))]
     scorer = cap.reranker.scorer
     for chosen, g, refs in zip(tokens, g_tokens, neighbours):
         a, b = scorer.scores([" ".join(chosen), " ".join(g)], refs)
@@ -137,12 +153,14 @@ def test_rerank_errors_name_the_problem(trained_run, reranking_model, tmp_path):
     plain = Captioner.from_pretrained(trained_run / "best")
     with pytest.raises(ConfigError, match="no caption memory"):
         plain(str(photo(tmp_path / "a.jpg")), strategy="rerank")
-    with pytest.raises(ConfigError, match="rerank"):
-        generate(lambda t, s: None, {"x": torch.zeros(1)}, 1, DecodeConfig(strategy="rerank"))
+    with pytest.raises(ConfigError, match="rerank"):  # a caption task's strategy: generate runs none
+        generate(lambda t, s: None, {"x": torch.zeros(1)}, 1, CaptionDecodeConfig(strategy="rerank"))
+    with pytest.raises(ConfigError, match="'rerank'"):
+        DecodeConfig(strategy="rerank")
     with pytest.raises(ConfigError, match="candidates"):
-        DecodeConfig(candidates=-1)
+        CaptionDecodeConfig(candidates=-1)
     cap = Captioner.from_pretrained(reranking_model)
-    with pytest.raises(ConfigError, match="pixels"):
+    with pytest.raises(ConfigError, match="caption_pixels"):
         cap.caption_features(cap.encode(cap.preprocess([str(photo(tmp_path / "a.jpg"))])),
                              cap.decode_config(strategy="rerank"))
     # a memory embedded with another retriever version is refused, not silently used

@@ -26,8 +26,8 @@ from serving_helpers import (
 )
 
 from vlfuse.errors import ConfigError
-from vlfuse.generation import DecodeConfig
 from vlfuse.runtime import RuntimeOptions
+from vlfuse.tasks.caption import CaptionDecodeConfig
 
 fastapi = pytest.importorskip("fastapi")  # the "serve" extra; installed in CI
 from fastapi.testclient import TestClient  # noqa: E402
@@ -145,7 +145,7 @@ def test_search_by_text_and_by_image_with_thumbnails(full, index):
 def test_models_readyz_healthz(full):
     models = full.get("/v1/models").json()["models"]
     assert models["caption"] == {"loaded": True, "model": "tiny-caption",  # its saved decoding default, and
-                                 "decode": dataclasses.asdict(DecodeConfig()),  # images encoded and decoding
+                                 "decode": dataclasses.asdict(CaptionDecodeConfig()),  # images encoded and decoding
                                  "image_encoder": "onnxruntime", "decoding_step": "onnxruntime"}  # steps run by ORT
     assert models["retrieval"]["index"]["images"] == 4
     assert full.get("/readyz").json() == {"ready": True, "models": {"caption": True, "vqa": True, "retrieval": True}}

@@ -4,36 +4,43 @@ A model provides ``step(tokens (B, t), state) -> (logprobs (B, V), state)`` wher
 tensors whose first dimension is the batch; beam search reorders it with ``index_select``. Entries named in
 ``per_image`` hold one row per image for all of that image's rows (its beams), which are consecutive: they are
 never copied per beam or reordered (the step function reads them by image).
+
+Sampling draws from one random stream per image (``seeds``, see ``content_seeds``), so an image's samples do not
+depend on which other images share its batch. Task strategies built on these (a caption model's consensus
+reranking) live with their task.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
+import hashlib
+import random
+from typing import Callable, ClassVar, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 
 from .errors import ConfigError
 
 StepFn = Callable[[torch.Tensor, Dict[str, torch.Tensor]], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
-STRATEGIES = ("greedy", "beam", "sample", "rerank")
 
 
 @dataclasses.dataclass(frozen=True)  # hashable: the service batches requests that decode alike
 class DecodeConfig:
-    strategy: str = "beam"        # greedy | beam | sample | rerank (a Captioner with a caption memory: the
-                                  # greedy caption and `candidates` samples, the one its memory agrees with most)
+    strategy: str = "beam"        # greedy | beam | sample
     beam_size: int = 3
     max_len: int = 20             # words, not counting <bos>/<eos>
     length_penalty: float = 0.0   # final beam score = sum logprob / length ** length_penalty
     no_repeat_ngram: int = 3      # forbid repeating any n-gram of this size (0 = off)
     top_p: float = 0.9            # nucleus size for sampling
     temperature: float = 1.0
-    seed: Optional[int] = None
-    candidates: int = 16          # rerank: samples drawn (at temperature / top_p) besides the greedy caption
+    seed: Optional[int] = None    # sampling: None draws a fresh seed per call; an int makes samples reproducible
+
+    # What ``generate`` runs. A task's config may add strategies of its own (built on these) that its pipeline
+    # runs, as the caption task's ``CaptionDecodeConfig`` adds consensus reranking.
+    strategies: ClassVar[Tuple[str, ...]] = ("greedy", "beam", "sample")
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"decoding strategy must be one of {STRATEGIES}, got '{self.strategy}'")
+        if self.strategy not in self.strategies:
+            raise ConfigError(f"decoding strategy must be one of {self.strategies}, got '{self.strategy}'")
         if self.beam_size < 1:
             raise ConfigError(f"beam_size must be at least 1, got {self.beam_size}")
         if self.max_len < 1:
@@ -42,8 +49,6 @@ class DecodeConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
-        if self.candidates < 0:
-            raise ConfigError(f"candidates must be >= 0, got {self.candidates}")
 
     def override(self, beam: Optional[int] = None, **fields) -> "DecodeConfig":
         """This config with the given fields changed; ``None`` keeps a field as it is. ``beam`` is the
@@ -62,6 +67,20 @@ class DecodeConfig:
     def width(self) -> int:
         """Beams kept per image: the beam size for beam search, 1 for greedy decoding and sampling."""
         return self.beam_size if self.strategy == "beam" else 1
+
+
+def content_seeds(inputs: torch.Tensor, seed: Optional[int]) -> List[int]:
+    """One sampling seed per input (row of ``inputs``, e.g. an image's transformed pixels): a hash of its values
+    and ``seed``. An input's samples then depend only on the input and ``seed``, never on its batch; equal inputs
+    get equal seeds. ``seed`` None draws a fresh base seed (different samples every call). SHA-1 for speed (~0.3 ms
+    for a 224 px image), not secrecy."""
+    base = random.SystemRandom().getrandbits(63) if seed is None else seed
+    seeds = []
+    for row in inputs.detach().cpu().float().contiguous().reshape(len(inputs), -1).numpy():
+        digest = hashlib.sha1(f"{base}|".encode())
+        digest.update(memoryview(row).cast("B"))
+        seeds.append(int.from_bytes(digest.digest()[:8], "little") >> 1)  # < 2 ** 63, as manual_seed takes
+    return seeds
 
 
 def reorder_state(state: Dict[str, torch.Tensor], index: torch.Tensor, keep: FrozenSet[str] = frozenset()
@@ -116,61 +135,107 @@ class _SpecialTokens:
 
 @torch.no_grad()
 def generate(step: StepFn, state: Dict[str, torch.Tensor], batch_size: int, cfg: DecodeConfig,
-             bos: int = 1, eos: int = 2, pad: int = 0, per_image: FrozenSet[str] = frozenset()
-             ) -> List[Tuple[List[int], float]]:
-    """Decode ``batch_size`` sequences; returns (token ids without <bos>/<eos>, score) per item."""
-    if cfg.strategy == "rerank":
-        raise ConfigError("the rerank strategy picks among a caption model's greedy caption and samples with its "
-                          "caption memory: use a Captioner whose checkpoint has one (or greedy, beam or sample)")
+             bos: int = 1, eos: int = 2, pad: int = 0, per_image: FrozenSet[str] = frozenset(),
+             seeds: Optional[Sequence[int]] = None, greedy_first: bool = False) -> List[Tuple[List[int], float]]:
+    """Decode ``batch_size`` sequences; returns (token ids without <bos>/<eos>, score) per item.
+
+    Sampling takes ``seeds``, one per image, whose rows are consecutive (``batch_size // len(seeds)`` each): every
+    row draws from its image's own random stream, so an image's samples are the same whatever else is in the batch
+    (without ``seeds`` all rows share one stream seeded with ``cfg.seed``). With ``greedy_first`` the first row of
+    each image takes the most likely word at every step instead: its greedy caption, decoded beside its samples.
+    """
+    if cfg.strategy not in DecodeConfig.strategies:
+        raise ConfigError(f"generate decodes with {DecodeConfig.strategies}, not '{cfg.strategy}': a task's own "
+                          f"strategy runs in its pipeline (e.g. a Captioner's rerank)")
     if cfg.strategy == "beam":
         return beam_search(step, state, batch_size, cfg, bos, eos, pad, per_image)
-    return _greedy_or_sample(step, state, batch_size, cfg, bos, eos, pad)
-
-
-def _greedy_or_sample(step, state, batch_size, cfg, bos, eos, pad):
     device = next(iter(state.values())).device
-    gen = None
-    if cfg.strategy == "sample":
-        gen = torch.Generator(device=device)
-        gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
-    tokens = torch.full((batch_size, 1), bos, dtype=torch.long, device=device)
+    if cfg.strategy == "greedy":
+        return _greedy_or_sample(step, state, batch_size, cfg, bos, eos, pad, per_image, None, None)
+    uniforms = _uniforms(batch_size, cfg, seeds, device)
+    greedy_rows = None
+    if greedy_first:
+        if seeds is None:
+            raise ConfigError("greedy_first needs the images' seeds, which say where each image's rows start")
+        greedy_rows = torch.arange(batch_size, device=device) % (batch_size // len(seeds)) == 0  # (B,)
+    return _greedy_or_sample(step, state, batch_size, cfg, bos, eos, pad, per_image, uniforms, greedy_rows)
+
+
+def _uniforms(batch_size: int, cfg: DecodeConfig, seeds: Optional[Sequence[int]], device) -> torch.Tensor:
+    """The uniform numbers sampling inverts, drawn up front: (batch_size, max_len + 1), one per row and step.
+    Row ``r`` of image ``i`` takes row ``r`` of a table drawn from a generator seeded with ``seeds[i]`` (the
+    table's rows do not depend on its length: an image's first 8 samples are the same whether 8 or 16 are
+    drawn)."""
+    steps = cfg.max_len + 1
+    if seeds is None:
+        gen = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+        return torch.rand(batch_size, steps, generator=gen).to(device)
+    if not seeds or batch_size % len(seeds):
+        raise ConfigError(f"sampling seeds must be one per image, dividing the {batch_size} rows evenly; "
+                          f"got {len(seeds)}")
+    rows = batch_size // len(seeds)
+    return torch.cat([torch.rand(rows, steps, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
+
+
+def _greedy_or_sample(step, state, batch_size, cfg, bos, eos, pad, per_image: FrozenSet[str],
+                      uniforms: Optional[torch.Tensor], greedy_rows: Optional[torch.Tensor]):
+    """Greedy decoding where ``uniforms`` is None, else sampling (but the ``greedy_rows`` decode greedily).
+
+    A finished row leaves the batch where the rest can decode without it: where every state entry is one row per
+    row, or the batch holds one image (the rows of several images must stay in equal groups for their per-image
+    entries). Elsewhere it stays, extending with <pad> at no cost. (Rerank's 17 rows of a photo: ~25 % fewer
+    row-steps, the longest of them sets the steps, not every row.)"""
+    device = next(iter(state.values())).device
+    rows = torch.arange(batch_size, device=device)  # (R,) the batch's rows still in the step's batch
+    words = torch.full((batch_size, cfg.max_len + 1), pad, dtype=torch.long, device=device)
     scores = torch.zeros(batch_size, device=device)
-    done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    tokens = torch.full((batch_size, 1), bos, dtype=torch.long, device=device)  # (R, t) of the rows in the batch
+    done = torch.zeros(batch_size, dtype=torch.bool, device=device)  # (R,)
+    rows_leave = all(state[k].shape[0] == 1 for k in per_image if k in state)
     specials = None
     for t in range(cfg.max_len + 1):
         logp, state = step(tokens, state)
         specials = specials or _SpecialTokens(logp.shape[1], cfg, bos, eos, pad, device)
         logp = specials.apply(logp, t)
         _apply_ngram_block(logp, tokens, cfg.no_repeat_ngram)
-        if cfg.strategy == "greedy":
+        if uniforms is None:
             chosen, nxt = logp.max(-1)
         else:
-            nxt = _sample_top_p(logp / cfg.temperature, cfg.top_p, gen)
+            nxt = _sample_top_p(logp / cfg.temperature, cfg.top_p, uniforms[rows, t:t + 1])
+            if greedy_rows is not None:
+                nxt = torch.where(greedy_rows[rows], logp.argmax(-1), nxt)
             chosen = logp.gather(1, nxt[:, None]).squeeze(1)
-        scores = scores + torch.where(done, torch.zeros_like(chosen), chosen)
+        scores[rows] += torch.where(done, torch.zeros_like(chosen), chosen)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        tokens = torch.cat([tokens, nxt[:, None]], 1)
+        words[rows, t] = nxt
         done = done | (nxt == eos)
         if bool(done.all()):
             break
-    return [(_strip(row, eos, pad), float(s)) for row, s in zip(tokens[:, 1:].tolist(), scores.tolist())]
+        tokens = torch.cat([tokens, nxt[:, None]], 1)
+        if rows_leave and bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)
+            rows, tokens, done = rows[keep], tokens[keep], done[keep]
+            state = reorder_state(state, keep, keep=per_image)
+    return [(_strip(row, eos, pad), float(s)) for row, s in zip(words.tolist(), scores.tolist())]
 
 
-def _sample_top_p(logits: torch.Tensor, top_p: float, gen: torch.Generator) -> torch.Tensor:
-    """One token per row from the smallest set of tokens whose probability reaches ``top_p`` (renormalised).
-    Sampled by inverting the cumulative distribution (one uniform number per row): ``torch.multinomial`` and a
-    full sort cost ~10 ms each per step at 160 rows x 3k words on a CPU, this ~0.3 ms; the vocabulary is
-    sorted only when a nucleus is asked for (``top_p`` < 1)."""
+def _sample_top_p(logits: torch.Tensor, top_p: float, uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row from the smallest set of tokens whose probability reaches ``top_p`` (renormalised),
+    picked by inverting the cumulative distribution at the row's ``uniform`` number (B, 1) in [0, 1):
+    ``torch.multinomial`` and a full sort cost ~10 ms each per step at 160 rows x 3k words on a CPU, this
+    ~0.3 ms; the vocabulary is sorted only when a nucleus is asked for (``top_p`` < 1)."""
     probs = logits.softmax(-1)
     order = None
     if top_p < 1.0:
         probs, order = probs.sort(-1, descending=True)
         probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)  # keep the smallest set reaching top_p
     cum = probs.cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, generator=gen, device=probs.device, dtype=cum.dtype) * cum[:, -1:]
+    u = uniform.to(cum.dtype) * cum[:, -1:]
     pick = torch.searchsorted(cum, u, right=True).clamp_(max=probs.shape[1] - 1)  # cum[i-1] <= u < cum[i]
     # rounding can land u on the very end of the last interval: never return a token of probability zero
-    pick = torch.where(probs.gather(1, pick) > 0, pick, probs.argmax(-1, keepdim=True))
+    zero = probs.gather(1, pick) <= 0
+    if bool(zero.any()):
+        pick = torch.where(zero, probs.argmax(-1, keepdim=True), pick)
     return (order.gather(1, pick) if order is not None else pick).squeeze(1)
 
 

@@ -11,16 +11,20 @@ from ..data.images import list_images
 def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     """Decoding options; each one left out keeps the model's own decoding default (``vlfuse models`` lists it)."""
     p.add_argument("--beam", type=int, default=None,
-                   help="beam width: 1 = greedy, more = beam search (default: the model's, e.g. greedy for "
-                        "flickr8k-caption)")
+                   help="beam width: 1 = greedy, more = beam search (default: the model's own decoding, "
+                        "which `vlfuse models` lists; flickr8k-caption reranks, see --rerank)")
     p.add_argument("--sample", action="store_true", help="top-p sampling instead")
     p.add_argument("--rerank", action="store_true",
                    help="consensus reranking: the greedy caption and --candidates samples, the one the model's "
                         "caption memory agrees with most (models with a memory, e.g. flickr8k-caption)")
     p.add_argument("--candidates", type=int, default=None, help="samples drawn for --rerank (default: the model's, or 16)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus size for --sample (default 0.9)")
-    p.add_argument("--temperature", type=float, default=None, help="(default 1.0)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus size for --sample and --rerank's samples (default: the model's, or 0.9)")
+    p.add_argument("--temperature", type=float, default=None, help="of the samples (default: the model's, or 1.0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed for --sample/--rerank: each photo's samples come from it and the photo's "
+                        "pixels, so a photo gets the same caption in any batch (default: the model's; --sample "
+                        "without one draws new samples each run)")
     p.add_argument("--max-len", type=int, default=None, help="at most this many words (default 20)")
     p.add_argument("--length-penalty", type=float, default=None, help="beam score / length ** this (default 0)")
     p.add_argument("--no-repeat-ngram", type=int, default=None,

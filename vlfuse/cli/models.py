@@ -6,9 +6,9 @@ import json
 
 from ..checkpoint import read_config
 from ..config import from_dict
-from ..generation import DecodeConfig
 from ..hub import builtin_models
 from ..registry import ALL_REGISTRIES
+from ..tasks.caption.rerank import CaptionDecodeConfig
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -29,7 +29,7 @@ def run(args) -> int:
     print("Built-in models:")
     for name, task in models.items():
         if "decode" in configs[name]:  # a caption model's own decoding default
-            decode = from_dict(DecodeConfig, configs[name]["decode"], "decode")
+            decode = from_dict(CaptionDecodeConfig, configs[name]["decode"], "decode")
             task += f"  (decodes: {decode.strategy}{f' {decode.width}' if decode.strategy == 'beam' else ''} by default)"
         print(f"  {name:24s} {task}")
     for kind, entries in parts.items():

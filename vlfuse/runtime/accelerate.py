@@ -104,6 +104,11 @@ class Runtime:
                 self._decoding_copy = accelerate_decoder(self._decoder, self.options, self.cache)
             return self._decoding_copy
 
+    @property
+    def decodes_int8(self) -> bool:
+        """Whether the decoding copy's linear layers are int8 (their activations then get one scale per call)."""
+        return self._decoder is not None and uses_int8(self.options, _device(self._decoder))
+
     def build(self) -> None:
         """Make the inference copies now (a server: before its first request, not during it)."""
         self.backends()

@@ -1,5 +1,6 @@
 """Image captioning."""
 from .model import CaptionModel, CaptionModelConfig
 from .pipeline import Captioner, CaptionResult
+from .rerank import CaptionDecodeConfig
 
-__all__ = ["CaptionModel", "CaptionModelConfig", "Captioner", "CaptionResult"]
+__all__ = ["CaptionDecodeConfig", "CaptionModel", "CaptionModelConfig", "Captioner", "CaptionResult"]

@@ -3,7 +3,7 @@ config. Plain PyTorch; ``pipeline.Captioner`` wraps it for users, ``vlfuse.runti
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -58,9 +58,11 @@ class CaptionModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, image: ImageFeatures, decode: DecodeConfig, per_image: int = 1,
-                 decoder: Optional[nn.Module] = None) -> List[Tuple[List[int], float]]:
+                 decoder: Optional[nn.Module] = None, seeds: Optional[Sequence[int]] = None,
+                 greedy_first: bool = False) -> List[Tuple[List[int], float]]:
         """Captions for every image, ``per_image`` of them each (consecutive; for sampling several): the image
-        side runs once per image. ``decoder`` replaces ``self.decoder`` (e.g. its ``inference_decoder`` copy)."""
+        side runs once per image. ``decoder`` replaces ``self.decoder`` (e.g. its ``inference_decoder`` copy);
+        ``seeds`` (one per image) and ``greedy_first`` are sampling's (``vlfuse.generation.generate``)."""
         decoder = decoder if decoder is not None else self.decoder
         state = decoder.init_state(image)
         n = image.pooled.shape[0]
@@ -69,7 +71,8 @@ class CaptionModel(nn.Module):
             state = reorder_state(state, torch.arange(n, device=image.pooled.device).repeat_interleave(per_image),
                                   keep=shared)
         decode = dataclasses.replace(decode, max_len=min(decode.max_len, self.config.max_len))
-        return generate(decoder.step, state, n * per_image, decode, bos=BOS, eos=EOS, pad=PAD, per_image=shared)
+        return generate(decoder.step, state, n * per_image, decode, bos=BOS, eos=EOS, pad=PAD, per_image=shared,
+                        seeds=seeds, greedy_first=greedy_first)
 
     def pretrained_prefixes(self) -> Tuple[str, ...]:
         """Parameters that start from pretrained weights (the vision encoder's tuned last blocks, with

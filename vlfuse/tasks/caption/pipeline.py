@@ -15,12 +15,12 @@ from ...config import from_dict, to_dict
 from ...data.images import ImageInput, load_image
 from ...data.tokenizer import BOS, Tokenizer
 from ...errors import ConfigError, ImageError
-from ...generation import DecodeConfig
+from ...generation import content_seeds
 from ...nn.vision import ImageFeatures
 from ...runtime import Runtime, RuntimeOptions
 from ..base import Pipeline
 from .model import CaptionModel, CaptionModelConfig
-from .rerank import CaptionMemory, ConsensusReranker, rerank_config
+from .rerank import CaptionDecodeConfig, CaptionMemory, ConsensusReranker, rerank_config
 
 
 @dataclasses.dataclass
@@ -40,7 +40,11 @@ class Captioner(Pipeline):
 
     A checkpoint may carry its own decoding default (``"decode"`` in its config.json, as Hugging Face's
     generation config): the decoding it was selected with on val. ``decode_defaults`` holds it
-    (``DecodeConfig()`` where a checkpoint has none); every option given to a call overrides it.
+    (``CaptionDecodeConfig()`` where a checkpoint has none); every option given to a call overrides it.
+
+    A caption depends only on its image, the model and the decoding options, never on the other images of a
+    batch or the batch size: sampling (the ``sample`` and ``rerank`` strategies) draws each image's random
+    numbers from a seed made of its pixels and ``seed`` (``content_seeds``).
 
     A checkpoint may also carry a caption memory (``"rerank"`` in its config.json, see ``caption_memory``) for
     the ``rerank`` strategy; ``memory_dir`` is the directory its files are in (``from_pretrained`` sets it).
@@ -58,7 +62,7 @@ class Captioner(Pipeline):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.extra_config = extra_config or {}
-        self.decode_defaults = from_dict(DecodeConfig, self.extra_config.get("decode", {}), "decode")
+        self.decode_defaults = from_dict(CaptionDecodeConfig, self.extra_config.get("decode", {}), "decode")
         self.rerank_config = rerank_config(self.extra_config.get("rerank"))
         self.memory_dir = memory_dir
         self._reranker: Optional[ConsensusReranker] = None  # loaded on first use of the rerank strategy
@@ -96,7 +100,7 @@ class Captioner(Pipeline):
                 if why:
                     raise ConfigError(f"{why}; decode with greedy, beam or sample instead")
                 self._reranker = ConsensusReranker.load(self.memory_dir, self.rerank_config, self.device,
-                                                        self.runtime.options)
+                                                        self.runtime.options, caption_vision=self.model.vision)
             return self._reranker
 
     # -- loading and saving -------------------------------------------------------------------------
@@ -161,64 +165,88 @@ class Captioner(Pipeline):
     def encode(self, pixels: torch.Tensor) -> ImageFeatures:
         return self.runtime.image_encoder(pixels)
 
-    # Beam search on a CPU in chunks of 16 images: per image ~35 % faster than chunks of 8 (6.5 vs 9-10 ms at
-    # beam 3, one thread) now that the image's state is not copied per beam; 32 gains ~10 % more for ~20 MB
-    # more peak memory per inference worker.
+    # Beam search of a float decoding copy on a CPU in chunks of 16 images: per image ~35 % faster than chunks of 8
+    # (6.5 vs 9-10 ms at beam 3, one thread) now that the image's state is not copied per beam; 32 gains ~10 %
+    # more for ~20 MB more peak memory per inference worker. (An int8 copy decodes an image at a time.)
     cpu_beam_chunk = 16
 
     @torch.inference_mode()
-    def caption_pixels(self, pixels: torch.Tensor, decode: DecodeConfig) -> List[CaptionResult]:
+    def caption_pixels(self, pixels: torch.Tensor, decode: CaptionDecodeConfig) -> List[CaptionResult]:
         """Transformed images (B, 3, H, W) -> one caption each."""
+        if decode.strategy == "rerank":
+            return self._rerank(pixels, decode)
         return self.caption_features(self.encode(pixels), decode, pixels)
 
     @torch.inference_mode()
-    def caption_features(self, image: ImageFeatures, decode: DecodeConfig,
+    def caption_features(self, image: ImageFeatures, decode: CaptionDecodeConfig,
                          pixels: Optional[torch.Tensor] = None) -> List[CaptionResult]:
-        """Encoded images -> one caption each. The rerank strategy also needs the images' ``pixels``."""
+        """Encoded images -> one caption each. The sample strategy also needs the images' ``pixels``: each
+        image's samples are seeded from them. (The rerank strategy encodes the images itself: caption_pixels.)"""
         if decode.strategy == "rerank":
-            return self._rerank(image, decode, pixels)
-        n, step = image.grid.shape[0], self.cpu_beam_chunk
-        if decode.strategy == "beam" and image.grid.device.type == "cpu" and n > step:
-            return [r for i in range(0, n, step)
-                    for r in self.caption_features(ImageFeatures(image.grid[i:i + step], image.pooled[i:i + step]),
-                                                   decode)]
-        results = []
-        for ids, score in self.model.generate(image, decode, decoder=self.generator):
-            words = [self.tokenizer.vocab[i] for i in ids]
-            results.append(CaptionResult(self.tokenizer.decode(ids), score, words))
-        return results
+            raise ConfigError("the rerank strategy encodes the images itself (in one pass with the retriever's "
+                              "image tower): use caption_pixels(), not caption_features(), or another strategy")
+        seeds = self._sampling_seeds(decode, pixels) if decode.strategy == "sample" else None
+        return [self._result(ids, score) for ids, score in self._generate(image, decode, seeds=seeds)]
 
-    def _rerank(self, image: ImageFeatures, decode: DecodeConfig, pixels: Optional[torch.Tensor]
-                ) -> List[CaptionResult]:
-        """The greedy caption and ``decode.candidates`` samples of each image; keeps the one that agrees most
-        with the image's nearest memory captions, plus a little of the model's own preference
-        (``caption_memory``)."""
+    def _sampling_seeds(self, decode: CaptionDecodeConfig, pixels: Optional[torch.Tensor]) -> List[int]:
         if pixels is None:
-            raise ConfigError("the rerank strategy needs the images' pixels: use caption_pixels(), not "
-                              "caption_features(), or another strategy")
-        reranker = self.reranker
-        neighbours = reranker.neighbours(pixels)
-        candidates = [[r] for r in self.caption_features(image, decode.override(strategy="greedy"))]
-        k = decode.candidates
-        if k:
-            sampled = self.model.generate(image, decode.override(strategy="sample"), per_image=k,
-                                          decoder=self.generator)
-            for i, (ids, score) in enumerate(sampled):
-                words = [self.tokenizer.vocab[t] for t in ids]
-                candidates[i // k].append(CaptionResult(self.tokenizer.decode(ids), score, words))
+            raise ConfigError(f"the {decode.strategy} strategy seeds each image's samples from its pixels: use "
+                              f"caption_pixels(), not caption_features(), or decode with greedy or beam")
+        return content_seeds(pixels, decode.seed)
+
+    def _generate(self, image: ImageFeatures, decode: CaptionDecodeConfig, per_image: int = 1,
+                  seeds: Optional[List[int]] = None, greedy_first: bool = False) -> List[Tuple[List[int], float]]:
+        """``self.model.generate`` on the decoding copy. An int8 copy quantizes each step's activations with one
+        scale for all the rows it decodes at once, so an image's words would depend on the other images' (greedy
+        captions of 200 Flickr8k val photos: 13 changed between batches of 1 and 32; 6 with ONNX Runtime's step
+        at every batch size, 17 with TorchScript's): there every image is decoded on its own, its rows together.
+        A float copy decodes the images together (beam search on a CPU in chunks of ``cpu_beam_chunk``)."""
+        n = image.grid.shape[0]
+        if self.runtime.decodes_int8:
+            chunk = 1
+        elif decode.strategy == "beam" and image.grid.device.type == "cpu":
+            chunk = self.cpu_beam_chunk
+        else:
+            chunk = n
+        return [out for i in range(0, n, chunk)
+                for out in self.model.generate(ImageFeatures(image.grid[i:i + chunk], image.pooled[i:i + chunk]),
+                                               decode, per_image=per_image, decoder=self.generator,
+                                               seeds=None if seeds is None else seeds[i:i + chunk],
+                                               greedy_first=greedy_first)]
+
+    def _result(self, ids: List[int], score: float) -> CaptionResult:
+        return CaptionResult(self.tokenizer.decode(ids), score, [self.tokenizer.vocab[i] for i in ids])
+
+    def rerank_candidates(self, pixels: torch.Tensor, decode: CaptionDecodeConfig
+                          ) -> Tuple[List[List[CaptionResult]], List[List[str]]]:
+        """What the rerank strategy chooses from, for transformed images (B, 3, H, W): each image's candidates (its
+        greedy caption, then ``decode.candidates`` samples, repeats included) and the texts of its nearest
+        memory captions."""
+        image, neighbours = self.reranker.encode(pixels)
+        if image is None:  # the caption model and the retriever share no layers: each encodes the images
+            image = self.encode(pixels)
+        rows = decode.candidates + 1  # per image: its greedy caption, then its samples, decoded together
+        drawn = [self._result(ids, score) for ids, score in self._generate(
+            image, decode.override(strategy="sample"), per_image=rows, seeds=self._sampling_seeds(decode, pixels),
+            greedy_first=True)]
+        return [drawn[i:i + rows] for i in range(0, len(drawn), rows)], neighbours
+
+    def _rerank(self, pixels: torch.Tensor, decode: CaptionDecodeConfig) -> List[CaptionResult]:
+        """Of each image's ``rerank_candidates``, the one that agrees most with its nearest memory captions, plus
+        a little of the model's own preference (``ConsensusReranker.choose``)."""
         results = []
-        for options, refs in zip(candidates, neighbours):
+        for options, refs in zip(*self.rerank_candidates(pixels, decode)):
             unique: Dict[str, CaptionResult] = {}
             for r in options:  # the greedy caption first; a caption sampled again is scored once
                 unique.setdefault(" ".join(r.tokens), r)
             texts = list(unique)
             logprobs = [unique[t].score / max(1, len(unique[t].tokens)) for t in texts]
-            results.append(unique[texts[reranker.choose(texts, refs, logprobs)]])
+            results.append(unique[texts[self.reranker.choose(texts, refs, logprobs)]])
         return results
 
-    def decode_config(self, beam: Optional[int] = None, **options) -> DecodeConfig:
-        """The model's decoding default with ``options`` (DecodeConfig fields) overriding it; ``beam`` (or a
-        ``beam_size`` given without ``strategy``) is a width: 1 = greedy, more = beam search."""
+    def decode_config(self, beam: Optional[int] = None, **options) -> CaptionDecodeConfig:
+        """The model's decoding default with ``options`` (CaptionDecodeConfig fields) overriding it; ``beam`` (or
+        a ``beam_size`` given without ``strategy``) is a width: 1 = greedy, more = beam search."""
         if beam is None and "beam_size" in options and "strategy" not in options:
             beam = options.pop("beam_size")
         return self.decode_defaults.override(beam=beam, **options)
@@ -226,7 +254,7 @@ class Captioner(Pipeline):
     def __call__(self, images: Union[ImageInput, Sequence[ImageInput]], batch_size: int = 32,
                  **decode_options) -> Union[str, List[str]]:
         """Caption one image (-> str) or a list (-> list of str). ``decode_options`` override the model's
-        decoding default (``beam=``, or any DecodeConfig field)."""
+        decoding default (``beam=``, or any CaptionDecodeConfig field)."""
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         decode = self.decode_config(**decode_options)
@@ -236,7 +264,7 @@ class Captioner(Pipeline):
             captions += [r.caption for r in self.caption_pixels(pixels, decode)]
         return captions[0] if single else captions
 
-    def caption_files(self, paths: Sequence[Union[str, Path]], decode: Optional[DecodeConfig] = None,
+    def caption_files(self, paths: Sequence[Union[str, Path]], decode: Optional[CaptionDecodeConfig] = None,
                       batch_size: int = 16
                       ) -> Iterator[Tuple[str, Optional[CaptionResult], Optional[str]]]:
         """Yield (path, result, error) for every path; a bad file yields its error and never stops the rest.
@@ -263,13 +291,13 @@ class Captioner(Pipeline):
             yield from flush()
 
     @torch.inference_mode()
-    def attention_map(self, image: ImageInput, decode: Optional[DecodeConfig] = None
+    def attention_map(self, image: ImageInput, decode: Optional[CaptionDecodeConfig] = None
                       ) -> Tuple[List[str], Optional[torch.Tensor]]:
         """Caption one image and return (words, attention (T, h, w)) over the image grid, if the fusion attends."""
         self._needs_weights("attention_map")
         pixels = self.preprocess([image])
         feats = self.encode(pixels)
-        result = self.caption_features(feats, decode or self.decode_defaults, pixels)[0]
+        result = self.caption_pixels(pixels, decode or self.decode_defaults)[0]
         ids = [BOS] + [self.tokenizer.index[w] for w in result.tokens]
         _, att = self.model.decoder(feats, torch.tensor([ids], device=self.device), need_weights=True)
         if att is None:
