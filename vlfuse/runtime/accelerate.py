@@ -101,13 +101,16 @@ class Runtime:
         """The copy of the decoder that decoding runs on (``accelerate_decoder``)."""
         with self._lock:
             if self._decoding_copy is None:
+                self._int8 = uses_int8(self.options, _device(self._decoder))
                 self._decoding_copy = accelerate_decoder(self._decoder, self.options, self.cache)
             return self._decoding_copy
 
     @property
     def decodes_int8(self) -> bool:
-        """Whether the decoding copy's linear layers are int8 (their activations then get one scale per call)."""
-        return self._decoder is not None and uses_int8(self.options, _device(self._decoder))
+        """Whether the decoding copy's linear layers are int8 (their activations then get one scale per call, so a
+        batch's rows affect each other's words). Asked of the copy as it was made: the decoder's own weights may
+        since have been dropped."""
+        return self._decoder is not None and (self.decoder is not None) and self._int8
 
     def build(self) -> None:
         """Make the inference copies now (a server: before its first request, not during it)."""
