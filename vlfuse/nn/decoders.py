@@ -91,7 +91,7 @@ class TransformerDecoder(nn.Module):
         self.fusion = build_fusion(fusion.name, image_dim, dim, **fusion.kwargs)
         self.fusion_out = nn.Linear(self.fusion.out_dim, dim) if self.fusion.out_dim != dim else nn.Identity()
         self.blocks = nn.ModuleList(TransformerBlock(dim, num_heads, dropout) for _ in range(num_layers))
-        self.state_names = tuple((f"d{i}sk", f"d{i}sv") for i in range(num_layers))  # their step's keys/values
+        self.state_names = tuple((f"d{i}sk", f"d{i}sv") for i in range(num_layers))  # their keys/values in a step
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, vocab_size, bias=False)
         if tie_embeddings:
