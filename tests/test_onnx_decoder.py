@@ -47,7 +47,7 @@ def test_eager_torchscript_and_onnx_steps_agree(which, tmp_path, monkeypatch):
     scripted = inference_decoder(model.decoder, int8=False)
     assert isinstance(scripted, ScriptedDecoder)
     monkeypatch.setattr(onnx_decoder, "export_step", functools.partial(onnx_decoder.export_step, quantize=False))
-    exported = OnnxStepDecoder(scripted, model.decoder, max_images=8, cache_dir=tmp_path)
+    exported = OnnxStepDecoder(scripted, model.decoder, GraphCache(tmp_path), max_images=8)
     size = model.vision.transform.size
     vocab = model.decoder.out.out_features
     with torch.no_grad():
