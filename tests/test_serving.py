@@ -615,15 +615,9 @@ def test_service_captions_equal_the_clis_with_the_same_settings(parity):
     assert served == cli_captions(paths, *DECODINGS[decoding][0], "--batch-size", "1")
 
 
-def test_service_captions_equal_the_clis_whatever_the_batch(parity, request):
+def test_service_captions_equal_the_clis_whatever_the_batch(parity):
     """The CLI captions the photos in one batch, the service one at a time: a caption must depend only on the
-    photo, the model and the decoding settings (issue 19, determinism)."""
+    photo, the model and the decoding settings (issue 19, determinism: samples seeded per image from its pixels,
+    int8 decoding copies decode each image on its own)."""
     decoding, paths, served = parity
-    request.applymarker(pytest.mark.xfail(reason={
-        "greedy": "the int8 decoder quantizes activations with one scale per batch, and the backend (ONNX Runtime "
-                  "or TorchScript step) is chosen by batch size and thread count, so a greedy caption can change "
-                  "with its batch-mates (3 of 40 val photos between one batch and one at a time; the float32 decoder's do not)",
-        "rerank": "reranking samples with one seed per batch, not per image: the determinism fix (sampling seeded "
-                  "per image from its content) removes this; the int8 greedy candidate above still varies"}[decoding],
-        strict=False))
     assert served == cli_captions(paths, *DECODINGS[decoding][0])
