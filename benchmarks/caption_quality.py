@@ -17,8 +17,8 @@ def main() -> None:
     ap.add_argument("--model", default="flickr8k-caption")
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/flickr8k"))
     ap.add_argument("--beam", type=int, default=None, help="1 = greedy (default: the model's own decoding)")
-    ap.add_argument("--batch-size", type=int, default=32, help="images captioned at once (the decoding step of "
-                    "a few images runs in ONNX Runtime, of more in TorchScript)")
+    ap.add_argument("--batch-size", type=int, default=32, help="images captioned at once (the captions do not "
+                    "depend on it)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/caption_quality.json"))
     args = ap.parse_args()
     from vlfuse.evaluation.caption import evaluate_captioner

@@ -222,14 +222,22 @@ def test_training_config_memory_section_gives_the_best_checkpoint_a_memory(tmp_p
     assert main(["train", "--config", str(write_config(tmp_path / "bad.json", cfg))]) == 2  # names the bad key
 
 
-def test_without_pycocoevalcap_a_rerank_default_falls_back_to_greedy_with_a_warning(monkeypatch):
-    """A base install (no [train] extra) still captions with the shipped model: greedily, saying why."""
+def test_without_pycocoevalcap_only_a_memory_that_scores_bleu_falls_back_to_greedy(monkeypatch, reranking_model,
+                                                                                     tmp_path):
+    """A base install (no [train] extra) reranks with the shipped model, whose consensus is CIDEr-D alone; a memory
+    that also scores BLEU-4 (pycocoevalcap's scorer) decodes greedily there, saying why."""
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pycocoevalcap" else real(name, *a))
+    assert Captioner.from_pretrained("flickr8k-caption").decode_defaults.strategy == "rerank"
+    bleu = tmp_path / "bleu"
+    shutil.copytree(reranking_model, bleu)
+    raw = json.loads((bleu / "config.json").read_text())
+    raw["rerank"]["bleu_weight"], raw["decode"]["strategy"] = 2.0, "rerank"
+    (bleu / "config.json").write_text(json.dumps(raw))
     with pytest.warns(UserWarning, match="pycocoevalcap"):
-        cap = Captioner.from_pretrained("flickr8k-caption")
+        cap = Captioner.from_pretrained(bleu)
     assert cap.decode_defaults.strategy == "greedy"
     with pytest.raises(ConfigError, match="pip install pycocoevalcap"):
         cap.reranker

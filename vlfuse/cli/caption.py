@@ -17,7 +17,7 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rerank", action="store_true",
                    help="consensus reranking: the greedy caption and --candidates samples, the one the model's "
                         "caption memory agrees with most (models with a memory, e.g. flickr8k-caption)")
-    p.add_argument("--candidates", type=int, default=None, help="samples drawn for --rerank (default: the model's, or 16)")
+    p.add_argument("--candidates", type=int, default=None, help="samples drawn for --rerank (default: the model's, or 12)")
     p.add_argument("--top-p", type=float, default=None,
                    help="nucleus size for --sample and --rerank's samples (default: the model's, or 0.9)")
     p.add_argument("--temperature", type=float, default=None, help="of the samples (default: the model's, or 1.0)")

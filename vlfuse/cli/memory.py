@@ -13,13 +13,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", help="dataset format (default: detected)")
     p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
     p.add_argument("--retriever", default="flickr8k-retrieval", help="retrieval model: built-in name or directory")
-    p.add_argument("--neighbours", type=int, default=50, help="memory captions each image is compared with")
-    p.add_argument("--bleu-weight", type=float, default=2.0, help="consensus = CIDEr-D + this x BLEU-4")
+    p.add_argument("--neighbours", type=int, default=40, help="memory captions each image is compared with")
+    p.add_argument("--bleu-weight", type=float, default=0.0,
+                   help="consensus = CIDEr-D + this x BLEU-4 (default 0; > 0 needs pycocoevalcap)")
     p.add_argument("--logprob-weight", type=float, default=0.5,
                    help="score = consensus + this x the candidate's mean log-probability per word")
     p.add_argument("--default", action="store_true",
                    help="make rerank the model's decoding default (with --candidates, --temperature, --seed)")
-    p.add_argument("--candidates", type=int, default=16, help="samples drawn besides the greedy caption")
+    p.add_argument("--candidates", type=int, default=12, help="samples drawn besides the greedy caption")
     p.add_argument("--temperature", type=float, default=0.5, help="of the samples (default 0.5; top-p 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of the default (reproducible captions)")
     return p

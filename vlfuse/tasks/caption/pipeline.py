@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -73,6 +74,7 @@ class Captioner(Pipeline):
             self.decode_defaults = self.decode_defaults.override(strategy="greedy")
         self._reranker_lock = threading.Lock()
         self.runtime = Runtime(runtime, vision=model.vision, decoder=model.decoder)
+        self._threads: Optional[ThreadPoolExecutor] = None  # decodes images at once (int8 copies: _generate)
         self._dropped_device: Optional[torch.device] = None  # set by drop_unused_weights
 
     @property
@@ -199,20 +201,29 @@ class Captioner(Pipeline):
         """``self.model.generate`` on the decoding copy. An int8 copy quantizes each step's activations with one
         scale for all the rows it decodes at once, so an image's words would depend on the other images' (greedy
         captions of 200 Flickr8k val photos: 13 changed between batches of 1 and 32; 6 with ONNX Runtime's step
-        at every batch size, 17 with TorchScript's): there every image is decoded on its own, its rows together.
-        A float copy decodes the images together (beam search on a CPU in chunks of ``cpu_beam_chunk``)."""
-        n = image.grid.shape[0]
+        at every batch size, 17 with TorchScript's): there every image is decoded on its own, its rows together,
+        on ``torch.get_num_threads()`` threads at once (ONNX Runtime runs a step on one). A float copy decodes the
+        images together (beam search on a CPU in chunks of ``cpu_beam_chunk``)."""
+        n, generator = image.grid.shape[0], self.generator
+
+        def decode_images(start: int, stop: int) -> List[Tuple[List[int], float]]:
+            with torch.inference_mode():  # (per thread)
+                return self.model.generate(ImageFeatures(image.grid[start:stop], image.pooled[start:stop]), decode,
+                                           per_image=per_image, decoder=generator,
+                                           seeds=None if seeds is None else seeds[start:stop],
+                                           greedy_first=greedy_first)
+
         if self.runtime.decodes_int8:
-            chunk = 1
-        elif decode.strategy == "beam" and image.grid.device.type == "cpu":
-            chunk = self.cpu_beam_chunk
-        else:
-            chunk = n
-        return [out for i in range(0, n, chunk)
-                for out in self.model.generate(ImageFeatures(image.grid[i:i + chunk], image.pooled[i:i + chunk]),
-                                               decode, per_image=per_image, decoder=self.generator,
-                                               seeds=None if seeds is None else seeds[i:i + chunk],
-                                               greedy_first=greedy_first)]
+            return [out for outs in self._decoding_threads().map(lambda i: decode_images(i, i + 1), range(n))
+                    for out in outs]
+        chunk = self.cpu_beam_chunk if decode.strategy == "beam" and image.grid.device.type == "cpu" else n
+        return [out for i in range(0, n, chunk) for out in decode_images(i, i + chunk)]
+
+    def _decoding_threads(self) -> ThreadPoolExecutor:
+        with self._reranker_lock:
+            if self._threads is None:
+                self._threads = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="vlfuse-decode")
+            return self._threads
 
     def _result(self, ids: List[int], score: float) -> CaptionResult:
         return CaptionResult(self.tokenizer.decode(ids), score, [self.tokenizer.vocab[i] for i in ids])
