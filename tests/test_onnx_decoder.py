@@ -145,6 +145,8 @@ def test_shipped_captioner_decodes_with_onnx_runtime_by_default():
     plain = Captioner.from_pretrained("flickr8k-caption", onnx=False)
     backends = [c.runtime.backends()["decoding_step"] for c in (fast, plain)]
     assert backends == ["onnxruntime", "torchscript"]
+    # the int8 copy decodes an image at a time, so a batch of 32 runs ONNX Runtime's step too
+    assert fast.runtime.backends(32)["decoding_step"] == "onnxruntime"
     assert Captioner.from_pretrained("flickr8k-caption", int8=False).runtime.backends()["decoding_step"] == "torchscript"
     photos = [data / "images" / name for name in (data / "val.txt").read_text().split()[:12]]
     features = plain.encode(plain.preprocess(photos))

@@ -75,6 +75,7 @@ FUSIONS = Registry("fusion module")
 DECODERS = Registry("decoder")
 HEADS = Registry("task head")
 SEGMENTERS = Registry("text segmenter")
+CONCEPT_HEADS = Registry("concept head")
 
 ALL_REGISTRIES = {
     "vision_encoders": VISION_ENCODERS,
@@ -83,4 +84,5 @@ ALL_REGISTRIES = {
     "decoders": DECODERS,
     "heads": HEADS,
     "segmenters": SEGMENTERS,
+    "concept_heads": CONCEPT_HEADS,
 }

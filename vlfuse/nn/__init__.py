@@ -1,3 +1,3 @@
 """Parts: plain nn.Modules shared by every task, each registered by name in ``vlfuse.registry``. Importing this
-package registers them all (vision and text encoders, fusion modules, decoders, heads)."""
-from . import decoders, fusion, heads, text, vision  # noqa: F401  (registration)
+package registers them all (vision and text encoders, fusion modules, decoders, heads, concept heads)."""
+from . import concepts, decoders, fusion, heads, text, vision  # noqa: F401  (registration)

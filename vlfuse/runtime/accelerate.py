@@ -122,8 +122,8 @@ class Runtime:
         out = {}
         if self._vision is not None:
             out["image_encoder"] = backend(self.image_encoder, images)
-        if self._decoder is not None:
-            out["decoding_step"] = backend(self.decoder, images)
+        if self._decoder is not None:  # an int8 copy decodes an image at a time (``decodes_int8``)
+            out["decoding_step"] = backend(self.decoder, 1 if self.decodes_int8 else images)
         return out
 
     def graphs_to_build(self) -> List[str]:
