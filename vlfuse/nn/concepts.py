@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -60,8 +61,10 @@ def imagenet_names() -> Dict[str, List]:
 
 
 def head_word(synonym: str) -> str:
-    """The word a class name ends in, lower case ("Asian elephant" -> "elephant")."""
-    return synonym.replace("-", " ").split()[-1].lower()
+    """The word a class name ends in, lower case, a parenthesis left out ("Asian elephant" -> "elephant",
+    "yawl (boat)" -> "yawl")."""
+    words = re.findall(r"[a-z]+", re.sub(r"\(.*?\)", " ", synonym).lower())
+    return words[-1] if words else synonym.lower()
 
 
 @lru_cache(maxsize=1)
