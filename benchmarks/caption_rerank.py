@@ -51,7 +51,7 @@ def main() -> None:
     for s in tqdm(range(0, len(data), 32), desc="candidates", unit="batch"):
         pixels = cap.preprocess(data.images[s:s + 32])
         for seed in range(args.seeds):
-            drawn, near = cap.rerank_candidates(pixels, decode.override(seed=seed))
+            drawn, near, _ = cap.rerank_candidates(pixels, decode.override(seed=seed))
             candidates[seed] += [[(" ".join(r.tokens), r.score / max(1, len(r.tokens))) for r in options]
                                  for options in drawn]
         neighbours += near

@@ -21,9 +21,13 @@ from ..registry import VISION_ENCODERS
 class ImageFeatures:
     grid: torch.Tensor    # (B, N, C) one vector per spatial cell
     pooled: torch.Tensor  # (B, C)
+    # (B, K, D) more memory a cross-attending fusion appends to its projected grid cells, already in its width D:
+    # the photo's concepts, where the caption model is told them (``CaptionModel.with_concepts``)
+    tokens: Optional[torch.Tensor] = None
 
     def index_select(self, index: torch.Tensor) -> "ImageFeatures":
-        return ImageFeatures(self.grid.index_select(0, index), self.pooled.index_select(0, index))
+        tokens = None if self.tokens is None else self.tokens.index_select(0, index)
+        return ImageFeatures(self.grid.index_select(0, index), self.pooled.index_select(0, index), tokens)
 
 
 class VisionEncoder(nn.Module):

@@ -37,6 +37,11 @@ class CaptionDataConfig:
     group_by_image: bool = False   # a batch holds train.batch_size images with all their captions (else captions)
     mirror: float = 0.0            # probability of training on an image's mirror image, "left"/"right" swapped in
                                    # its captions (vlfuse.data.mirror; the cross-entropy phase, not SCST)
+    # captions without photos (a Flickr-layout captions file, e.g. Flickr30k's): their words join the vocabulary,
+    # and in cross-entropy training each of their photos' 5 captions is one more item, read with an empty image
+    # and told, as its concepts, the concept words its captions use (a model with model.concepts only)
+    text_only: str = ""
+    text_only_limit: int = 0       # text-only photos drawn per epoch (0 = all); the same ones every epoch
 
     def __post_init__(self):
         check_mirror_probability(self.mirror)
@@ -45,6 +50,9 @@ class CaptionDataConfig:
 @dataclasses.dataclass
 class CaptionExperiment:
     task: str = "caption"
+    # start cross-entropy training from this trained caption model's weights (a name or directory): its decoder
+    # and fusion where their shapes match, its word vectors moved to the same words of the new vocabulary
+    init_from: str = ""
     data: CaptionDataConfig = dataclasses.field(default_factory=CaptionDataConfig)
     model: CaptionModelConfig = dataclasses.field(default_factory=CaptionModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -93,7 +101,54 @@ def encode_items(data: CaptionSet, tokenizer: Tokenizer, max_len: int, group_by_
     return [TrainingItem(i, *encode([c])) for i, c in data.pairs()]
 
 
-def make_collate(features: torch.Tensor, mirror: float = 0.0, mirrored_features: Optional[torch.Tensor] = None):
+def read_text_only(path: str) -> List[List[str]]:
+    """The captions of each photo of a Flickr-layout captions file (``name<TAB>caption``), in file order."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"data.text_only: no captions file '{path}'")
+    photos: Dict[str, List[str]] = {}
+    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        name, tab, text = line.partition("\t")
+        if not tab or not text.strip():
+            raise DataError(f"{path}:{n}: expected 'image_name<TAB>caption', got {line[:80]!r}")
+        photos.setdefault(name.split("#")[0], []).append(text.strip())
+    return list(photos.values())
+
+
+def told_concepts(captions: List[List[str]], tokenizer: Tokenizer, words: List[str], k: int, seed: int
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What a text-only photo is told (class ids (M, k), probabilities (M, k)), as a classifier would tell a
+    photo: the concepts whose caption words its captions use, most used first, with probabilities drawn in
+    [0.3, 0.95] (higher for words more of its captions use), then other concepts at [0, 0.15] — the tail a
+    classifier's top k also has, and the cases where the image holds no named thing."""
+    generator = torch.Generator().manual_seed(seed)
+    classes_of: Dict[str, List[int]] = {}
+    for i, w in enumerate(words):
+        classes_of.setdefault(w, []).append(i)
+    ids = torch.zeros(len(captions), k, dtype=torch.long)
+    probs = torch.zeros(len(captions), k)
+    for row, caps in enumerate(captions):
+        used: Dict[str, int] = {}
+        for c in caps:
+            for w in set(tokenizer.tokenize(c)):
+                if w in classes_of:
+                    used[w] = used.get(w, 0) + 1
+        named = sorted(used, key=lambda w: -used[w])[:k]
+        draws = torch.rand(k, generator=generator)
+        for j, w in enumerate(named):
+            options = classes_of[w]
+            ids[row, j] = options[int(torch.randint(len(options), (1,), generator=generator))]
+            probs[row, j] = 0.3 + 0.65 * draws[j] * used[w] / len(caps)
+        for j in range(len(named), k):
+            ids[row, j] = int(torch.randint(len(words), (1,), generator=generator))
+            probs[row, j] = 0.15 * draws[j]
+        order = probs[row].argsort(descending=True)
+        ids[row], probs[row] = ids[row][order], probs[row][order]
+    return ids, probs
+
+
+def make_collate(features: torch.Tensor, mirror: float = 0.0, mirrored_features: Optional[torch.Tensor] = None,
+                 concepts: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
     """Training items -> (stem activations (B_img, C, H, W), tokens (B, L), rows (B,)), ``rows`` naming each
     caption's image. With probability ``mirror`` an image is replaced by its mirror image (``mirrored_features``:
     the cached stem outputs of the mirrored photos, ``FeatureCache(mirrored=True)``) and its captions by their
@@ -103,15 +158,19 @@ def make_collate(features: torch.Tensor, mirror: float = 0.0, mirrored_features:
 
     def collate(items: List[TrainingItem]):
         idx = torch.tensor([item.row for item in items])
-        acts = features[idx].float()
-        flip = draw_mirrored(len(items), mirror)
+        photo = idx < len(features)  # rows past the photos are text-only items: an empty image
+        acts = features[idx.clamp(max=len(features) - 1)].float()
+        acts[~photo] = 0
+        flip = draw_mirrored(len(items), mirror) & photo
         if flip.any():
             acts[flip] = mirrored_features[idx[flip]].float()
         counts = torch.tensor([len(item.captions) for item in items])
         rows = torch.arange(len(items)).repeat_interleave(counts)
         captions = [t for item, f in zip(items, flip.tolist()) for t in (item.mirrored if f else item.captions)]
         tokens = torch.nn.utils.rnn.pad_sequence(captions, batch_first=True, padding_value=PAD)
-        return acts, tokens, rows
+        if concepts is None:
+            return acts, tokens, rows
+        return acts, tokens, rows, concepts[0][idx], concepts[1][idx]
     return collate
 
 
@@ -144,14 +203,22 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     val_set = load_split(exp.data, exp.data.val_split, exp.data.val_limit)
     out = Path(exp.train.out_dir)
     init = _initial_model(exp)
+    text_only = read_text_only(exp.data.text_only) if exp.data.text_only else []
+    if text_only and not exp.model.concepts:
+        raise ConfigError("data.text_only trains the language side through told concepts: set model.concepts")
     if init is not None:
         tokenizer = init.tokenizer
     elif resume and (out / "vocab.json").is_file():
         tokenizer = Tokenizer.load(out)
     else:
-        tokenizer = Tokenizer.build((c for caps in train_set.captions for c in caps), exp.data.min_count)
+        tokenizer = Tokenizer.build((c for caps in train_set.captions + text_only for c in caps), exp.data.min_count)
     seed_everything(exp.train.seed)  # initial weights too, not only the training order, follow train.seed
     model = init.model.train() if init is not None else CaptionModel(exp.model, len(tokenizer))
+    if exp.model.concepts and init is None:
+        known = model.set_concept_words(tokenizer.index)
+        tqdm.write(f"concepts: {known} of {len(model.concept_head.words)} classes have their word in the vocabulary")
+    if exp.init_from and init is None and not resume:
+        _start_from(model, tokenizer, exp.init_from)
     cache = FeatureCache(exp.data.cache_dir, model.vision)
     train_feats, train_set, bad_train = cached_features(cache, train_set, exp.train.progress)
     val_feats, val_set, bad_val = cached_features(cache, val_set, exp.train.progress)
@@ -159,6 +226,19 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
         tqdm.write(f"skipped image: {err}")
     cache_minutes = (time.time() - t_start) / 60
     items = encode_items(train_set, tokenizer, exp.model.max_len, exp.data.group_by_image)
+    concepts = None
+    if exp.model.concepts:  # each photo's own, then what each text-only photo is told
+        with torch.no_grad():
+            photo_ids, photo_probs = zip(*(model.concepts_of(model.vision.tail(train_feats[s:s + 256].float()))
+                                           for s in range(0, len(train_feats), 256)))
+        if exp.data.text_only_limit:
+            text_only = text_only[:exp.data.text_only_limit]
+        text_ids, text_probs = told_concepts(text_only, tokenizer, model.concept_head.words, exp.model.concepts,
+                                             exp.train.seed)
+        concepts = (torch.cat(list(photo_ids) + [text_ids]), torch.cat(list(photo_probs) + [text_probs]))
+        text = CaptionSet([Path(f"text-only-{i}") for i in range(len(text_only))], text_only, "text-only")
+        items += [item._replace(row=len(train_feats) + item.row)
+                  for item in encode_items(text, tokenizer, exp.model.max_len, group_by_image=True)]
     resolved = to_dict(exp)
     if out and not resume:
         out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +266,7 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
         if exp.data.mirror > 0:  # the kept training images, mirrored: a second cache entry per image
             mirrored, _, _ = cached_features(FeatureCache(exp.data.cache_dir, model.vision, mirrored=True),
                                              train_set, exp.train.progress)
-        collate = make_collate(train_feats, exp.data.mirror, mirrored)
+        collate = make_collate(train_feats, exp.data.mirror, mirrored, concepts)
         trainer = Trainer(model, items, collate, lambda net, b: net(*b), evaluate, save_best,
                           exp.train, lengths=[max(len(t) for t in item.captions) for item in items],
                           frozen_prefixes=model.persistent_prefixes(),
@@ -214,6 +294,25 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
                "best_dir": str(best_dir)}
     save_json(summary, out / "summary.json")
     return summary
+
+
+def _start_from(model: CaptionModel, tokenizer: Tokenizer, name: str) -> None:
+    """Copy a trained caption model's weights into ``model`` (``init_from``): every decoder tensor of the same
+    name and shape, and its word vectors to the same words of ``tokenizer``'s vocabulary."""
+    source = Captioner.from_pretrained(name, device="cpu")
+    theirs = source.model.state_dict()
+    own = model.state_dict()
+    copied = 0
+    with torch.no_grad():
+        for key, value in theirs.items():
+            if key.startswith("decoder.") and key in own and own[key].shape == value.shape:
+                own[key].copy_(value)
+                copied += 1
+        embed = model.decoder.embed.weight
+        old = source.model.decoder.embed.weight
+        shared = [(i, source.tokenizer.index[w]) for i, w in enumerate(tokenizer.vocab) if w in source.tokenizer.index]
+        embed[torch.tensor([i for i, _ in shared])] = old[torch.tensor([j for _, j in shared])].to(embed.dtype)
+    tqdm.write(f"init_from {name}: {copied} tensors, {len(shared)} of {len(tokenizer)} word vectors")
 
 
 def _initial_model(exp: CaptionExperiment) -> Optional[Captioner]:

