@@ -6,7 +6,7 @@ ImageNet-1k classifier, so ``from_pretrained`` takes a vision encoder's name ("e
 directory, and there is nothing to save. Nor is it a ``Pipeline`` (``vlfuse.load``): no checkpoint names it.
 
 >>> tagger = Tagger.from_pretrained("efficientnet-lite0")
->>> tagger("dog.jpg")                        # [Concept(index=207, name='golden retriever', word='dog', ...), ...]
+>>> tagger("dog.jpg")                        # [Concept(index=207, name='Golden Retriever', word=..., ...), ...]
 >>> tagger(["a.jpg", pil_image], top=3)      # one list per image, each at most 3 concepts, most probable first
 >>> tagger("a.jpg", threshold=0.0)           # the top 5 whatever their probability
 """
