@@ -80,6 +80,19 @@ def test_export_is_cached_by_weights(lite0, tmp_path, monkeypatch):
     assert [f.stem for f in cache.folder.glob("*.onnx")] == [graph_key(changed)]
 
 
+def test_encoders_of_one_graph_share_one_onnx_runtime_copy(lite0, tmp_path):
+    """Pipelines whose encoders are the same graph (class, input size, weights; e.g. the tagger's backbone and the
+    retriever's frozen CNN in one server) share one ONNX Runtime session, not one each; another cache folder or
+    other weights get their own."""
+    twin = build_vision_encoder("efficientnet-lite0", trainable_blocks=1).eval()
+    first = Runtime(RuntimeOptions(cache_dir=tmp_path / "a"), vision=lite0).image_encoder
+    assert Runtime(RuntimeOptions(cache_dir=tmp_path / "a"), vision=twin).image_encoder is first
+    assert Runtime(RuntimeOptions(cache_dir=tmp_path / "b"), vision=twin).image_encoder is not first
+    with torch.no_grad():
+        twin.tail_layers[0]._project_conv.weight.mul_(1.5)
+    assert Runtime(RuntimeOptions(cache_dir=tmp_path / "a"), vision=twin).image_encoder is not first
+
+
 def test_fallback_to_pytorch_and_explicit_request_errors(lite0, tmp_path, monkeypatch, caplog):
     cache = GraphCache(tmp_path / "cache")
     monkeypatch.setattr(policy, "onnx_available", lambda: False)

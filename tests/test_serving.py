@@ -46,6 +46,7 @@ from vlfuse.serving.settings import (  # noqa: E402
 from vlfuse.tasks.caption.pipeline import Captioner  # noqa: E402
 
 KEY = "test-key-0123456789abcdef"
+NONE = ModelChoice("none")  # a model ServiceModels.load leaves out (the tagger: tests/test_tagging.py serves it)
 
 
 @pytest.fixture(scope="module")
@@ -148,13 +149,15 @@ def test_models_readyz_healthz(full):
                                  "decode": dataclasses.asdict(CaptionDecodeConfig()),  # images encoded and decoding
                                  "image_encoder": "onnxruntime", "decoding_step": "onnxruntime"}  # steps run by ORT
     assert models["retrieval"]["index"]["images"] == 4
-    assert full.get("/readyz").json() == {"ready": True, "models": {"caption": True, "vqa": True, "retrieval": True}}
+    assert full.get("/readyz").json() == {"ready": True, "models": {"caption": True, "vqa": True, "retrieval": True,
+                                                                     "tagging": False}}
     assert full.get("/healthz", headers={"Authorization": ""}).json() == {"status": "ok"}
 
 
 def test_only_captioning_loaded_reports_others_503(captioner):
     with client_for(build_models(captioner)) as client:  # no keys: loopback-only mode
-        assert client.get("/readyz").json()["models"] == {"caption": True, "vqa": False, "retrieval": False}
+        assert client.get("/readyz").json()["models"] == {"caption": True, "vqa": False, "retrieval": False,
+                                                          "tagging": False}
         assert client.get("/v1/models").json()["models"]["vqa"] == {"loaded": False, "reason": "disabled at startup"}
         assert_error(post_image(client, "/v1/vqa", image_bytes(), question="what?"), 503, "model_not_loaded", "vqa")
         assert_error(client.post("/v1/search", json={"text": "a dog"}), 503, "model_not_loaded", "retrieval")
@@ -521,7 +524,7 @@ def test_first_start_builds_the_onnx_graphs_in_a_child_process(caption_dir, tmp_
     with monkeypatch.context() as m:
         m.setattr(onnx_vision, "export_onnx", no_export)
         m.setattr(onnx_decoder, "export_step", no_export)
-        models = ServiceModels.load(ModelChoice(str(caption_dir)), ModelChoice("none"), ModelChoice("none"),
+        models = ServiceModels.load(ModelChoice(str(caption_dir)), NONE, NONE, tagging=NONE,
                                     runtime=RuntimeOptions(cache_dir=cache))
     captioner, weights = models.captioner, Captioner.from_pretrained(str(caption_dir)).model
     assert sorted(p.name for p in cache.glob("*.onnx")) == sorted(
@@ -531,27 +534,27 @@ def test_first_start_builds_the_onnx_graphs_in_a_child_process(caption_dir, tmp_
 
     monkeypatch.setattr(service_models, "_BUILD_GRAPHS", "raise SystemExit('no luck')")
     with caplog.at_level(logging.WARNING, logger="vlfuse.serving.models"):
-        models = ServiceModels.load(ModelChoice(str(caption_dir)), ModelChoice("none"), ModelChoice("none"),
+        models = ServiceModels.load(ModelChoice(str(caption_dir)), NONE, NONE, tagging=NONE,
                                     runtime=RuntimeOptions(cache_dir=tmp_path / "cache2"))
     assert "no luck" in caplog.text  # exported here instead
     assert models.captioner.runtime.backends()["decoding_step"] == "onnxruntime"
 
 
 def test_service_models_load_subset_and_errors(caption_dir):
-    models = ServiceModels.load(ModelChoice(str(caption_dir)), ModelChoice("none"), ModelChoice("none"))
-    assert models.loaded() == {"caption": True, "vqa": False, "retrieval": False}
+    models = ServiceModels.load(ModelChoice(str(caption_dir)), NONE, NONE, tagging=NONE)
+    assert models.loaded() == {"caption": True, "vqa": False, "retrieval": False, "tagging": False}
     assert models.describe()["vqa"] == {"loaded": False, "reason": "disabled at startup"}
     assert models.describe()["caption"]["image_encoder"] == "onnxruntime"
-    plain = ServiceModels.load(ModelChoice(str(caption_dir)), ModelChoice("none"), ModelChoice("none"),
+    plain = ServiceModels.load(ModelChoice(str(caption_dir)), NONE, NONE, tagging=NONE,
                                runtime=RuntimeOptions(onnx=False))
     assert plain.describe()["caption"]["image_encoder"] == "torch"  # `vlfuse serve --no-onnx`
     assert plain.describe()["caption"]["decoding_step"] == "torchscript"
     from vlfuse.errors import ModelNotFoundError
 
     with pytest.raises(ModelNotFoundError, match="no-such-model"):
-        ServiceModels.load(ModelChoice("no-such-model"), ModelChoice("none"), ModelChoice("none"))
+        ServiceModels.load(ModelChoice("no-such-model"), NONE, NONE, tagging=NONE)
     with pytest.raises(ModelNotFoundError, match="needs a retrieval model"):
-        ServiceModels.load(ModelChoice(str(caption_dir)), ModelChoice("none"), ModelChoice("none"), index="x.idx")
+        ServiceModels.load(ModelChoice(str(caption_dir)), NONE, NONE, tagging=NONE, index="x.idx")
     json.dumps(models.describe())
 
 
@@ -594,7 +597,7 @@ def parity(request):
     decoding = request.param
     cli_args, caption_rerank = DECODINGS[decoding]
     paths = [flickr / "images" / n for n in (flickr / "val.txt").read_text().split()[:PARITY_PHOTOS]]
-    models = ServiceModels.load(ModelChoice(), ModelChoice("none"), ModelChoice("none"), caption_rerank=caption_rerank)
+    models = ServiceModels.load(ModelChoice(), NONE, NONE, tagging=NONE, caption_rerank=caption_rerank)
     if models.captioner is None:  # reranking needs pycocoevalcap
         pytest.skip(models.problems["caption"])
     assert models.captioner.decode_defaults.strategy == decoding

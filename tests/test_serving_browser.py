@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import threading
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import flickr_or_skip
 from serving_helpers import (
     ColourIndex,
     ColourRetriever,
@@ -171,6 +173,29 @@ def test_page_of_a_service_without_keys_never_asks(tmp_path):
         expect(page.locator("#models-status")).to_contain_text("caption: ready")
         expect(page.locator("#key-dialog")).to_be_hidden()
         expect(page.locator("#key-btn")).to_be_hidden()
+        expect(page.locator("#error")).to_be_hidden()
+
+
+def test_page_shows_the_photos_tags_under_its_caption(tmp_path):
+    """With a tagger loaded, a picked photo gets its tags (name, word, percentage) under the caption; a blank one
+    gets the threshold that none reached."""
+    _require_browser()
+    from playwright.sync_api import expect
+
+    from vlfuse.serving.app import create_app
+    from vlfuse.tasks.tagging import Tagger
+
+    models = models_for(tmp_path)
+    models.tagger, models.names["tagging"] = Tagger.from_pretrained("efficientnet-lite0"), "efficientnet-lite0"
+    dog = flickr_or_skip() / "images" / "1526325728_74eb4153d8.jpg"  # Weimaraner 0.99
+    with serving(create_app(models)) as base, browser_page(base) as (page, _):
+        page.goto(base + "/")
+        expect(page.locator("#models-status")).to_contain_text("tagging: ready")
+        page.set_input_files("#file-input", str(dog))
+        # (the caption word depends on the word mapping: "weimaraner" from the class name, or "dog")
+        expect(page.locator("#tags")).to_have_text(re.compile(r"Tags: Weimaraner \(\w+\) 99%"), timeout=20_000)
+        page.set_input_files("#file-input", str(tmp_path / "photos" / "red.png"))
+        expect(page.locator("#tags")).to_have_text("Tags: no concept at or above 0.30", timeout=20_000)
         expect(page.locator("#error")).to_be_hidden()
 
 

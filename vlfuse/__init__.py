@@ -1,4 +1,4 @@
-"""vlfuse: vision–language fusion — captioning, VQA and image–text retrieval on a plain CPU.
+"""vlfuse: vision–language fusion — captioning, VQA, image–text retrieval and tagging on a plain CPU.
 
 The public names are imported on first use, so ``import vlfuse.errors`` (say) stays light.
 """
@@ -14,6 +14,7 @@ _PUBLIC = {
     "QuestionAnswerer": "vlfuse.tasks.vqa", "VQAModel": "vlfuse.tasks.vqa",
     "Retriever": "vlfuse.tasks.retrieval", "RetrievalModel": "vlfuse.tasks.retrieval",
     "ImageIndex": "vlfuse.tasks.retrieval",
+    "Tagger": "vlfuse.tasks.tagging",
     "load": "vlfuse.tasks.base",  # any model, as the pipeline its checkpoint's task calls for
 }
 __all__ = sorted(_PUBLIC) + ["__version__"]

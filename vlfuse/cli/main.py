@@ -13,6 +13,7 @@ from ..errors import VlfuseError
 # subcommand name -> module (relative to vlfuse.cli); each module defines add_parser(sub) and run(args) -> int
 COMMANDS = {
     "caption": "caption",
+    "tag": "tag",
     "train": "train",
     "evaluate": "evaluate",
     "models": "models",
@@ -25,7 +26,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlfuse", description="Vision-language fusion: caption, answer, search.")
+    parser = argparse.ArgumentParser(prog="vlfuse", description="Vision-language fusion: caption, answer, tag, search.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, module in COMMANDS.items():

@@ -9,9 +9,9 @@ import sys
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the HTTP API and web page",
-                       description="Serve captioning, VQA and image search over HTTP. Models load once at start; "
-                                   "any of them may be missing (its endpoints answer 503). Give a model as "
-                                   "'none' to leave it out.")
+                       description="Serve captioning, VQA, tagging and image search over HTTP. Models load once "
+                                   "at start; any of them may be missing (its endpoints answer 503). Give a model "
+                                   "as 'none' to leave it out.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other "
                                                        "address needs API keys)")
     p.add_argument("--port", type=int, default=8080)
@@ -24,6 +24,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--vqa-model", metavar="M", help="VQA model name or directory (default easyvqa if installed)")
     p.add_argument("--retrieval-model", metavar="M", help="retrieval model name or directory (default "
                                                           "flickr8k-retrieval if installed)")
+    p.add_argument("--tagging-model", metavar="BACKBONE",
+                   help="backbone whose ImageNet classifier tags photos for /v1/tags (default efficientnet-lite0; "
+                        "also efficientnet-lite1, efficientnet-lite2)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
     p.add_argument("--no-onnx", action="store_true",
                    help="encode images with PyTorch and decode with TorchScript (on a CPU the default is ONNX "
@@ -117,7 +120,7 @@ def run(args) -> int:
     models = ServiceModels.load(ModelChoice(args.caption_model), ModelChoice(args.vqa_model),
                                 ModelChoice(args.retrieval_model), index=args.index, device=args.device,
                                 thumbnail_size=settings.thumbnail_size, runtime=runtime_options(no_onnx=args.no_onnx),
-                                caption_rerank=args.caption_rerank)
+                                caption_rerank=args.caption_rerank, tagging=ModelChoice(args.tagging_model))
     release_free_heap()
     loaded = [task for task, ok in models.loaded().items() if ok]
     if not loaded:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, Dict, List, Optional
+import weakref
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -34,14 +35,34 @@ def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+# ONNX Runtime image encoders alive in this process, by (cache folder, graph file, threads): pipelines whose encoders
+# compute the same graph share one session instead of holding ~20 MB each (in the server, the tagger's backbone and
+# the retriever's frozen EfficientNet-Lite0 are the same graph). The sessions are read-only; an entry goes with the
+# last pipeline that holds it.
+_ONNX_ENCODERS: "weakref.WeakValueDictionary[Tuple[str, str, int], OnnxImageEncoder]" = weakref.WeakValueDictionary()
+_ONNX_ENCODERS_LOCK = threading.Lock()
+
+
+def onnx_image_encoder(encoder: VisionEncoder, cache: GraphCache) -> OnnxImageEncoder:
+    """The ONNX Runtime copy of ``encoder``: one already made in this process from the same graph (the same class,
+    input size and weights) in the same cache folder with the same thread count, else a new one."""
+    key = (str(cache.folder), graph_name(encoder), torch.get_num_threads())
+    with _ONNX_ENCODERS_LOCK:
+        shared = _ONNX_ENCODERS.get(key)
+        if shared is None:
+            shared = _ONNX_ENCODERS[key] = OnnxImageEncoder(encoder, cache)
+        return shared
+
+
 def accelerate_vision(encoder: VisionEncoder, options: RuntimeOptions, cache: GraphCache) -> ImageEncoder:
-    """What encodes images for inference: an ONNX Runtime copy of ``encoder`` where ``options`` and the policy
-    choose ONNX Runtime and the export works, else ``encoder`` itself. An export failure falls back to PyTorch with
-    a warning, or raises ConfigError where ONNX Runtime was asked for (``onnx=True``)."""
+    """What encodes images for inference: an ONNX Runtime copy of ``encoder`` (``onnx_image_encoder``: shared with
+    any other pipeline whose encoder is the same graph) where ``options`` and the policy choose ONNX Runtime and
+    the export works, else ``encoder`` itself. An export failure falls back to PyTorch with a warning, or raises
+    ConfigError where ONNX Runtime was asked for (``onnx=True``)."""
     if not uses_onnx(options, _device(encoder)):
         return encoder
     try:
-        return OnnxImageEncoder(encoder, cache)
+        return onnx_image_encoder(encoder, cache)
     except Exception as exc:  # noqa: BLE001 — an exporter or runtime limitation: the PyTorch encoder still works
         if options.onnx:
             raise ConfigError(f"could not run the image encoder with ONNX Runtime: {exc}") from exc

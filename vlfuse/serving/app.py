@@ -1,7 +1,7 @@
 """The FastAPI application, composed of the parts beside it:
 
 - ``service``    the loaded models (``models``), batching and upload workers the routes share;
-- ``routes/``    the endpoints, one router per concern (status and page, caption, VQA, search);
+- ``routes/``    the endpoints, one router per concern (status and page, caption, VQA, search, tags);
 - ``middleware`` metrics, then the API-key and body-size guard, around every request;
 - ``errors``     every failure as ``{"error": {"code", "message"}}``; ``schemas`` the bodies' OpenAPI shapes.
 
@@ -20,14 +20,15 @@ from .errors import install_error_handlers
 from .metrics import ServiceMetrics
 from .middleware import GuardMiddleware, MetricsMiddleware
 from .models import ServiceModels
-from .routes import caption, search, status, vqa
+from .routes import caption, search, status, tags, vqa
 from .routes.status import STATIC_DIR
 from .service import Service
 from .settings import APIKeys, ServeSettings
 
 MULTIPART_SLACK = 64 * 1024  # form boundaries and small fields around the one uploaded image
 
-DESCRIPTION = ("Caption photos, answer questions about them and search an image index. "
+DESCRIPTION = ("Caption photos, answer questions about them, tag them with the concepts they show and search an "
+               "image index. "
                "Send the API key as `Authorization: Bearer KEY` or `X-API-Key: KEY`. "
                "Errors are JSON: `{\"error\": {\"code\": ..., \"message\": ...}}`.")
 
@@ -46,6 +47,6 @@ def create_app(models: ServiceModels, settings: Optional[ServeSettings] = None,
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)
     app.state.service = service
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    for routes in (status, caption, vqa, search):
+    for routes in (status, caption, vqa, search, tags):
         app.include_router(routes.router(service))
     return app

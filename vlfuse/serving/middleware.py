@@ -12,7 +12,7 @@ from .settings import APIKeys
 # endpoints counted under their own path; any other path is "/static" or "other", so that requests for made-up
 # paths cannot grow the number of series without bound
 KNOWN_ENDPOINTS = {"/", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/v1/models", "/v1/caption",
-                   "/v1/vqa", "/v1/search", "/v1/thumbnail"}
+                   "/v1/vqa", "/v1/search", "/v1/thumbnail", "/v1/tags"}
 
 
 def endpoint_label(path: str) -> str:

@@ -1,7 +1,7 @@
 """The models behind the service, loaded once at start, and the batch functions the batchers call.
 
 Every function here is a thin call into the library's own API (``Captioner``, ``QuestionAnswerer``, ``Retriever``,
-``ImageIndex``); nothing is re-implemented. Any subset of the models may be loaded.
+``ImageIndex``, ``Tagger``); nothing is re-implemented. Any subset of the models may be loaded.
 """
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from ..runtime import RuntimeOptions
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODELS = {"caption": "flickr8k-caption", "vqa": "easyvqa", "retrieval": "flickr8k-retrieval"}
+# tagging's "model" is a backbone with a concept head (vlfuse.nn.concepts): its frozen ImageNet classifier
+DEFAULT_MODELS = {"caption": "flickr8k-caption", "vqa": "easyvqa", "retrieval": "flickr8k-retrieval",
+                  "tagging": "efficientnet-lite0"}
 DISABLED = "none"
 
 
@@ -135,6 +137,16 @@ def _load_retriever(name: str, device: Optional[str], runtime: RuntimeOptions):
     return retriever
 
 
+def _load_tagger(name: str, device: Optional[str], runtime: RuntimeOptions):
+    from ..tasks.tagging.pipeline import Tagger
+
+    tagger = Tagger.from_pretrained(name, runtime=runtime, **_device_kw(device))
+    build_fast_copies(tagger, str(name), device)
+    # where ONNX Runtime encodes the images, the backbone's PyTorch weights are not read again: ~13 MB
+    tagger.runtime.drop_replaced_weights()
+    return tagger
+
+
 def _load_index(path: str, retriever):
     from ..tasks.retrieval.index import ImageIndex
 
@@ -143,15 +155,16 @@ def _load_index(path: str, retriever):
     return index
 
 
-LOADERS = {"caption": _load_captioner, "vqa": _load_vqa, "retrieval": _load_retriever}
+LOADERS = {"caption": _load_captioner, "vqa": _load_vqa, "retrieval": _load_retriever, "tagging": _load_tagger}
 
 
 class ServiceModels:
     """Loaded models (any of them may be None) and the batch functions over them."""
 
     def __init__(self, captioner=None, vqa=None, retriever=None, index=None, names: Optional[Dict[str, str]] = None,
-                 problems: Optional[Dict[str, str]] = None, thumbnail_size: int = 192):
+                 problems: Optional[Dict[str, str]] = None, thumbnail_size: int = 192, tagger=None):
         self.captioner, self.vqa, self.retriever, self.index = captioner, vqa, retriever, index
+        self.tagger = tagger
         self.names = dict(names or {})
         self.problems = dict(problems or {})  # task -> why it is not loaded
         self.thumbnail_size = thumbnail_size
@@ -162,16 +175,17 @@ class ServiceModels:
     def load(cls, caption: ModelChoice = ModelChoice(), vqa: ModelChoice = ModelChoice(),
              retrieval: ModelChoice = ModelChoice(), index: Optional[str] = None, device: Optional[str] = None,
              thumbnail_size: int = 192, runtime: RuntimeOptions = RuntimeOptions(),
-             caption_rerank: bool = False) -> "ServiceModels":
+             caption_rerank: bool = False, tagging: ModelChoice = ModelChoice()) -> "ServiceModels":
         """Load the chosen models. Raises VlfuseError if an explicitly chosen model or the index fails.
         ``runtime`` is every model's (``from_pretrained``): by default ONNX Runtime's image encoders and decoding
         step on a CPU where it is installed; ``RuntimeOptions(onnx=False)``: PyTorch's encoders and TorchScript's
         step.
-        ``caption_rerank`` keeps a caption model's rerank decoding default (else it decodes greedily)."""
+        ``caption_rerank`` keeps a caption model's rerank decoding default (else it decodes greedily).
+        ``tagging`` names the backbone whose concept head tags photos (default efficientnet-lite0)."""
         loaded: Dict[str, Any] = {}
         names: Dict[str, str] = {}
         problems: Dict[str, str] = {}
-        for task, choice in (("caption", caption), ("vqa", vqa), ("retrieval", retrieval)):
+        for task, choice in (("caption", caption), ("vqa", vqa), ("retrieval", retrieval), ("tagging", tagging)):
             if choice.disabled:
                 problems[task] = "disabled at startup"
                 continue
@@ -201,12 +215,13 @@ class ServiceModels:
             loaded.pop("retrieval")
             names.pop("retrieval")
         return cls(loaded.get("caption"), loaded.get("vqa"), loaded.get("retrieval"), idx, names, problems,
-                   thumbnail_size)
+                   thumbnail_size, tagger=loaded.get("tagging"))
 
     # -- status ---------------------------------------------------------------------------------------
     def loaded(self) -> Dict[str, bool]:
         return {"caption": self.captioner is not None, "vqa": self.vqa is not None,
-                "retrieval": self.retriever is not None and self.index is not None}
+                "retrieval": self.retriever is not None and self.index is not None,
+                "tagging": self.tagger is not None}
 
     def describe(self) -> Dict[str, dict]:
         out = {}
@@ -223,6 +238,11 @@ class ServiceModels:
             out["caption"].update(self.captioner.runtime.backends())
         if out["retrieval"]["loaded"]:
             out["retrieval"]["index"] = {"path": self.names.get("index"), "images": len(self.index.paths)}
+        if out["tagging"]["loaded"]:
+            from ..nn.concepts import CONCEPT_THRESHOLD
+
+            out["tagging"].update(self.tagger.runtime.backends(), threshold=CONCEPT_THRESHOLD,
+                                  concepts=len(self.tagger.head.names))
         return out
 
     # -- captioning -----------------------------------------------------------------------------------
@@ -253,6 +273,18 @@ class ServiceModels:
     def vqa_batch(self, top_k: int, items: Sequence[Tuple[Any, str]]) -> List[Any]:
         """items: (vqa_pixels output, checked question)."""
         return self.vqa.predict_pixels([px for px, _ in items], [q for _, q in items], top_k=top_k)
+
+    # -- tagging --------------------------------------------------------------------------------------
+    def tag_pixels(self, image) -> Any:
+        """Decoded PIL image -> the tagger's (1, 3, S, S) input (runs in the request's worker thread)."""
+        return self.tagger.preprocess([image])
+
+    def tag_batch(self, _key, pixels: Sequence[Any]) -> List[Any]:
+        """tag_pixels outputs -> each image's concept probabilities (C,); each request picks its own top and
+        threshold from them (``Tagger.concepts``), so requests with different ones share a batch."""
+        import torch
+
+        return list(self.tagger.probabilities_of_pixels(torch.cat(list(pixels))))
 
     # -- retrieval ------------------------------------------------------------------------------------
     def search_batch(self, kind: str, items: Sequence[Tuple[Any, int]]) -> List[List[Any]]:

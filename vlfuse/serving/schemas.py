@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class CaptionResponse(BaseModel):
@@ -12,6 +12,21 @@ class CaptionResponse(BaseModel):
     tokens: List[str]
     beam: int
     model: str
+
+
+class ConceptScore(BaseModel):
+    index: int = Field(description="the ImageNet-1k class, 0-999")
+    name: str = Field(description="its display name, e.g. 'golden retriever'")
+    word: str = Field(description="the word that stands for it in a caption, e.g. 'dog'")
+    probability: float = Field(description="the classifier's softmax probability")
+
+
+class TagsResponse(BaseModel):
+    concepts: List[ConceptScore] = Field(description="at most `top`, most probable first; only those at or above "
+                                                     "`threshold` (possibly none, as for a blank image)")
+    top: int
+    threshold: float
+    model: str = Field(description="the backbone whose ImageNet classifier tagged the photo")
 
 
 class AnswerScore(BaseModel):

@@ -42,7 +42,8 @@ class Service:
         wait_s = settings.batch_wait_ms / 1000.0
         batch_functions = {"caption": models.caption_batch if models.captioner is not None else None,
                            "vqa": models.vqa_batch if models.vqa is not None else None,
-                           "search": models.search_batch if models.loaded()["retrieval"] else None}
+                           "search": models.search_batch if models.loaded()["retrieval"] else None,
+                           "tags": models.tag_batch if models.tagger is not None else None}
         self._batchers = {task: Batcher(task, fn, executor, settings.max_batch_size, wait_s, self.metrics, workers)
                           for task, fn in batch_functions.items() if fn is not None}
         for b in self._batchers.values():
@@ -58,10 +59,11 @@ class Service:
             executor.shutdown(wait=True)
 
     def batcher(self, task: str) -> Batcher:
-        """The batcher of ``task`` ("caption", "vqa" or "search"), or ServiceError 503 saying why there is none."""
+        """The batcher of ``task`` ("caption", "vqa", "search" or "tags"), or ServiceError 503 saying why there is
+        none."""
         b = self._batchers.get(task)
         if b is None:
-            model_task = "retrieval" if task == "search" else task
+            model_task = {"search": "retrieval", "tags": "tagging"}.get(task, task)
             reason = self.models.describe()[model_task].get("reason", "not loaded")
             raise ServiceError(503, "model_not_loaded", f"the {model_task} model is not loaded: {reason}")
         return b

@@ -3,6 +3,7 @@
 
 const $ = (id) => document.getElementById(id);
 let photo = null;            // the picked File
+let tagging = false;         // whether the service tags photos (/v1/models says so)
 const thumbUrls = [];        // object URLs to revoke on the next search
 
 // -- API key ---------------------------------------------------------------------------------------
@@ -90,6 +91,7 @@ function isStale(panel, ticket) { return latest[panel] !== ticket; }
 async function loadModels() {
   try {
     const info = await api("/v1/models");
+    tagging = Boolean(info.models.tagging && info.models.tagging.loaded);
     const parts = Object.entries(info.models).map(([task, m]) => `${task}: ${m.loaded ? "ready" : "not loaded"}`);
     $("models-status").textContent = parts.join(" · ");
     showError("");
@@ -117,6 +119,7 @@ function setPhoto(file) {
   $("search-photo-btn").disabled = false;
   $("answer").textContent = "";
   captionPhoto();
+  tagPhoto();
 }
 
 $("file-input").addEventListener("change", (e) => setPhoto(e.target.files[0]));
@@ -150,6 +153,25 @@ async function captionPhoto() {
   }
 }
 $("caption-btn").addEventListener("click", captionPhoto);
+
+// -- tags: the concepts the backbone's classifier sees, only those that reach the service's threshold ----------
+async function tagPhoto() {
+  $("tags").textContent = "";
+  if (!photo || !tagging) return;
+  const form = new FormData();
+  form.append("image", photo);
+  const ticket = startRequest("tags");
+  try {
+    const r = await api("/v1/tags", { method: "POST", body: form });
+    if (isStale("tags", ticket)) return;
+    const shown = r.concepts.map((c) => `${c.name} (${c.word}) ${(100 * c.probability).toFixed(0)}%`);
+    $("tags").textContent = shown.length ? "Tags: " + shown.join(", ")
+                                         : `Tags: no concept at or above ${r.threshold.toFixed(2)}`;
+  } catch (e) {
+    if (isStale("tags", ticket)) return;
+    showError(e.message);
+  }
+}
 $("beam").addEventListener("change", captionPhoto);
 
 // -- question -------------------------------------------------------------------------------------
