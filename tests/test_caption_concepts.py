@@ -10,6 +10,7 @@ from vlfuse.cli.main import main
 from vlfuse.config import Part
 from vlfuse.data.tokenizer import UNK, Tokenizer
 from vlfuse.errors import ConfigError
+from vlfuse.generation import DecodeConfig, generate
 from vlfuse.nn.concepts import imagenet_words
 from vlfuse.tasks.caption.model import CaptionModel, CaptionModelConfig
 from vlfuse.tasks.caption.pipeline import Captioner
@@ -19,9 +20,10 @@ SMALL = dict(fusion=Part("cross-attention", {"dim": 32, "num_layers": 1, "num_he
              decoder=Part("transformer", {"dim": 32, "num_heads": 2}))
 
 
-def small_model(vocab, concepts=3) -> CaptionModel:
+def small_model(vocab, concepts=3, copy=False) -> CaptionModel:
     torch.manual_seed(0)
-    model = CaptionModel(CaptionModelConfig(concepts=concepts, **SMALL), len(vocab)).eval()
+    parts = dict(SMALL, decoder=Part("transformer", {"dim": 32, "num_heads": 2, "copy": copy}))
+    model = CaptionModel(CaptionModelConfig(concepts=concepts, **parts), len(vocab)).eval()
     model.set_concept_words({w: i for i, w in enumerate(vocab)})
     return model
 
@@ -70,10 +72,12 @@ def test_text_only_captions_are_told_the_concepts_their_words_name():
     assert torch.equal(ids, again[0]) and torch.equal(probs, again[1])
 
 
-def test_fast_decoding_paths_read_the_concept_tokens_like_the_eager_step(tmp_path):
-    """TorchScript's and ONNX Runtime's steps attend over grid + concept tokens as the eager decoder does."""
+@pytest.mark.parametrize("copy", [False, True])
+def test_fast_decoding_paths_read_the_concept_tokens_like_the_eager_step(tmp_path, copy):
+    """TorchScript's and ONNX Runtime's steps attend over grid + concept tokens (and a copying decoder adds its
+    copied words' scores) as the eager decoder does."""
     vocab = ["<pad>", "<bos>", "<eos>", "<unk>"] + [f"w{i}" for i in range(40)] + ["dog", "cat"]
-    model = small_model(vocab)
+    model = small_model(vocab, copy=copy)
     cap = Captioner(model, Tokenizer(vocab))
     cap.save_pretrained(tmp_path / "m")
     loaded = Captioner.from_pretrained(tmp_path / "m", int8=False)
@@ -89,6 +93,28 @@ def test_fast_decoding_paths_read_the_concept_tokens_like_the_eager_step(tmp_pat
     assert onnx.runtime.backends()["decoding_step"] == "onnxruntime"
     int8 = [r.caption for r in onnx.caption_features(onnx.encode(pixels), greedy)]
     assert len(int8) == 3 and all(isinstance(c, str) for c in int8)
+
+
+def test_a_copying_decoder_writes_the_words_it_is_told():
+    """With a strong copy scale, the told concept's word (probability 1) is what the untrained decoder writes
+    first, whatever its language model says; told nothing (probability 0), it writes something else."""
+    vocab = ["<pad>", "<bos>", "<eos>", "<unk>"] + [f"w{i}" for i in range(40)] + ["dog", "elephant"]
+    model = small_model(vocab, concepts=1, copy=True)
+    with torch.no_grad():
+        model.decoder.copy_scale.fill_(50.0)
+        model.decoder.copy_gate.bias.fill_(10.0)  # the gate open at every position
+    image = model.vision(torch.randn(1, 3, 224, 224))
+    elephant = imagenet_words().index("elephant")
+    greedy = DecodeConfig(strategy="greedy", max_len=4, no_repeat_ngram=0)
+    told = model.word_scores(torch.tensor([[elephant]]), torch.tensor([[1.0]]))
+    state = model.decoder.init_state(model.with_concepts(image, torch.tensor([[elephant]]), torch.tensor([[1.0]])))
+    state["copy"] = told
+    ids = generate(model.decoder.step, state, 1, greedy, per_image=model.decoder.per_image_state())[0][0]
+    assert ids[0] == vocab.index("elephant")
+    state = model.decoder.init_state(model.with_concepts(image, torch.tensor([[elephant]]), torch.tensor([[0.0]])))
+    state["copy"] = told * 0
+    ids = generate(model.decoder.step, state, 1, greedy, per_image=model.decoder.per_image_state())[0][0]
+    assert ids[0] != vocab.index("elephant")
 
 
 def test_training_with_text_only_captions_and_concepts(tmp_path, feature_cache):

@@ -133,32 +133,55 @@ class _SpecialTokens:
         return logp.float() + (self.first if t == 0 else self.base)
 
 
+class WordBias:
+    """Log-probability bonuses a row gets for words until it has written them: ``bias`` (B, V), one row per
+    sequence (all zeros: none). A decoder told which words a sequence should contain (a caption model told its
+    photo's concepts) makes them likelier this way — a soft form of constrained decoding (Anderson et al. 2017)
+    that needs no extra beams — and the bonus of a word ends once it is written, so it is not repeated for it."""
+
+    def __init__(self, bias: torch.Tensor):
+        self.bias = bias.float().clone()
+
+    def apply(self, logp: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return logp + self.bias.index_select(0, rows)
+
+    def written(self, rows: torch.Tensor, words: torch.Tensor) -> None:
+        self.bias[rows, words] = 0.0
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.bias = self.bias.index_select(0, index)
+
+
 @torch.no_grad()
 def generate(step: StepFn, state: Dict[str, torch.Tensor], batch_size: int, cfg: DecodeConfig,
              bos: int = 1, eos: int = 2, pad: int = 0, per_image: FrozenSet[str] = frozenset(),
-             seeds: Optional[Sequence[int]] = None, greedy_first: bool = False) -> List[Tuple[List[int], float]]:
+             seeds: Optional[Sequence[int]] = None, greedy_first: bool = False,
+             word_bias: Optional[torch.Tensor] = None) -> List[Tuple[List[int], float]]:
     """Decode ``batch_size`` sequences; returns (token ids without <bos>/<eos>, score) per item.
 
     Sampling takes ``seeds``, one per image, whose rows are consecutive (``batch_size // len(seeds)`` each): every
     row draws from its image's own random stream, so an image's samples are the same whatever else is in the batch
     (without ``seeds`` all rows share one stream seeded with ``cfg.seed``). With ``greedy_first`` the first row of
     each image takes the most likely word at every step instead: its greedy caption, decoded beside its samples.
+    ``word_bias`` (batch_size, V) adds to each sequence's log-probabilities until it writes the word (``WordBias``);
+    the scores returned leave it out.
     """
     if cfg.strategy not in DecodeConfig.strategies:
         raise ConfigError(f"generate decodes with {DecodeConfig.strategies}, not '{cfg.strategy}': a task's own "
                           f"strategy runs in its pipeline (e.g. a Captioner's rerank)")
+    bias = None if word_bias is None else WordBias(word_bias)
     if cfg.strategy == "beam":
-        return beam_search(step, state, batch_size, cfg, bos, eos, pad, per_image)
+        return beam_search(step, state, batch_size, cfg, bos, eos, pad, per_image, bias)
     device = next(iter(state.values())).device
     if cfg.strategy == "greedy":
-        return _greedy_or_sample(step, state, batch_size, cfg, bos, eos, pad, per_image, None, None)
+        return _greedy_or_sample(step, state, batch_size, cfg, bos, eos, pad, per_image, None, None, bias)
     uniforms = _uniforms(batch_size, cfg, seeds, device)
     greedy_rows = None
     if greedy_first:
         if seeds is None:
             raise ConfigError("greedy_first needs the images' seeds, which say where each image's rows start")
         greedy_rows = torch.arange(batch_size, device=device) % (batch_size // len(seeds)) == 0  # (B,)
-    return _greedy_or_sample(step, state, batch_size, cfg, bos, eos, pad, per_image, uniforms, greedy_rows)
+    return _greedy_or_sample(step, state, batch_size, cfg, bos, eos, pad, per_image, uniforms, greedy_rows, bias)
 
 
 def _uniforms(batch_size: int, cfg: DecodeConfig, seeds: Optional[Sequence[int]], device) -> torch.Tensor:
@@ -178,7 +201,8 @@ def _uniforms(batch_size: int, cfg: DecodeConfig, seeds: Optional[Sequence[int]]
 
 
 def _greedy_or_sample(step, state, batch_size, cfg, bos, eos, pad, per_image: FrozenSet[str],
-                      uniforms: Optional[torch.Tensor], greedy_rows: Optional[torch.Tensor]):
+                      uniforms: Optional[torch.Tensor], greedy_rows: Optional[torch.Tensor],
+                      bias: Optional[WordBias] = None):
     """Greedy decoding where ``uniforms`` is None, else sampling (but the ``greedy_rows`` decode greedily).
 
     A finished row leaves the batch where the rest can decode without it: where every state entry is one row per
@@ -198,13 +222,16 @@ def _greedy_or_sample(step, state, batch_size, cfg, bos, eos, pad, per_image: Fr
         specials = specials or _SpecialTokens(logp.shape[1], cfg, bos, eos, pad, device)
         logp = specials.apply(logp, t)
         _apply_ngram_block(logp, tokens, cfg.no_repeat_ngram)
+        biased = logp if bias is None else bias.apply(logp, rows)
         if uniforms is None:
-            chosen, nxt = logp.max(-1)
+            nxt = biased.argmax(-1)
         else:
-            nxt = _sample_top_p(logp / cfg.temperature, cfg.top_p, uniforms[rows, t:t + 1])
+            nxt = _sample_top_p(biased / cfg.temperature, cfg.top_p, uniforms[rows, t:t + 1])
             if greedy_rows is not None:
-                nxt = torch.where(greedy_rows[rows], logp.argmax(-1), nxt)
-            chosen = logp.gather(1, nxt[:, None]).squeeze(1)
+                nxt = torch.where(greedy_rows[rows], biased.argmax(-1), nxt)
+        chosen = logp.gather(1, nxt[:, None]).squeeze(1)
+        if bias is not None:
+            bias.written(rows, nxt)
         scores[rows] += torch.where(done, torch.zeros_like(chosen), chosen)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         words[rows, t] = nxt
@@ -240,13 +267,16 @@ def _sample_top_p(logits: torch.Tensor, top_p: float, uniform: torch.Tensor) -> 
 
 
 def beam_search(step: StepFn, state: Dict[str, torch.Tensor], batch_size: int, cfg: DecodeConfig,
-                bos: int = 1, eos: int = 2, pad: int = 0, per_image: FrozenSet[str] = frozenset()
-                ) -> List[Tuple[List[int], float]]:
+                bos: int = 1, eos: int = 2, pad: int = 0, per_image: FrozenSet[str] = frozenset(),
+                bias: Optional[WordBias] = None) -> List[Tuple[List[int], float]]:
     """Batched beam search. Finished beams stay in their slot and extend with <pad> at no cost;
-    at the end beams are ranked by score / length ** length_penalty."""
+    at the end beams are ranked by score / length ** length_penalty (with ``bias``, its bonuses included)."""
     k = cfg.beam_size
     device = next(iter(state.values())).device
     state = reorder_state(state, torch.arange(batch_size, device=device).repeat_interleave(k), keep=per_image)
+    if bias is not None:
+        bias.reorder(torch.arange(batch_size, device=device).repeat_interleave(k))
+    all_rows = torch.arange(batch_size * k, device=device)
     # Entries the step function never replaces (the image's memory, its cross-attention keys/values) are equal
     # for all beams of an image, so picking beams within an image leaves them unchanged: they are not copied.
     expanded, static = dict(state), frozenset(state)
@@ -262,6 +292,8 @@ def beam_search(step: StepFn, state: Dict[str, torch.Tensor], batch_size: int, c
         specials = specials or _SpecialTokens(vocab, cfg, bos, eos, pad, device)
         logp = specials.apply(logp, t)
         _apply_ngram_block(logp, tokens, cfg.no_repeat_ngram)
+        if bias is not None:
+            logp = bias.apply(logp, all_rows)
         logp[finished] = float("-inf")
         logp[finished, pad] = 0.0
         cand = (scores.view(-1, 1) + logp).view(batch_size, k * vocab)
@@ -271,6 +303,9 @@ def beam_search(step: StepFn, state: Dict[str, torch.Tensor], batch_size: int, c
         tokens = torch.cat([tokens.index_select(0, src), tok], 1)
         static = frozenset(key for key in static if state.get(key) is expanded[key])
         state = reorder_state(state, src, keep=static)
+        if bias is not None:
+            bias.reorder(src)
+            bias.written(all_rows, tok.view(-1))
         finished = finished.index_select(0, src) | (tok.view(-1) == eos)
         if bool(finished.all()):
             break

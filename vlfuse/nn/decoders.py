@@ -81,7 +81,8 @@ class TransformerDecoder(nn.Module):
     blocks (useful after vector fusions; 0 for cross-attention/joint, which carry their own) -> vocabulary."""
 
     def __init__(self, vocab_size: int, image_dim: int, fusion: Part, dim: int = 512, num_layers: int = 0,
-                 num_heads: int = 8, max_len: int = 40, dropout: float = 0.1, tie_embeddings: bool = True):
+                 num_heads: int = 8, max_len: int = 40, dropout: float = 0.1, tie_embeddings: bool = True,
+                 copy: bool = False):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim, padding_idx=0)
         nn.init.normal_(self.embed.weight, std=dim ** -0.5)  # unit-variance after the sqrt(dim) scale below
@@ -98,19 +99,37 @@ class TransformerDecoder(nn.Module):
             self.out.weight = self.embed.weight
         self.text_dim = dim
         self.max_len = max_len
+        # A copying mechanism (as LSTM-C, Yao et al. 2017, copies detected words): given per image a score for some
+        # words (``copy``, (B_img, V): a caption model's concepts, their probabilities on their words), each
+        # position adds gate x scale x score to those words' logits, the gate (0-1) read from its own state: the
+        # decoder learns where a told word fits, whichever word it is. None: no copying.
+        self.copy_gate: Optional[nn.Linear] = nn.Linear(dim, 1) if copy else None
+        self.copy_scale = nn.Parameter(torch.tensor(4.0)) if copy else None
 
     def init_state(self, image: ImageFeatures) -> State:
         return {"grid": image.grid, "pooled": image.pooled, **self.fusion.init_cache(image)}
 
     def per_image_state(self) -> FrozenSet[str]:
-        """State entries read once per image by all of its rows (see ``vlfuse.generation``)."""
-        return self.fusion.per_image_state()
+        """State entries read once per image by all of its rows (see ``vlfuse.generation``); a copying decoder's
+        ``copy`` scores are one of them."""
+        return self.fusion.per_image_state() | ({"copy"} if self.copy_gate is not None else frozenset())
+
+    def copied(self, logits: torch.Tensor, x: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
+        """``logits`` (R, T, V) of rows that come R / B_img to an image (consecutive), their states ``x``
+        (R, T, D) and the images' ``copy`` scores (B_img, V) -> the logits with the copied words' added."""
+        assert self.copy_gate is not None and self.copy_scale is not None
+        gate = torch.sigmoid(self.copy_gate(x)) * self.copy_scale  # (R, T, 1)
+        images, vocab = copy.shape[0], copy.shape[1]
+        out = logits.reshape(images, -1, logits.shape[1], vocab) + gate.reshape(images, -1, gate.shape[1], 1) \
+            * copy.reshape(images, 1, 1, vocab)
+        return out.reshape(logits.shape)
 
     @torch.jit.ignore  # teacher forcing: vlfuse.runtime.torchscript compiles ``step`` only
     def forward(self, image: ImageFeatures, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                need_weights: bool = False, rows: Optional[torch.Tensor] = None
+                need_weights: bool = False, rows: Optional[torch.Tensor] = None, copy: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``rows`` (B,): the image row of each caption, when images (B_img) come once for several captions."""
+        """``rows`` (B,): the image row of each caption, when images (B_img) come once for several captions;
+        ``copy`` (B_img, V): a copying decoder's word scores per image (``copied``)."""
         t = tokens.shape[1]
         x = self.drop(self.words(tokens, self.pos[:t]))  # (B, T, D)
         if rows is not None and self.fusion.accepts_rows:
@@ -121,7 +140,11 @@ class TransformerDecoder(nn.Module):
         allow = text_allow(mask, t, True, x.device)
         for block in self.blocks:
             x, _ = block(x, allow)
-        return self.out(self.norm(x)), fused.attention  # (B, T, V)
+        x = self.norm(x)
+        logits = self.out(x)  # (B, T, V)
+        if copy is not None and self.copy_gate is not None:
+            logits = self.copied(logits, x, copy if rows is None else copy.index_select(0, rows))
+        return logits, fused.attention
 
     def words(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) and their positions' embeddings (T, D) -> the blocks' input (B, T, D)."""
@@ -137,4 +160,8 @@ class TransformerDecoder(nn.Module):
         x = self.fusion_out(self.fusion.step(x, state).states)
         for block, (k, v) in zip(self.blocks, self.state_names):
             x, state[k], state[v] = block.step(x, state.get(k), state.get(v))
-        return F.log_softmax(self.out(self.norm(x))[:, -1], -1), state
+        x = self.norm(x)
+        logits = self.out(x)  # (B, 1, V)
+        if self.copy_gate is not None and "copy" in state:
+            logits = self.copied(logits, x, state["copy"])
+        return F.log_softmax(logits[:, -1], -1), state

@@ -33,7 +33,7 @@ from .sessions import OPSET, session_options
 
 log = logging.getLogger(__name__)
 State = Dict[str, torch.Tensor]
-STEP_VERSION = 2  # bump when the exported step changes shape or meaning
+STEP_VERSION = 3  # bump when the exported step changes shape or meaning (3: a copying decoder's copy input)
 Names = List[Tuple[str, str]]  # the (keys, values) state entries of each block, in the order stacked
 
 
@@ -57,9 +57,9 @@ class _StackedStep(nn.Module):
         self.decoder = decoder
         self.memory_names, self.past_names = _layout(decoder)
 
-    def forward(self, tokens: torch.Tensor, memory: torch.Tensor, past: torch.Tensor
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
-        state = {}
+    def forward(self, tokens: torch.Tensor, memory: torch.Tensor, past: torch.Tensor,
+                copy: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        state = {} if copy is None else {"copy": copy}
         for i, (k, v) in enumerate(self.memory_names):
             state[k], state[v] = memory[:, i, 0], memory[:, i, 1]
         for i, (k, v) in enumerate(self.past_names):
@@ -119,13 +119,18 @@ def export_step(decoder: nn.Module, quantize: bool = True) -> bytes:
                torch.zeros(2, len(step.past_names), 2, attn.num_heads, 2, attn.head_dim))
     axes = {"tokens": {0: "rows", 1: "length"}, "memory": {0: "images", 4: "cells"}, "past": {0: "rows", 4: "past"},
             "logp": {0: "rows"}, "new_past": {0: "rows", 4: "length"}}
+    inputs = ["tokens", "memory", "past"]
+    if copies(decoder):  # a copying decoder's word scores per image
+        example += (torch.zeros(1, decoder.out.out_features),)
+        axes["copy"] = {0: "images"}
+        inputs.append("copy")
     with tempfile.TemporaryDirectory() as tmp:
         float_path, int8_path = os.path.join(tmp, "step.onnx"), os.path.join(tmp, "step.int8.onnx")
         torch.onnx.register_custom_op_symbolic("aten::scaled_dot_product_attention", _attention_onnx, OPSET)
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the TorchScript-based exporter is marked deprecated; it works
-                torch.onnx.export(step, example, float_path, dynamo=False, input_names=["tokens", "memory", "past"],
+                torch.onnx.export(step, example, float_path, dynamo=False, input_names=inputs,
                                   output_names=["logp", "new_past"], opset_version=OPSET, dynamic_axes=axes)
         finally:
             torch.onnx.unregister_custom_op_symbolic("aten::scaled_dot_product_attention", OPSET)
@@ -142,6 +147,11 @@ def export_step(decoder: nn.Module, quantize: bool = True) -> bytes:
 
 
 MEMORY, PAST = "onnx_memory", "onnx_past"  # this decoder's state entries (stacked over blocks)
+
+
+def copies(decoder: nn.Module) -> bool:
+    """Whether ``decoder`` copies told words (``TransformerDecoder.copy_gate``): its step takes a ``copy`` input."""
+    return getattr(decoder, "copy_gate", None) is not None
 
 
 class OnnxStepDecoder(nn.Module):
@@ -164,6 +174,7 @@ class OnnxStepDecoder(nn.Module):
         graph = cache.graph(step_graph_name(decoder), export)
         self.session = ort.InferenceSession(graph, session_options(1, prepack=True, arena=False),
                                             providers=["CPUExecutionProvider"])
+        self.copies = "copy" in {i.name for i in self.session.get_inputs()}
 
     def runs_onnx(self, images: int) -> bool:
         """Whether a batch of ``images`` decodes in ONNX Runtime (else in ``base``, TorchScript's step)."""
@@ -190,9 +201,11 @@ class OnnxStepDecoder(nn.Module):
     def step(self, tokens: torch.Tensor, state: State) -> Tuple[torch.Tensor, State]:
         if PAST not in state:
             return self.base.step(tokens, state)
-        logp, past = self.session.run(None, {"tokens": tokens.contiguous().numpy(),
-                                             "memory": state[MEMORY].contiguous().numpy(),
-                                             "past": state[PAST].contiguous().numpy()})
+        feeds = {"tokens": tokens.contiguous().numpy(), "memory": state[MEMORY].contiguous().numpy(),
+                 "past": state[PAST].contiguous().numpy()}
+        if self.copies:
+            feeds["copy"] = state["copy"].float().contiguous().numpy()
+        logp, past = self.session.run(None, feeds)
         state = dict(state)
         state[PAST] = torch.from_numpy(past)
         return torch.from_numpy(logp), state

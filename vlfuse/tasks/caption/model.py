@@ -71,6 +71,21 @@ class CaptionModel(nn.Module):
         values, ids = probs.topk(k or self.config.concepts, dim=-1)
         return ids, values
 
+    def word_scores(self, ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """Concepts (class ids, probabilities (B, k)) -> scores over the vocabulary (B, V): on each concept's
+        caption word, the probability that the photo shows any of the classes named by it (their sum: three
+        elephant classes at 0.58, 0.17 and 0.13 make "elephant" 0.88); words not in the vocabulary get none."""
+        words = self.concept_words[ids]
+        probs = probs.float() * (words != UNK)
+        scores = torch.zeros(ids.shape[0], self.decoder.out.out_features, device=probs.device)
+        return scores.scatter_add_(1, words, probs).clamp_(max=1.0)
+
+    def copy_scores(self, ids: Optional[torch.Tensor], probs: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """A copying decoder's word scores (``word_scores``); None for a decoder that does not copy."""
+        if ids is None or getattr(self.decoder, "copy_gate", None) is None:
+            return None
+        return self.word_scores(ids, probs)
+
     def with_concepts(self, image: ImageFeatures, ids: Optional[torch.Tensor] = None,
                       probs: Optional[torch.Tensor] = None) -> ImageFeatures:
         """``image`` with its concepts as extra memory tokens (``ImageFeatures.tokens``): given as class ``ids``
@@ -92,14 +107,19 @@ class CaptionModel(nn.Module):
         """Training entry point (what DistributedDataParallel calls): cached stem activations + tokens -> losses.
         ``rows`` (B,) maps each caption to its image when ``acts`` hold each image once (B_img, ...); a model
         with concepts may be given each image's (``with_concepts``)."""
-        return self.loss(self.with_concepts(self.vision.tail(acts), concept_ids, concept_probs), tokens, rows)
+        image = self.vision.tail(acts)
+        if concept_ids is None and self.config.concepts:
+            concept_ids, concept_probs = self.concepts_of(image)
+        return self.loss(self.with_concepts(image, concept_ids, concept_probs), tokens, rows,
+                         self.copy_scores(concept_ids, concept_probs))
 
-    def loss(self, image: ImageFeatures, tokens: torch.Tensor, rows: Optional[torch.Tensor] = None
-             ) -> Dict[str, torch.Tensor]:
+    def loss(self, image: ImageFeatures, tokens: torch.Tensor, rows: Optional[torch.Tensor] = None,
+             copy: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """tokens (B, L) = <bos> w1 .. wn <eos> <pad>...; returns the total and its parts."""
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         mask = inputs != PAD  # (B, T)
-        logits, attention = self.decoder(image, inputs, mask, rows=rows)
+        extra = {} if copy is None else {"copy": copy}
+        logits, attention = self.decoder(image, inputs, mask, rows=rows, **extra)
         gen = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=PAD,
                               label_smoothing=self.config.label_smoothing)
         out = {"gen": gen, "loss": gen}
@@ -117,17 +137,31 @@ class CaptionModel(nn.Module):
         side runs once per image. ``decoder`` replaces ``self.decoder`` (e.g. its ``inference_decoder`` copy);
         ``seeds`` (one per image) and ``greedy_first`` are sampling's (``vlfuse.generation.generate``)."""
         decoder = decoder if decoder is not None else self.decoder
-        if image.tokens is None:
-            image = self.with_concepts(image)
+        copy = None
+        if self.config.concepts and image.tokens is None:
+            ids, probs = self.concepts_of(image)
+            image, copy = self.with_concepts(image, ids, probs), self.copy_scores(ids, probs)
         state = decoder.init_state(image)
+        if copy is not None:
+            state["copy"] = copy
         n = image.pooled.shape[0]
         shared = decoder.per_image_state()
         if per_image > 1:
             state = reorder_state(state, torch.arange(n, device=image.pooled.device).repeat_interleave(per_image),
                                   keep=shared)
         decode = dataclasses.replace(decode, max_len=min(decode.max_len, self.config.max_len))
+        bias = self.concept_bias(image, getattr(decode, "concept_bias", 0.0))
+        if bias is not None and per_image > 1:
+            bias = bias.repeat_interleave(per_image, 0)
         return generate(decoder.step, state, n * per_image, decode, bos=BOS, eos=EOS, pad=PAD, per_image=shared,
-                        seeds=seeds, greedy_first=greedy_first)
+                        seeds=seeds, greedy_first=greedy_first, word_bias=bias)
+
+    def concept_bias(self, image: ImageFeatures, weight: float) -> Optional[torch.Tensor]:
+        """Per image, ``weight`` x its ``word_scores``, as ``generate``'s word bias (B, V); None without concepts
+        or weight."""
+        if not (self.config.concepts and weight):
+            return None
+        return weight * self.word_scores(*self.concepts_of(image))
 
     def pretrained_prefixes(self) -> Tuple[str, ...]:
         """Parameters that start from pretrained weights (the vision encoder's tuned last blocks, with

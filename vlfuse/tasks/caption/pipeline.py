@@ -243,7 +243,8 @@ class Captioner(Pipeline):
         return [drawn[i:i + rows] for i in range(0, len(drawn), rows)], neighbours, self._concept_words(image)
 
     def _concept_words(self, image: ImageFeatures) -> List[Dict[str, float]]:
-        """Each image's concepts as {caption word: probability} (the most probable class per word)."""
+        """Each image's concepts as {caption word: probability} (the sum over the classes a word names, at most 1,
+        as ``CaptionModel.word_scores``)."""
         if not self.model.config.concepts:
             return [{} for _ in range(image.pooled.shape[0])]
         ids, probs = self.model.concepts_of(image)
@@ -252,7 +253,7 @@ class Captioner(Pipeline):
         for row_ids, row_probs in zip(ids.tolist(), probs.tolist()):
             told: Dict[str, float] = {}
             for i, p in zip(row_ids, row_probs):
-                told[words[i]] = max(p, told.get(words[i], 0.0))
+                told[words[i]] = min(1.0, told.get(words[i], 0.0) + p)
             out.append(told)
         return out
 

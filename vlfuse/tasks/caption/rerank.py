@@ -41,6 +41,9 @@ class CaptionDecodeConfig(DecodeConfig):
     of a caption checkpoint's config.json."""
 
     candidates: int = 12  # rerank: samples drawn besides the greedy caption
+    # a model told its photos' concepts: each concept's caption word gets concept_bias x its probability added to
+    # its log-probability until written (vlfuse.generation.WordBias); 0 = off
+    concept_bias: float = 0.0
 
     strategies: ClassVar[Tuple[str, ...]] = DecodeConfig.strategies + ("rerank",)
 
