@@ -21,6 +21,7 @@ COMMANDS = {
     "index": "index",
     "search": "search",
     "memory": "memory",
+    "concepts": "concepts",
 }
 
 
