@@ -16,9 +16,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", help="dataset format (default: detected)")
     p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
     p.add_argument("--prompt", help="a concept's text: {name} its name, {word} its caption word, {a} a/an "
-                   "(default 'a photo of {a} {name}')")
+                   "(default '{name}')")
     p.add_argument("--top-k", type=int, help="concepts per photo (default 5)")
-    p.add_argument("--weight", type=float, help="of the concept term (default 2; 0 = image vectors as without "
+    p.add_argument("--weight", type=float, help="of the concept term (default 1.5; 0 = image vectors as without "
                    "concepts)")
     p.add_argument("--temperature", type=float, help="probabilities ** (1 / this), renormalised (default 1: as "
                    "they are)")

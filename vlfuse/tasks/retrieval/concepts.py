@@ -8,8 +8,8 @@ An image's vector becomes
 
 - ``p_c``: the classifier's probability of concept c (softmax over 1000 classes, on the pooled features the frozen
   backbone computes anyway: one linear layer more per photo);
-- ``d_c``: the retrieval text tower's embedding of the concept's prompt ("a photo of an elephant"), minus the mean
-  of the 1000 prompt embeddings (what all prompts share says nothing about the photo);
+- ``d_c``: the retrieval text tower's embedding of the concept's prompt (its name: "African bush elephant"), minus
+  the mean of the 1000 prompt embeddings (what all prompts share says nothing about the photo);
 - ``u_c = 1 / (1 + C * prior_c)``, the concept's novelty: ``prior_c`` is its mean probability over the model's
   training photos, C the number of classes. A concept the training photos show no more often than chance counts
   (about) fully; one the retrieval model has seen in thousands of training photos (mountain bike, swing, ski on
@@ -40,7 +40,7 @@ from ...registry import CONCEPT_HEADS
 from ..base import read_checkpoint
 
 CONCEPTS_FILE = "concepts.safetensors"
-DEFAULT_PROMPT = "a photo of {a} {name}"
+DEFAULT_PROMPT = "{name}"
 
 
 @dataclasses.dataclass
@@ -53,7 +53,7 @@ class ConceptConfig:
     prompt: str = DEFAULT_PROMPT    # a concept's text: {name} its display name, {word} its caption word,
                                     # {a} "a" or "an" for the word after it
     top_k: int = 5                  # concepts per photo
-    weight: float = 2.0             # of the concept term; 0 = the vectors without concepts, exactly
+    weight: float = 1.5             # of the concept term; 0 = the vectors without concepts, exactly
     temperature: float = 1.0        # probabilities ** (1 / temperature), renormalised: < 1 sharpens them
     novelty: bool = True            # scale each concept by 1 / (1 + C x its mean probability on the training photos)
     center: bool = True             # subtract the mean of the prompt vectors from each
