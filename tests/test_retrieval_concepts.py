@@ -107,12 +107,10 @@ def test_shipped_concept_vectors_are_the_text_towers_unit_embeddings_of_the_prom
 
 
 def test_weight_zero_gives_exactly_the_old_vectors_and_id(retriever, pixels):
-    from vlfuse.tasks.retrieval.pipeline import Retriever
-
     plain = retriever.without_concepts()
     assert plain.model_id == BASE_ID and retriever.model_id != BASE_ID
-    off = Retriever(retriever.model, retriever.tokenizer, retriever.name,
-                    concepts=retriever.concepts.with_config(ConceptConfig(weight=0.0)))
+    off = retriever.without_concepts()  # shares the model and its runtime's CNN copy
+    off.concepts = retriever.concepts.with_config(ConceptConfig(weight=0.0))
     assert off.model_id == BASE_ID
     assert np.array_equal(off.embed_pixels(pixels), plain.embed_pixels(pixels))
     with_concepts = retriever.embed_pixels(pixels)
