@@ -94,9 +94,11 @@ def main(argv=None):
     shipped = after.concepts.config
     result = {"args": vars(args), "machine": {"cpu_count": os.cpu_count(), "torch_threads": args.threads,
                                               "load_average_at_start": os.getloadavg()[0]},
-              "model": {"before": before.model_id, "after": after.model_id}, "shipped_settings": dataclasses.asdict(shipped)}
+              "model": {"before": before.model_id, "after": after.model_id},
+              "shipped_settings": dataclasses.asdict(shipped)}
 
-    sets = {"coco_ood_dev": read_captions(args.coco, split="val"), "flickr8k_val": read_captions(args.flickr, split="val")}
+    sets = {"coco_ood_dev": read_captions(args.coco, split="val"),
+            "flickr8k_val": read_captions(args.flickr, split="val")}
     cached, texts = {}, {}
     for name, data in sets.items():
         owner = [i for i, caps in enumerate(data.captions) for _ in caps]

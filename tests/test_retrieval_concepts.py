@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vlfuse.cli.main import main
-from vlfuse.config import to_dict
+from vlfuse.config import Part, to_dict
 from vlfuse.data.images import load_image
 from vlfuse.errors import ConfigError, ModelNotFoundError
 from vlfuse.nn.concepts import ConceptHead
@@ -19,6 +19,7 @@ from vlfuse.tasks.retrieval.concepts import (
     CONCEPTS_FILE,
     ConceptConfig,
     ConceptEmbedding,
+    build_head,
     concept_prompts,
     concepts_config,
 )
@@ -63,7 +64,8 @@ def test_the_concept_term_is_the_documented_formula():
     head, g = tiny_head(), torch.Generator().manual_seed(1)
     vectors = torch.nn.functional.normalize(torch.randn(4, 3, generator=g), dim=-1)
     prior = torch.tensor([0.5, 0.0, 0.25, 0.25])
-    pooled, image = torch.randn(2, 6, generator=g), torch.nn.functional.normalize(torch.randn(2, 3, generator=g), dim=-1)
+    pooled = torch.randn(2, 6, generator=g)
+    image = torch.nn.functional.normalize(torch.randn(2, 3, generator=g), dim=-1)
     term = ConceptEmbedding(head, vectors, prior, ConceptConfig(top_k=2, weight=1.5))
     p = head(pooled)
     want = []
@@ -90,6 +92,8 @@ def test_concept_config_checks_its_values_and_prompts_take_articles():
                                                               "a photo of a broccoli", "a photo of an Egyptian Mau"]
     assert concept_prompts(head) == ["African bush elephant", "broccoli", "Egyptian Mau"]
     assert concept_prompts(head, "{a} {word}") == ["an elephant", "a broccoli", "a cat"]
+    with pytest.raises(ConfigError, match="frozen pretrained backbone"):  # a tuned backbone's features are not
+        build_head(ConceptConfig(), Part("efficientnet-lite0", {"trainable_blocks": 2}))  # the classifier's input
 
 
 def test_shipped_concept_vectors_are_the_text_towers_unit_embeddings_of_the_prompts(retriever):

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...config import Part
 from ...data.captions import CaptionSet
 from ...data.images import load_image
 from ...errors import ConfigError, ModelNotFoundError
@@ -88,9 +89,14 @@ def concept_prompts(head: ConceptHead, prompt: str = DEFAULT_PROMPT) -> List[str
     return out
 
 
-def build_head(config: ConceptConfig, vision_name: str) -> ConceptHead:
-    """The concept head ``config`` names, or the one that matches the retrieval model's vision encoder."""
-    return CONCEPT_HEADS.build(config.head or concept_head_for(vision_name))
+def build_head(config: ConceptConfig, vision: Part) -> ConceptHead:
+    """The concept head ``config`` names, or the one that matches the retrieval model's vision encoder, which must
+    be the frozen pretrained backbone whose classifier the head is (else its pooled features are not the
+    classifier's input)."""
+    if vision.kwargs.get("trainable_blocks", 0) or not vision.kwargs.get("pretrained", True):
+        raise ConfigError(f"concepts need the frozen pretrained backbone their classifier was trained on; this model's "
+                          f"vision encoder is {vision.to_dict()}")
+    return CONCEPT_HEADS.build(config.head or concept_head_for(vision.name))
 
 
 class ConceptEmbedding(nn.Module):
@@ -143,7 +149,7 @@ class ConceptEmbedding(nn.Module):
         return ConceptEmbedding(self.head, self.vectors, self.prior, config)
 
 
-def load_concepts(directory: Union[str, Path], config: ConceptConfig, vision_name: str) -> ConceptEmbedding:
+def load_concepts(directory: Union[str, Path], config: ConceptConfig, vision: Part) -> ConceptEmbedding:
     """The concept term of the retrieval checkpoint in ``directory`` (its ``concepts`` section is ``config``)."""
     from safetensors.torch import load_file
 
@@ -152,7 +158,7 @@ def load_concepts(directory: Union[str, Path], config: ConceptConfig, vision_nam
         raise ModelNotFoundError(f"'{directory}' has a concepts section in its config.json but no {CONCEPTS_FILE}; "
                                  f"rebuild it with `vlfuse concepts --model {directory} --data ...`")
     tensors = load_file(str(path))
-    return ConceptEmbedding(build_head(config, vision_name), tensors["vectors"], tensors["prior"], config)
+    return ConceptEmbedding(build_head(config, vision), tensors["vectors"], tensors["prior"], config)
 
 
 def save_concepts(directory: Union[str, Path], concepts: ConceptEmbedding) -> None:
@@ -188,7 +194,7 @@ def build_concepts(retriever, data: CaptionSet, config: Optional[ConceptConfig] 
     """The concept term for ``retriever`` with ``config`` (default: ``ConceptConfig()``): its text tower's
     embeddings of the concepts' prompts, and the prior measured on ``data``'s photos (the model's training split)."""
     config = config or ConceptConfig()
-    head = build_head(config, retriever.model.config.vision.name)
+    head = build_head(config, retriever.model.config.vision)
     vectors = torch.from_numpy(retriever.embed_texts(concept_prompts(head, config.prompt)))  # (C, D)
     prior = concept_prior(retriever, head, data.images, batch_size, progress)
     # rounded to fp16 as stored, so that the vectors are the same before saving and after loading

@@ -33,9 +33,10 @@ from .model import RetrievalModel, RetrievalModelConfig
 class RetrievalImageTower(nn.Module):
     """The image side of a trained ``RetrievalModel`` alone, without its text encoder: pixels -> unit vectors in
     the retrieval space, exactly as ``Retriever.embed_pixels`` without the concept term
-    (``retriever.without_concepts()``; the checkpoint's ``concepts`` section is not read here). Loads in a fraction of the time (no MiniLM);
-    consensus reranking of captions uses it to find an image's neighbours in a caption memory. Its CNN runs on
-    the copy ``self.runtime`` makes as the ``runtime`` options say (ONNX Runtime on a CPU by default)."""
+    (``retriever.without_concepts()``; the checkpoint's ``concepts`` section is not read here). Loads in a fraction
+    of the time (no MiniLM); consensus reranking of captions uses it to find an image's neighbours in a caption
+    memory. Its CNN runs on the copy ``self.runtime`` makes as the ``runtime`` options say (ONNX Runtime on a CPU by
+    default)."""
 
     PREFIXES = ("vision.", "pool.", "image_proj.")
 
@@ -130,7 +131,7 @@ class Retriever(Pipeline):
         load_weights(directory, model, allowed_missing_prefixes=model.persistent_prefixes())
         tokenizer = WordPieceTokenizer.load(directory)
         concept_config = concepts_config(raw.get("concepts"))
-        concepts = load_concepts(directory, concept_config, config.vision.name) if concept_config else None
+        concepts = load_concepts(directory, concept_config, config.vision) if concept_config else None
         extra = {k: v for k, v in raw.items() if k not in ("task", "model", "concepts")}
         return cls(model.to(device or "cpu"), tokenizer, raw.get("name") or Path(directory).name, extra, runtime,
                    concepts)
