@@ -104,7 +104,10 @@ def test_shipped_model_identities_are_unchanged():
     from vlfuse.hub import resolve_model
     from vlfuse.tasks.retrieval.pipeline import RetrievalImageTower, Retriever
 
-    assert Retriever.from_pretrained("flickr8k-retrieval").model_id == "flickr8k-retrieval@1669e0e281b304ec"
+    retriever = Retriever.from_pretrained("flickr8k-retrieval")
+    # with its concept term (issue 20); without it, the id indexes built before have (still searchable)
+    assert retriever.model_id == "flickr8k-retrieval@94745de60212cf2e"
+    assert retriever.without_concepts().model_id == "flickr8k-retrieval@1669e0e281b304ec"
     recorded = json.loads((resolve_model("flickr8k-caption") / "config.json").read_text())["rerank"]["tower_digest"]
     assert recorded == "b60416b4da47b95b"
     assert RetrievalImageTower.from_pretrained("flickr8k-retrieval").digest() == recorded

@@ -34,6 +34,16 @@ def model_for(index, requested):
     return requested or index.model_id.split("@")[0]
 
 
+def matching_retriever(index, retriever, path):
+    """``retriever`` as it embedded ``index`` (``ImageIndex.compatible_retriever``), saying so where that is the
+    model without its concept term."""
+    matching = index.compatible_retriever(retriever)
+    if matching is not retriever:
+        print(f"note: {path} was built by {retriever.name} before it knew concepts; images are embedded as then. "
+              f"For concept-aware search rebuild it: vlfuse index build DIR... --out {path}", file=sys.stderr)
+    return matching
+
+
 def print_report(report, index, out) -> None:
     print(f"{out}: {len(index)} images (embedded {report.embedded}, unchanged {report.unchanged}, "
           f"removed {report.removed}, skipped {len(report.failed)})", file=sys.stderr)
@@ -59,6 +69,7 @@ def run(args) -> int:
         index = ImageIndex.load(args.index)
         retriever = Retriever.from_pretrained(model_for(index, args.model), device=args.device,
                                               runtime=runtime_options())
+        retriever = matching_retriever(index, retriever, args.index)
         index.add(retriever, paths, progress=not args.no_progress, batch_size=args.batch_size)
         out = args.index
     if len(index) == 0:

@@ -22,6 +22,7 @@ COMMANDS = {
     "index": "index",
     "search": "search",
     "memory": "memory",
+    "concepts": "concepts",
 }
 
 

@@ -25,7 +25,7 @@ def run(args) -> int:
     from ..tasks.retrieval.index import ImageIndex
     from ..tasks.retrieval.pipeline import Retriever
     from .environment import runtime_options
-    from .index import model_for
+    from .index import matching_retriever, model_for
 
     if (args.query is None) == (args.image is None):
         raise InputError("give either a text query or --image FILE (not both)")
@@ -37,7 +37,7 @@ def run(args) -> int:
     query_image = load_image(args.image) if args.image else None  # fail on a bad query before loading the model
     retriever = Retriever.from_pretrained(model_for(index, args.model), device=args.device,
                                           runtime=runtime_options())
-    index.check_compatible(retriever)
+    retriever = matching_retriever(index, retriever, args.index)
     if query_image is not None:
         vector = retriever.embed_images([query_image])
     else:

@@ -148,11 +148,16 @@ def _load_tagger(name: str, device: Optional[str], runtime: RuntimeOptions):
 
 
 def _load_index(path: str, retriever):
+    """(the index, ``retriever`` as it embedded the index's images: without its concept term where the index was
+    built before the model had one)."""
     from ..tasks.retrieval.index import ImageIndex
 
     index = ImageIndex.load(path)
-    index.check_compatible(retriever)
-    return index
+    matching = index.compatible_retriever(retriever)
+    if matching is not retriever:
+        log.info("index %s was built before the retrieval model knew concepts: image queries are embedded as then; "
+                 "rebuild it for concept-aware search", path)
+    return index, matching
 
 
 LOADERS = {"caption": _load_captioner, "vqa": _load_vqa, "retrieval": _load_retriever, "tagging": _load_tagger}
@@ -208,7 +213,7 @@ class ServiceModels:
             if "retrieval" not in loaded:
                 raise ModelNotFoundError(f"--index {index} needs a retrieval model, but none is loaded "
                                          f"({problems.get('retrieval', '')})")
-            idx = _load_index(index, loaded["retrieval"])
+            idx, loaded["retrieval"] = _load_index(index, loaded["retrieval"])
             names["index"] = str(index)
         elif "retrieval" in loaded:
             problems["retrieval"] = "no image index given (start with --index FILE)"

@@ -154,12 +154,26 @@ class ImageIndex:
         self.sizes, self.mtimes, self.vectors = self.sizes[keep], self.mtimes[keep], self.vectors[keep]
 
     # -- compatibility and search ---------------------------------------------------------------------
+    def _built_by(self, retriever) -> bool:
+        return retriever.model_id.split("@")[-1] == self.model_id.split("@")[-1] and retriever.dim == self.dim
+
     def check_compatible(self, retriever) -> None:
         """Raise ModelMismatchError unless ``retriever`` is the model that built this index."""
-        if retriever.model_id.split("@")[-1] != self.model_id.split("@")[-1] or retriever.dim != self.dim:
+        if not self._built_by(retriever):
             raise ModelMismatchError(
                 f"this index was built by model '{self.model_id}' but the query model is '{retriever.model_id}'; "
                 f"search with the same model (--model) or rebuild the index with this one")
+
+    def compatible_retriever(self, retriever):
+        """``retriever`` as it embedded this index's images: itself, or ``retriever.without_concepts()`` where the
+        index was built by the same model before it had concepts (text queries embed alike either way, and images
+        added later match the rest); ModelMismatchError for any other model."""
+        if not self._built_by(retriever) and getattr(retriever, "concepts", None) is not None:
+            plain = retriever.without_concepts()
+            if self._built_by(plain):
+                return plain
+        self.check_compatible(retriever)
+        return retriever
 
     def search(self, query_vectors: np.ndarray, k: int = 10) -> List[List[SearchHit]]:
         """query_vectors (B, D) -> for each query the ``k`` best images, highest score first."""

@@ -8,8 +8,9 @@ symmetric InfoNCE loss with a learned temperature, plus an optional VSE++ hardes
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,14 +26,17 @@ from ...nn.text import WordPieceTokenizer, pad_batch
 from ...registry import VISION_ENCODERS
 from ...runtime import Runtime, RuntimeOptions
 from ..base import Pipeline, read_checkpoint
+from .concepts import ConceptEmbedding, concepts_config, load_concepts, save_concepts
 from .model import RetrievalModel, RetrievalModelConfig
 
 
 class RetrievalImageTower(nn.Module):
     """The image side of a trained ``RetrievalModel`` alone, without its text encoder: pixels -> unit vectors in
-    the retrieval space, exactly as ``Retriever.embed_pixels``. Loads in a fraction of the time (no MiniLM);
-    consensus reranking of captions uses it to find an image's neighbours in a caption memory. Its CNN runs on
-    the copy ``self.runtime`` makes as the ``runtime`` options say (ONNX Runtime on a CPU by default)."""
+    the retrieval space, exactly as ``Retriever.embed_pixels`` without the concept term
+    (``retriever.without_concepts()``; the checkpoint's ``concepts`` section is not read here). Loads in a fraction
+    of the time (no MiniLM); consensus reranking of captions uses it to find an image's neighbours in a caption
+    memory. Its CNN runs on the copy ``self.runtime`` makes as the ``runtime`` options say (ONNX Runtime on a CPU by
+    default)."""
 
     PREFIXES = ("vision.", "pool.", "image_proj.")
 
@@ -84,10 +88,11 @@ def identity_config(config: RetrievalModelConfig) -> dict:
     return {**to_dict(config), **{k: REMOVED_OPTIONS[f"RetrievalModelConfig.{k}"] for k in _REMOVED_FIELDS}}
 
 
-def weights_digest(model: nn.Module, config: dict) -> str:
-    """Digest of the saved config and the fp16 saved weights: identical before saving and after loading."""
+def weights_digest(model: nn.Module, config: dict, extra: Optional[Dict[str, torch.Tensor]] = None) -> str:
+    """Digest of the saved config and the fp16 saved weights (and ``extra`` tensors as saved): identical before
+    saving and after loading."""
     state, _ = _storable_state(model, model.persistent_prefixes(), half=True)
-    return tensors_digest(state, config)
+    return tensors_digest({**state, **(extra or {})}, config)
 
 
 class Retriever(Pipeline):
@@ -99,17 +104,20 @@ class Retriever(Pipeline):
     >>> scores = v @ q[0]
 
     Images are encoded by the copy of the CNN that ``self.runtime`` makes as the ``runtime`` options say (ONNX
-    Runtime on a CPU by default: the same recall@K on Flickr8k val as PyTorch's CNN, docs/retrieval.md).
+    Runtime on a CPU by default: the same recall@K on Flickr8k val as PyTorch's CNN, docs/retrieval.md). A
+    checkpoint with a ``concepts`` section (``vlfuse.tasks.retrieval.concepts``) adds the backbone's ImageNet
+    concepts to every image vector (``self.concepts``); text vectors are the same either way.
     """
 
     task = "retrieval"
 
     def __init__(self, model: RetrievalModel, tokenizer, name: str = "retrieval", extra_config: Optional[dict] = None,
-                 runtime: RuntimeOptions = RuntimeOptions()):
+                 runtime: RuntimeOptions = RuntimeOptions(), concepts: Optional[ConceptEmbedding] = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.extra_config = extra_config or {}
+        self.concepts = concepts.to(self.device) if concepts is not None else None
         self._model_id: Optional[str] = None
         self.runtime = Runtime(runtime, vision=model.vision)
 
@@ -122,8 +130,11 @@ class Retriever(Pipeline):
         model = RetrievalModel(config)
         load_weights(directory, model, allowed_missing_prefixes=model.persistent_prefixes())
         tokenizer = WordPieceTokenizer.load(directory)
-        extra = {k: v for k, v in raw.items() if k not in ("task", "model")}
-        return cls(model.to(device or "cpu"), tokenizer, raw.get("name") or Path(directory).name, extra, runtime)
+        concept_config = concepts_config(raw.get("concepts"))
+        concepts = load_concepts(directory, concept_config, config.vision) if concept_config else None
+        extra = {k: v for k, v in raw.items() if k not in ("task", "model", "concepts")}
+        return cls(model.to(device or "cpu"), tokenizer, raw.get("name") or Path(directory).name, extra, runtime,
+                   concepts)
 
     @classmethod
     def from_config(cls, config: RetrievalModelConfig, name: str = "retrieval") -> "Retriever":
@@ -132,24 +143,39 @@ class Retriever(Pipeline):
         return cls(model, model.text.make_tokenizer(), name)
 
     def _saved_config(self) -> dict:
+        concepts = {"concepts": to_dict(self.concepts.config)} if self.concepts is not None else {}
         return {"task": "retrieval", "name": self.name, "model": to_dict(self.model.config),
-                "transform": self.model.vision.transform.to_dict(), **self.extra_config}
+                "transform": self.model.vision.transform.to_dict(), **concepts, **self.extra_config}
 
     def save_pretrained(self, directory: Union[str, Path], half: bool = True, **extra) -> Path:
         self.extra_config.update(extra)
         directory = save_checkpoint(directory, self.model, self._saved_config(), self.model.persistent_prefixes(),
                                     half=half)
+        if self.concepts is not None:
+            save_concepts(directory, self.concepts)
         self.tokenizer.save(directory)
         self._model_id = None
         return directory
 
     @property
     def model_id(self) -> str:
-        """Identity stored in indexes: the model name plus a hash of its config and weights."""
+        """Identity stored in indexes: the model name plus a hash of its config and weights, and of the concept
+        term where it changes the image vectors (without it, the id the model had before concepts existed)."""
         if self._model_id is None:
             config = {"model": identity_config(self.model.config), "transform": self.model.vision.transform.to_dict()}
-            self._model_id = f"{self.name}@{weights_digest(self.model, config)}"
+            extra = None
+            if self.concepts is not None and self.concepts.config.active:
+                config["concepts"] = to_dict(self.concepts.config)
+                extra = {f"concepts.{k}": v for k, v in self.concepts.stored().items()}
+            self._model_id = f"{self.name}@{weights_digest(self.model, config, extra)}"
         return self._model_id
+
+    def without_concepts(self) -> "Retriever":
+        """This retriever without the concept term (sharing its model and runtime): image vectors as the model
+        alone makes them, e.g. to search or extend an index built before the model had concepts."""
+        plain = copy.copy(self)
+        plain.concepts, plain._model_id = None, None
+        return plain
 
     @property
     def device(self) -> torch.device:
@@ -183,8 +209,12 @@ class Retriever(Pipeline):
     # -- images -------------------------------------------------------------------------------------
     @torch.inference_mode()
     def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
-        """Transformed images (B, 3, H, W) -> (B, D) float32."""
-        return self.model.embed_cells(self.runtime.image_encoder(pixels.to(self.device)).grid).float().cpu().numpy()
+        """Transformed images (B, 3, H, W) -> (B, D) float32; with the concept term where the model has one."""
+        features = self.runtime.image_encoder(pixels.to(self.device))
+        vectors = self.model.embed_cells(features.grid)  # (B, D)
+        if self.concepts is not None:
+            vectors = self.concepts(features.pooled, vectors)
+        return vectors.float().cpu().numpy()
 
     def embed_images(self, images: Sequence[ImageInput], batch_size: int = 32) -> np.ndarray:
         """Image files / bytes / PIL images / arrays -> (B, D) float32, L2-normalised.
