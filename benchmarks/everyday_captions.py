@@ -2,6 +2,7 @@
 references each) and on Flickr8k val, in one run, with the metrics and how the captions use the photos' concepts.
 
     python benchmarks/everyday_captions.py [--models flickr8k-caption runs/.../best] [--beam 1]
+        [--decode '{"concept_bias": 2}'] [--concept-weight 2] [--skip-flickr] [--out ...]
 Writes benchmarks/results/everyday_captions.json (and each model's coco captions beside it).
 
 Concept use: the photo's concepts are the ImageNet classifier's (EfficientNet-Lite0's own, vlfuse.nn.concepts) on
@@ -13,6 +14,7 @@ The sample photos' captions (the README's main command) are listed too.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Dict, List
@@ -56,6 +58,9 @@ def main() -> None:
     ap.add_argument("--flickr", default=str(ROOT.parent / "shared/data/flickr8k"))
     ap.add_argument("--beam", type=int, default=None, help="1 = greedy (default: each model's own decoding)")
     ap.add_argument("--skip-flickr", action="store_true", help="coco_ood_dev only")
+    ap.add_argument("--decode", default="{}", help='decoding options as JSON, e.g. \'{"concept_bias": 2}\'')
+    ap.add_argument("--concept-weight", type=float, default=None,
+                    help="rerank.concept_weight for models that rerank (default: each model's own)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/everyday_captions.json"))
     args = ap.parse_args()
     from vlfuse.data.captions import read_captions
@@ -68,11 +73,14 @@ def main() -> None:
     concepts = dict(zip((p.name for p in coco.images), photo_concepts(list(coco.images))))
     labels = args.labels or args.models
     results = {"coco_ood_dev_photos": len(coco), "decoding": "each model's default" if args.beam is None
-               else f"beam {args.beam}", "models": {}}
+               else f"beam {args.beam}", "decode_options": json.loads(args.decode),
+               "concept_weight": args.concept_weight, "models": {}}
     samples = sample_photos()
     for label, model in zip(labels, args.models):
         cap = Captioner.from_pretrained(model)
-        decode = cap.decode_config(beam=args.beam)
+        decode = cap.decode_config(beam=args.beam, **json.loads(args.decode))
+        if args.concept_weight is not None and cap.reranker is not None:
+            cap.reranker.config = dataclasses.replace(cap.reranker.config, concept_weight=args.concept_weight)
         stem = Path(args.out).with_suffix("")
         captions_path = f"{stem}.{Path(label).name}.captions.json"
         m = evaluate_captioner(cap, args.coco, "val", decode, results_path=captions_path, progress=False)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 NOT_NOUNS = set("""white black brown red blue green yellow orange gray grey pink purple golden silver one two three
 four five small large big long short little round tall head coat body legs ears eyes tail face hair muzzle chest
 a an the and s
-of or in on at for with to from by""".split())
+of or in on at for with to from by off up out""".split())
 
 
 def caption_counts(data: Path) -> Counter:
@@ -59,7 +59,8 @@ def choose_words(counts: Counter, min_count: int):
         # the synonyms' last words; the curated name's too where it is a name, not a phrase ("a cat having a
         # striped coat")
         short = [names["names"][i]] if len(names["names"][i].split()) <= 3 else []
-        candidates = list(dict.fromkeys(head_word(s) for s in short + names["synonyms"][i]))
+        candidates = [w for w in dict.fromkeys(head_word(s) for s in short + names["synonyms"][i]) if w not in NOT_NOUNS]
+        candidates = candidates or [head_word(names["names"][i])]
         best = max(candidates, key=lambda w: (counts[w], -candidates.index(w)))
         if counts[best] >= min_count:
             words.append(best)
