@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from ..errors import DataError
+from ..registry import check_kwargs
 
 
 @dataclasses.dataclass
@@ -312,7 +313,6 @@ def read_captions(path: str | Path, split: Optional[str] = "train", fmt: str = "
     ``split`` None, '' or 'all' takes every image. Extra ``kwargs`` go to the reader (e.g. ``image_root`` for
     Karpathy/COCO, ``captions_file`` for the Flickr layout); an option the format lacks is a ConfigError.
     """
-    from ..registry import check_kwargs
 
     path = Path(path)
     if not path.exists():

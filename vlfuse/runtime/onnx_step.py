@@ -30,6 +30,7 @@ from .cache import GraphCache, weights_key
 from .decoder import inference_decoder
 from .policy import step_runs_onnx
 from .sessions import OPSET, session_options
+from .torchscript import ScriptedDecoder, supports
 
 log = logging.getLogger(__name__)
 State = Dict[str, torch.Tensor]
@@ -93,7 +94,6 @@ def step_key(decoder: nn.Module) -> str:
 def covers(decoder: nn.Module) -> bool:
     """Whether the export covers a (trained, unfused) decoder: a Transformer decoder over cross-attention fusion
     whose blocks all have the same heads and head width (their keys/values stack)."""
-    from .torchscript import supports
 
     if not supports(decoder):
         return False
@@ -216,7 +216,6 @@ def onnx_step_decoder(base: nn.Module, decoder: nn.Module, onnx: Optional[bool],
     the architecture (the TorchScript step's: a Transformer decoder over cross-attention fusion), else ``base``
     itself; the graph is read from or written to ``cache``. An export or runtime failure falls back to ``base``
     with a warning, or raises ConfigError where ``onnx`` is True (asked for explicitly)."""
-    from .torchscript import ScriptedDecoder
 
     if not isinstance(base, ScriptedDecoder) or not covers(decoder):
         return base

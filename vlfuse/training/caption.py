@@ -9,6 +9,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
+from ..checkpoint import load_weights
 from ..config import from_dict, save_json, to_dict
 from ..data.captions import CaptionSet, read_captions
 from ..data.mirror import check_mirror_probability, draw_mirrored, mirror_text
@@ -331,7 +332,6 @@ def _initial_model(exp: CaptionExperiment) -> Optional[Captioner]:
 def _scst_phase(exp: CaptionExperiment, model: CaptionModel, tokenizer: Tokenizer, train_set: CaptionSet,
                 train_feats: torch.Tensor, evaluate, save_best, xe_result: Dict, resume: bool):
     """Fine-tune the best cross-entropy model with self-critical training; keep it only if val improves."""
-    from ..checkpoint import load_weights
 
     out = Path(exp.train.out_dir)
     load_weights(out / "best", model, allowed_missing_prefixes=model.persistent_prefixes())

@@ -30,6 +30,7 @@ from ..data.vqa import (
 from ..errors import DataError
 from ..evaluation.vqa import predict_set, score_answers
 from ..metrics.vqa import soft_scores
+from ..registry import TEXT_ENCODERS
 from ..tasks.vqa.model import VQAModel, VQAModelConfig, soft_cross_entropy
 from ..tasks.vqa.pipeline import QuestionAnswerer, make_question_tokenizer
 from .trainer import TrainConfig, Trainer, seed_everything
@@ -221,7 +222,6 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
 
 
 def _question_tokenizer(exp: VQAExperiment, train_set: VQASet, out: Path, resume: bool):
-    from ..registry import TEXT_ENCODERS
 
     if TEXT_ENCODERS.get(exp.model.text.name).own_tokenizer:
         return make_question_tokenizer(exp.model)

@@ -20,11 +20,16 @@ from typing import ClassVar, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ...checkpoint import CONFIG_NAME, read_config
+from ...config import from_dict, save_json, to_dict
 from ...data.captions import CaptionSet
 from ...data.tokenizer import Tokenizer
 from ...errors import ConfigError, ModelNotFoundError
 from ...generation import DecodeConfig
+from ...hub import resolve_model
 from ...io import atomic_path, atomic_write
+from ...metrics.cider_d import CiderD
+from ...metrics.consensus import ConsensusScorer
 from ...nn.vision import ImageFeatures, VisionEncoder, fold_batchnorm
 from ...runtime import GraphCache, RuntimeOptions, accelerate_vision
 from ..base import read_checkpoint
@@ -230,8 +235,6 @@ class ConsensusReranker:
 
     def __init__(self, tower, memory: CaptionMemory, config: RerankConfig,
                  image_pass: Optional[SharedImagePass] = None):
-        from ...metrics.cider_d import CiderD
-        from ...metrics.consensus import ConsensusScorer
 
         if config.tower_digest and tower.digest() != config.tower_digest:
             raise ModelNotFoundError(
@@ -297,7 +300,6 @@ def build_memory(retriever, data: CaptionSet, tokenizer: Tokenizer, batch_size: 
 
 
 def rerank_config(raw: Optional[dict]) -> Optional[RerankConfig]:
-    from ...config import from_dict
 
     return None if raw is None else from_dict(RerankConfig, raw, "rerank")
 
@@ -306,8 +308,6 @@ def attach_memory(directory: Union[str, Path], memory: CaptionMemory, config: Re
                   default_decode: Optional[dict] = None) -> Path:
     """Write ``memory`` into the caption checkpoint ``directory`` and its ``rerank`` section into config.json;
     with ``default_decode`` (CaptionDecodeConfig fields) that also becomes the model's decoding default."""
-    from ...checkpoint import CONFIG_NAME
-    from ...config import save_json, to_dict
 
     directory, raw = read_checkpoint(directory, "caption")
     memory.save(directory)
@@ -322,9 +322,6 @@ def build_and_attach(directory: Union[str, Path], data: CaptionSet, config: Memo
                      progress: bool = True) -> CaptionMemory:
     """Embed ``data``'s captions with ``config.rerank.retriever`` and attach them to the caption checkpoint in
     ``directory`` (with the decoding default ``config`` asks for)."""
-    from ...checkpoint import read_config
-    from ...config import from_dict, to_dict
-    from ...hub import resolve_model
     from ..retrieval.pipeline import RetrievalImageTower, Retriever
 
     directory = resolve_model(directory)  # a built-in name is written in place too

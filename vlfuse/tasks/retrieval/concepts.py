@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import Part
+from ...checkpoint import CONFIG_NAME
+from ...config import Part, from_dict, save_json, to_dict
 from ...data.captions import CaptionSet
 from ...data.images import load_image
 from ...errors import ConfigError, ModelNotFoundError
@@ -204,8 +205,6 @@ def build_concepts(retriever, data: CaptionSet, config: Optional[ConceptConfig] 
 def attach_concepts(directory: Union[str, Path], concepts: ConceptEmbedding) -> Path:
     """Write ``concepts`` into the retrieval checkpoint ``directory``: ``concepts.safetensors`` and the
     ``concepts`` section of its config.json."""
-    from ...checkpoint import CONFIG_NAME
-    from ...config import save_json, to_dict
 
     directory, raw = read_checkpoint(directory, "retrieval")
     if concepts.dim != raw["model"].get("embed_dim", concepts.dim):
@@ -218,6 +217,5 @@ def attach_concepts(directory: Union[str, Path], concepts: ConceptEmbedding) -> 
 
 
 def concepts_config(raw: Optional[dict]) -> Optional[ConceptConfig]:
-    from ...config import from_dict
 
     return None if raw is None else from_dict(ConceptConfig, raw, "concepts")
