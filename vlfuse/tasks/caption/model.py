@@ -137,10 +137,12 @@ class CaptionModel(nn.Module):
         side runs once per image. ``decoder`` replaces ``self.decoder`` (e.g. its ``inference_decoder`` copy);
         ``seeds`` (one per image) and ``greedy_first`` are sampling's (``vlfuse.generation.generate``)."""
         decoder = decoder if decoder is not None else self.decoder
-        copy = None
-        if self.config.concepts and image.tokens is None:
+        copy = bias = None
+        if self.config.concepts and image.tokens is None:  # the classifier runs once for all three uses
             ids, probs = self.concepts_of(image)
             image, copy = self.with_concepts(image, ids, probs), self.copy_scores(ids, probs)
+            weight = getattr(decode, "concept_bias", 0.0)
+            bias = weight * self.word_scores(ids, probs) if weight else None
         state = decoder.init_state(image)
         if copy is not None:
             state["copy"] = copy
@@ -150,18 +152,10 @@ class CaptionModel(nn.Module):
             state = reorder_state(state, torch.arange(n, device=image.pooled.device).repeat_interleave(per_image),
                                   keep=shared)
         decode = dataclasses.replace(decode, max_len=min(decode.max_len, self.config.max_len))
-        bias = self.concept_bias(image, getattr(decode, "concept_bias", 0.0))
         if bias is not None and per_image > 1:
             bias = bias.repeat_interleave(per_image, 0)
         return generate(decoder.step, state, n * per_image, decode, bos=BOS, eos=EOS, pad=PAD, per_image=shared,
                         seeds=seeds, greedy_first=greedy_first, word_bias=bias)
-
-    def concept_bias(self, image: ImageFeatures, weight: float) -> Optional[torch.Tensor]:
-        """Per image, ``weight`` x its ``word_scores``, as ``generate``'s word bias (B, V); None without concepts
-        or weight."""
-        if not (self.config.concepts and weight):
-            return None
-        return weight * self.word_scores(*self.concepts_of(image))
 
     def pretrained_prefixes(self) -> Tuple[str, ...]:
         """Parameters that start from pretrained weights (the vision encoder's tuned last blocks, with

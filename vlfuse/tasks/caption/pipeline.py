@@ -243,19 +243,11 @@ class Captioner(Pipeline):
         return [drawn[i:i + rows] for i in range(0, len(drawn), rows)], neighbours, self._concept_words(image)
 
     def _concept_words(self, image: ImageFeatures) -> List[Dict[str, float]]:
-        """Each image's concepts as {caption word: probability} (the sum over the classes a word names, at most 1,
-        as ``CaptionModel.word_scores``)."""
+        """Each image's concepts as {caption word: score} (``CaptionModel.word_scores``)."""
         if not self.model.config.concepts:
             return [{} for _ in range(image.pooled.shape[0])]
-        ids, probs = self.model.concepts_of(image)
-        words = self.model.concept_head.words
-        out = []
-        for row_ids, row_probs in zip(ids.tolist(), probs.tolist()):
-            told: Dict[str, float] = {}
-            for i, p in zip(row_ids, row_probs):
-                told[words[i]] = min(1.0, told.get(words[i], 0.0) + p)
-            out.append(told)
-        return out
+        scores = self.model.word_scores(*self.model.concepts_of(image))
+        return [{self.tokenizer.vocab[i]: float(row[i]) for i in row.nonzero().flatten().tolist()} for row in scores]
 
     def _rerank(self, pixels: torch.Tensor, decode: CaptionDecodeConfig) -> List[CaptionResult]:
         """Of each image's ``rerank_candidates``, the one that agrees most with its nearest memory captions, plus
