@@ -14,7 +14,7 @@ from .environment import runtime_options
 
 # task -> (module, default model); each module defines evaluate(args) -> metrics dict
 TASK_MODULES = {"caption": ("vlfuse.evaluation.caption", "flickr8k-caption")}
-TASK_MODULES["vqa"] = ("vlfuse.evaluation.vqa", "easyvqa")
+TASK_MODULES["vqa"] = ("vlfuse.evaluation.vqa", "flickr8k-vqa")
 TASK_MODULES["retrieval"] = ("vlfuse.evaluation.retrieval", "flickr8k-retrieval")
 
 

@@ -21,7 +21,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--index", metavar="FILE", help="image index to search (built with `vlfuse index`)")
     p.add_argument("--caption-model", metavar="M", help="caption model name or directory (default flickr8k-caption "
                                                         "if installed)")
-    p.add_argument("--vqa-model", metavar="M", help="VQA model name or directory (default easyvqa if installed)")
+    p.add_argument("--vqa-model", metavar="M", help="VQA model name or directory (default flickr8k-vqa if installed)")
     p.add_argument("--retrieval-model", metavar="M", help="retrieval model name or directory (default "
                                                           "flickr8k-retrieval if installed)")
     p.add_argument("--tagging-model", metavar="BACKBONE",

@@ -4,12 +4,16 @@ from __future__ import annotations
 import argparse
 import json
 
+DEFAULT_MODEL = "flickr8k-vqa"  # QuestionAnswerer.default_model (not imported here: the CLI loads torch lazily)
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("vqa", help="answer a question about an image")
     p.add_argument("image", help="image file")
     p.add_argument("question", help="the question, in quotes")
-    p.add_argument("--model", default="easyvqa", help="built-in model name or checkpoint directory (default easyvqa)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"built-in model name or checkpoint directory (default {DEFAULT_MODEL}: photos; "
+                        "easyvqa: the synthetic shapes of easy-VQA)")
     p.add_argument("--top-k", type=int, default=3, help="how many answers to list with probabilities (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
@@ -31,11 +35,11 @@ def run(args) -> int:
     result = model(image, args.question, top_k=args.top_k)
     if args.json:
         print(json.dumps({"image": args.image, "question": args.question.strip(), "answer": result.answer,
-                          "probability": round(result.probability, 4),
+                          "probability": round(result.probability, 4), "sure": result.sure, "doubt": result.doubt,
                           "top": [{"answer": a, "probability": round(p, 4)} for a, p in result.top]},
                          ensure_ascii=False))
     else:
-        print(result.answer)
+        print(result.answer if result.sure else f"{result.answer} (not sure: {result.doubt})")
         for answer, prob in result.top:
             print(f"  {answer:20s} {prob:.3f}")
     return 0

@@ -40,6 +40,7 @@ class VQAQuestion:
     question: str
     answers: List[str]    # one answer, or every human's answer (VQAv2: 10)
     line: int = 0         # source line (JSONL) for messages
+    qtype: str = ""       # question type, where the data says (make-qa: object, number, color, location, yes/no)
 
     @property
     def answer_type(self) -> str:

@@ -3,46 +3,70 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from ..config import save_json
 from ..data.vqa import VQASet, load_pixels, read_vqa
-from ..metrics.vqa import answer_accuracy
+from ..metrics.vqa import answer_accuracy, expected_calibration_error
 from ..tasks.vqa import QuestionAnswerer
 from . import EvaluationRequest
 
 
-def predict_set(model, data: VQASet, acts: torch.Tensor, batch_size: int = 512, top_k: int = 1,
-                progress: bool = False) -> List:
-    """Answers for every question of ``data``; ``acts`` holds the stem activations of ``data.images``.
-    Each image goes through the vision tail once per batch, however many questions it has."""
+@torch.inference_mode()
+def logits_set(model, data: VQASet, acts: torch.Tensor, batch_size: int = 512, progress: bool = False
+               ) -> torch.Tensor:
+    """Answer logits (Q, A) for every question of ``data``; ``acts`` holds the stem activations of
+    ``data.images``. Each image goes through the vision tail once per batch, however many questions it has."""
     out = []
     for s in tqdm(range(0, len(data), batch_size), desc=f"answering {data.name}", unit="batch",
                   disable=not progress, dynamic_ncols=True):
         qs = data.questions[s:s + batch_size]
         used = sorted({q.image for q in qs})
         remap = {old: new for new, old in enumerate(used)}
-        out += model.answer_acts(acts[used], [remap[q.image] for q in qs], [q.question for q in qs], top_k)
-    return out
+        image = model.network.vision.tail(acts[used].float().to(model.device))
+        ids, mask = model.encode_questions([q.question for q in qs])
+        index = torch.tensor([remap[q.image] for q in qs], device=model.device)
+        out.append(model.network.answer_logits(image, index, ids, mask).float().cpu())
+    return torch.cat(out)
 
 
-def score_answers(data: VQASet, predictions: Sequence[str]) -> Dict:
-    """accuracy overall, on yes/no questions and on the rest, with counts (as fractions in [0, 1])."""
+def predict_set(model, data: VQASet, acts: torch.Tensor, batch_size: int = 512, top_k: int = 1,
+                progress: bool = False) -> List:
+    """Answers (``VQAAnswer``) for every question of ``data``; see ``logits_set``."""
+    logits = logits_set(model, data, acts, batch_size, progress)
+    return model.rank(model.probabilities(logits), [q.question for q in data.questions], top_k)
+
+
+def score_answers(data: VQASet, predictions: Sequence[str], probabilities: Optional[Sequence[float]] = None) -> Dict:
+    """accuracy overall, on yes/no questions and on the rest, with counts (as fractions in [0, 1]); for data whose
+    questions carry a type (``vlfuse data make-qa``: object, number, color, location, yes/no), the accuracy per
+    type too; with the answers' ``probabilities``, their expected calibration error."""
     sums = {"all": 0.0, "yes/no": 0.0, "other": 0.0}
     counts = {"all": 0, "yes/no": 0, "other": 0}
+    by_type: Dict[str, List[float]] = {}
     multi = any(len(q.answers) > 1 for q in data.questions)
+    correct = []
     for q, pred in zip(data.questions, predictions):
         acc = answer_accuracy(pred, q.answers)
+        correct.append(acc)
         for key in ("all", q.answer_type):
             sums[key] += acc
             counts[key] += 1
+        if q.qtype:
+            by_type.setdefault(q.qtype, []).append(acc)
     mean = {k: (sums[k] / counts[k] if counts[k] else 0.0) for k in sums}
-    return {"accuracy": mean["all"], "yes_no_accuracy": mean["yes/no"], "other_accuracy": mean["other"],
-            "questions": counts["all"], "yes_no_questions": counts["yes/no"], "other_questions": counts["other"],
-            "metric": "vqa-accuracy min(#humans/3, 1)" if multi else "exact match"}
+    metrics = {"accuracy": mean["all"], "yes_no_accuracy": mean["yes/no"], "other_accuracy": mean["other"],
+               "questions": counts["all"], "yes_no_questions": counts["yes/no"], "other_questions": counts["other"],
+               "metric": "vqa-accuracy min(#humans/3, 1)" if multi else "exact match"}
+    if by_type:
+        metrics["accuracy_by_type"] = {t: sum(v) / len(v) for t, v in sorted(by_type.items())}
+        metrics["questions_by_type"] = {t: len(v) for t, v in sorted(by_type.items())}
+    if probabilities is not None:
+        metrics["ece"] = expected_calibration_error(probabilities, correct)
+    return metrics
 
 
 def evaluate_model(model, data: VQASet, batch_size: int = 512, progress: bool = True,
@@ -55,13 +79,15 @@ def evaluate_model(model, data: VQASet, batch_size: int = 512, progress: bool = 
     usable = data.subset_images(kept) if errors else data
     acts = model.network.stem_activations(pixels, progress=progress)
     answers = predict_set(model, usable, acts, batch_size, progress=progress)
-    metrics = score_answers(usable, [a.answer for a in answers])
+    metrics = score_answers(usable, [a.answer for a in answers], [a.probability for a in answers])
+    metrics["unsure"] = sum(not a.sure for a in answers) / max(1, len(answers))
     metrics.update({"data": data.name, "images": len(usable.images), "failed_images": len(errors),
                     "failed_questions": len(data) - len(usable), "skipped_lines": len(data.skipped),
                     "seconds": time.time() - t0})
     if results_path:
         save_json([{"image": usable.images[q.image], "question": q.question, "answer": a.answer,
-                    "probability": round(a.probability, 4), "references": q.answers}
+                    "probability": round(a.probability, 4), "sure": a.sure, "type": q.qtype,
+                    "references": q.answers}
                    for q, a in zip(usable.questions, answers)], results_path)
     return metrics
 
@@ -69,7 +95,7 @@ def evaluate_model(model, data: VQASet, batch_size: int = 512, progress: bool = 
 def evaluate(request: EvaluationRequest) -> Dict:
     """``vlfuse evaluate --task vqa --model M --data easy-vqa|file.jsonl --split test [--limit N] [--out m.json]``."""
     model = QuestionAnswerer.from_pretrained(request.model, device=request.device, runtime=request.runtime)
-    data_arg = "easy-vqa" if request.data in ("../shared/data/flickr8k", None) else request.data
+    data_arg = request.data or "easy-vqa"
     split = request.split
     data = read_vqa(data_arg, split).limit_questions(request.limit)
     for line in data.skipped:

@@ -20,7 +20,7 @@ from ..runtime import RuntimeOptions
 log = logging.getLogger(__name__)
 
 # tagging's "model" is a backbone with a concept head (vlfuse.nn.concepts): its frozen ImageNet classifier
-DEFAULT_MODELS = {"caption": "flickr8k-caption", "vqa": "easyvqa", "retrieval": "flickr8k-retrieval",
+DEFAULT_MODELS = {"caption": "flickr8k-caption", "vqa": "flickr8k-vqa", "retrieval": "flickr8k-retrieval",
                   "tagging": "efficientnet-lite0"}
 DISABLED = "none"
 

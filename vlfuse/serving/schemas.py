@@ -39,6 +39,8 @@ class VQAResponse(BaseModel):
     answer: str
     probability: float
     top: List[AnswerScore]
+    sure: bool = Field(description="false when the answer should not be trusted; doubt says why")
+    doubt: str = Field(description="why the answer should not be trusted (empty when sure)")
     model: str
 
 

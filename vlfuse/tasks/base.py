@@ -50,13 +50,15 @@ class Pipeline:
     """Base of the user-facing pipelines. Subclasses set ``task`` and implement ``_from_checkpoint``."""
 
     task: ClassVar[str]  # the "task" a checkpoint of this pipeline has in its config.json
+    default_model: ClassVar[str]  # the built-in model ``from_pretrained()`` loads, and the CLI's and service's default
 
     @classmethod
-    def from_pretrained(cls: type[P], name_or_path: Union[str, Path], **options: Any) -> P:
-        """Load a built-in model (e.g. "flickr8k-caption") or a checkpoint directory of this pipeline's task.
+    def from_pretrained(cls: type[P], name_or_path: Union[str, Path, None] = None, **options: Any) -> P:
+        """Load a built-in model (e.g. "flickr8k-caption"; by default the task's ``default_model``) or a checkpoint
+        directory of this pipeline's task.
         ``options`` (``device`` and the task's own, e.g. a Captioner's ``int8``/``onnx``) go to the class's
         ``_from_checkpoint``. Raises ModelNotFoundError for an unknown name or a checkpoint of another task."""
-        directory, config = read_checkpoint(name_or_path, cls.task)
+        directory, config = read_checkpoint(cls.default_model if name_or_path is None else name_or_path, cls.task)
         return cls._from_checkpoint(directory, config, **options)
 
     @classmethod

@@ -24,15 +24,17 @@ from ..data.vqa import (
     VQASet,
     build_answer_vocab,
     load_pixels,
+    majority_answer,
     read_vqa,
     split_images,
 )
 from ..errors import DataError
-from ..evaluation.vqa import predict_set, score_answers
-from ..metrics.vqa import soft_scores
+from ..evaluation.vqa import logits_set, predict_set, score_answers
+from ..metrics.vqa import answer_accuracy, expected_calibration_error, soft_scores
 from ..registry import TEXT_ENCODERS
 from ..tasks.vqa.model import VQAModel, VQAModelConfig, soft_cross_entropy
-from ..tasks.vqa.pipeline import QuestionAnswerer, make_question_tokenizer
+from ..tasks.vqa.pipeline import AnswerCalibration, QuestionAnswerer, make_question_tokenizer
+from .features import FeatureCache
 from .trainer import TrainConfig, Trainer, seed_everything
 
 
@@ -48,6 +50,7 @@ class VQADataConfig:
     val_limit: int = 0
     mirror: float = 0.0              # probability of training on an image's mirror image, "left"/"right" swapped
                                      # in its questions and answers (vlfuse.data.mirror)
+    cache_dir: str = "cache/features"  # stem outputs of a frozen pretrained encoder, kept across runs (FeatureCache)
 
     def __post_init__(self):
         check_mirror_probability(self.mirror)
@@ -63,6 +66,8 @@ class VQAExperiment:
     task: str = "vqa"
     data: VQADataConfig = dataclasses.field(default_factory=VQADataConfig)
     model: VQAModelConfig = dataclasses.field(default_factory=VQAModelConfig)
+    # when answers are flagged unsure; the temperature is fitted on the validation questions after training
+    calibration: AnswerCalibration = dataclasses.field(default_factory=AnswerCalibration)
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(**TRAIN_DEFAULTS))
 
 
@@ -148,10 +153,14 @@ def vqa_loss(net, batch) -> Dict[str, torch.Tensor]:
     return {"loss": loss, "acc": acc.detach()}
 
 
-def prepare_images(network: VQAModel, data: VQASet, progress: bool, mirrored: bool = False
+def prepare_images(network: VQAModel, data: VQASet, progress: bool, mirrored: bool = False, cache_dir: str = ""
                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], VQASet]:
-    """Decode + transform every image once, run the frozen stem once (and over the mirror images, when
-    ``mirrored``); drop questions about unreadable images. Returns (activations, mirrored or None, data)."""
+    """Run the frozen stem once over every image (and over the mirror images, when ``mirrored``); drop questions
+    about unreadable images. A pretrained stem's outputs go through the on-disk ``FeatureCache`` under
+    ``cache_dir`` (shared with caption training), so a second run or another fusion never re-runs the CNN; a
+    stem trained from scratch (small-cnn) is run in memory. Returns (activations, mirrored or None, data)."""
+    if cache_dir and getattr(network.vision, "pretrained", False):
+        return _cached_stem(network, data, progress, mirrored, cache_dir)
     pixels, kept, errors = load_pixels(data.images, network.vision.transform, progress, desc=f"images {data.name}")
     for err in errors:
         tqdm.write(f"skipped image: {err}", file=sys.stderr)
@@ -160,6 +169,27 @@ def prepare_images(network: VQAModel, data: VQASet, progress: bool, mirrored: bo
     show = progress and len(pixels) > 1000
     acts = network.stem_activations(pixels, progress=show)
     return acts, network.stem_activations(mirror_pixels(pixels), progress=show) if mirrored else None, data
+
+
+def _cached_stem(network: VQAModel, data: VQASet, progress: bool, mirrored: bool, cache_dir: str
+                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], VQASet]:
+    cache = FeatureCache(cache_dir, network.vision)
+    digests, failures = cache.build(data.images, progress=progress, desc=f"features {data.name}")
+    for path, why in failures:
+        tqdm.write(f"skipped image {path}: {why}", file=sys.stderr)
+    kept = [i for i, d in enumerate(digests) if d is not None]
+    if not kept:
+        raise DataError(f"none of the {len(data.images)} images of {data.name} could be read")
+    if len(kept) < len(digests):
+        data = data.subset_images(kept)
+    keep_digests = [digests[i] for i in kept]
+    acts = cache.load(keep_digests, progress=progress)
+    if not mirrored:
+        return acts, None, data
+    mirror_cache = FeatureCache(cache_dir, network.vision, mirrored=True)
+    mirror_cache.build(data.images, progress=progress,
+                       desc=f"mirrored features {data.name}")
+    return acts, mirror_cache.load(keep_digests), data
 
 
 def train(raw_config: dict, resume: bool = False) -> Dict:
@@ -180,8 +210,8 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     seed_everything(exp.train.seed)  # the initial weights follow train.seed too, not only the training order
     network = VQAModel(model_cfg)
     train_acts, mirrored_acts, train_set = prepare_images(network, train_set, exp.train.progress,
-                                                          mirrored=exp.data.mirror > 0)
-    val_acts, _, val_set = prepare_images(network, val_set, exp.train.progress)
+                                                          mirrored=exp.data.mirror > 0, cache_dir=exp.data.cache_dir)
+    val_acts, _, val_set = prepare_images(network, val_set, exp.train.progress, cache_dir=exp.data.cache_dir)
     prep_minutes = (time.time() - t_start) / 60
     items = encode_items(train_set, tokenizer, answers, model_cfg.max_question_len)
     resolved = to_dict(dataclasses.replace(exp, model=model_cfg))
@@ -204,12 +234,13 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     t_train = time.time()
     result = trainer.fit()
     train_minutes = (time.time() - t_train) / 60
-    summary = {"best_val_" + exp.train.select_metric: result["best"], "best_epoch": result["best_epoch"],
+    summary = {"calibration": calibrate(out / "best", val_set, val_acts, exp.calibration)}
+    summary.update({"best_val_" + exp.train.select_metric: result["best"], "best_epoch": result["best_epoch"],
                "epochs_run": len(result["history"]), "train_images": len(train_set.images),
                "train_questions": len(train_set), "val_questions": len(val_set), "answers": len(answers),
                "question_vocab": len(tokenizer), "skipped_lines": len(train_set.skipped),
                "parameters": sum(p.numel() for p in network.parameters() if p.requires_grad),
-               "prepare_minutes": prep_minutes, "train_minutes": train_minutes, "best_dir": str(out / "best")}
+               "prepare_minutes": prep_minutes, "train_minutes": train_minutes, "best_dir": str(out / "best")})
     if exp.data.test_split:
         from ..evaluation.vqa import evaluate_model
 
@@ -219,6 +250,33 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     summary["total_minutes"] = (time.time() - t_start) / 60
     save_json(summary, out / "summary.json")
     return summary
+
+
+TEMPERATURES = torch.logspace(-2, 3, 81, base=2.0)  # 0.25 ... 8, a grid fine enough for one scalar
+
+
+@torch.inference_mode()
+def calibrate(best_dir: Path, val: VQASet, val_acts: torch.Tensor, calibration: AnswerCalibration) -> Dict:
+    """Temperature scaling (Guo et al. 2017): the temperature that minimises the negative log-likelihood of the
+    validation answers, written into the best checkpoint's config with ``calibration``'s thresholds. Returns the
+    fitted temperature and the validation ECE before and after."""
+    model = QuestionAnswerer.from_pretrained(best_dir)
+    logits = logits_set(model, val, val_acts)
+    index = {a: i for i, a in enumerate(model.answers)}
+    targets = torch.tensor([index.get(majority_answer(q.answers), -1) for q in val.questions])
+    known = targets >= 0
+    nll = torch.stack([torch.nn.functional.cross_entropy(logits[known] / t, targets[known]) for t in TEMPERATURES])
+    temperature = float(TEMPERATURES[int(nll.argmin())])
+
+    def ece(t: float) -> float:
+        probs, best = (logits / t).softmax(-1).max(-1)
+        correct = [answer_accuracy(model.answers[b], q.answers) for b, q in zip(best.tolist(), val.questions)]
+        return expected_calibration_error(probs.tolist(), correct)
+
+    model.calibration = dataclasses.replace(calibration, temperature=temperature)
+    model.save_pretrained(best_dir)
+    return {"temperature": temperature, "val_ece_before": ece(1.0), "val_ece_after": ece(temperature),
+            "unsure_below": calibration.unsure_below, "min_known_words": calibration.min_known_words}
 
 
 def _question_tokenizer(exp: VQAExperiment, train_set: VQASet, out: Path, resume: bool):

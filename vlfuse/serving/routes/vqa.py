@@ -29,6 +29,7 @@ def router(service: Service) -> APIRouter:
         ans = await service.within_timeout(b.submit((pixels, question), key=top_k))
         return {"question": question, "answer": ans.answer, "probability": float(ans.probability),
                 "top": [{"answer": a, "probability": float(p)} for a, p in ans.top],
+                "sure": ans.sure, "doubt": ans.doubt,
                 "model": models.names.get("vqa", "")}
 
     return r

@@ -192,6 +192,12 @@ async function askQuestion() {
     main.className = "answer-text";
     main.textContent = r.answer;
     answer.append(main, ` (${(100 * r.probability).toFixed(1)}%)`);
+    if (!r.sure) {  // the model says it should not be trusted here: say so before anything else
+      const doubt = document.createElement("span");
+      doubt.className = "doubt";
+      doubt.textContent = ` — not sure: ${r.doubt}`;
+      answer.append(doubt);
+    }
     const others = r.top.slice(1).map((t) => `${t.answer} ${(100 * t.probability).toFixed(1)}%`).join(", ");
     if (others) {
       const small = document.createElement("span");

@@ -57,6 +57,7 @@ class Captioner(Pipeline):
     """
 
     task = "caption"
+    default_model = "flickr8k-caption"
 
     def __init__(self, model: CaptionModel, tokenizer: Tokenizer, extra_config: Optional[dict] = None,
                  runtime: RuntimeOptions = RuntimeOptions(), memory_dir: Optional[Path] = None):

@@ -110,6 +110,7 @@ class Retriever(Pipeline):
     """
 
     task = "retrieval"
+    default_model = "flickr8k-retrieval"
 
     def __init__(self, model: RetrievalModel, tokenizer, name: str = "retrieval", extra_config: Optional[dict] = None,
                  runtime: RuntimeOptions = RuntimeOptions(), concepts: Optional[ConceptEmbedding] = None):

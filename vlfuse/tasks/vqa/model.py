@@ -27,6 +27,7 @@ class VQAModelConfig:
     max_question_len: int = 30        # question words kept (longer questions are truncated, not rejected)
     vocab_size: int = 0               # question vocabulary size (set by training; ignored by MiniLM)
     num_answers: int = 0              # answer vocabulary size (set by training)
+    blind: bool = False               # question-only baseline: the fusion sees a constant image, never the photo
 
 
 class VQAModel(nn.Module):
@@ -56,6 +57,8 @@ class VQAModel(nn.Module):
                       mask: torch.Tensor) -> torch.Tensor:
         question = self._encode_unique(ids, mask)
         image = image.index_select(image_index)  # (Q, N, C): each question meets its image
+        if self.config.blind:  # same parts and budget, but nothing of the photo reaches the fusion
+            image = ImageFeatures(torch.zeros_like(image.grid), torch.zeros_like(image.pooled))
         fused = self.fusion(image, question.pooled[:, None]).states[:, 0]  # (Q, D): the question vector, T=1
         return self.head(fused)  # (Q, A)
 

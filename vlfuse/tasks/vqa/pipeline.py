@@ -1,8 +1,9 @@
 """Visual question answering: ``VQAModel`` (vision encoder + question encoder + fusion module + classifier
 head over the answer vocabulary, every part from the shared registries) and the user-facing ``QuestionAnswerer``.
 
->>> vqa = QuestionAnswerer.from_pretrained("easyvqa")
->>> vqa("shape.png", "what color is the triangle?")      # VQAAnswer(answer='red', probability=0.99, top=[...])
+>>> vqa = QuestionAnswerer.from_pretrained()             # the default, "flickr8k-vqa": questions about photos
+>>> vqa("dog.jpg", "what color is the dog?")             # VQAAnswer(answer='black', probability=0.8, ...)
+>>> QuestionAnswerer.from_pretrained("easyvqa")("shape.png", "what color is the triangle?")   # synthetic shapes
 """
 from __future__ import annotations
 
@@ -33,6 +34,25 @@ class VQAAnswer:
     answer: str
     probability: float
     top: List[Tuple[str, float]]  # the top-k answers with probabilities, best first
+    sure: bool = True             # False: the model should not be trusted here; ``doubt`` says why
+    doubt: str = ""
+
+
+@dataclasses.dataclass
+class AnswerCalibration:
+    """How a model's scores become probabilities and when an answer is flagged as unsure; fitted on the
+    validation questions after training and saved in config.json under "calibration"."""
+
+    temperature: float = 1.0       # probabilities are softmax(logits / temperature) (temperature scaling)
+    unsure_below: float = 0.0      # an answer whose probability is under this is flagged unsure
+    min_known_words: float = 0.0   # flagged unsure when under this share of the question's words were seen in
+                                   # training (word vocabularies only): another language, another topic
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ConfigError(f"calibration.temperature must be positive, got {self.temperature}")
+        if not (0 <= self.unsure_below <= 1 and 0 <= self.min_known_words <= 1):
+            raise ConfigError("calibration.unsure_below and calibration.min_known_words must be in [0, 1]")
 
 
 def check_question(question: str) -> str:
@@ -62,15 +82,17 @@ class QuestionAnswerer(Pipeline):
     Runtime on a CPU by default)."""
 
     task = "vqa"
+    default_model = "flickr8k-vqa"
 
     def __init__(self, network: VQAModel, tokenizer, answers: Sequence[str], extra_config: Optional[dict] = None,
-                 runtime: RuntimeOptions = RuntimeOptions()):
+                 runtime: RuntimeOptions = RuntimeOptions(), calibration: AnswerCalibration = AnswerCalibration()):
         if len(answers) != network.config.num_answers:
             raise ConfigError(f"{len(answers)} answers given for a network with {network.config.num_answers} outputs")
         self.network = network.eval()
         self.tokenizer = tokenizer
         self.answers = list(answers)
         self.extra_config = extra_config or {}
+        self.calibration = calibration
         self.runtime = Runtime(runtime, vision=network.vision)
 
     # -- loading and saving -------------------------------------------------------------------------
@@ -87,12 +109,14 @@ class QuestionAnswerer(Pipeline):
         answers = json.loads(answers_path.read_text(encoding="utf-8"))
         network = VQAModel(config)
         load_weights(directory, network, allowed_missing_prefixes=network.persistent_prefixes())
-        extra = {k: v for k, v in raw.items() if k not in ("task", "model")}
-        return cls(network.to(device or "cpu"), make_question_tokenizer(config, directory), answers, extra, runtime)
+        calibration = from_dict(AnswerCalibration, raw.get("calibration") or {}, "calibration")
+        extra = {k: v for k, v in raw.items() if k not in ("task", "model", "calibration")}
+        return cls(network.to(device or "cpu"), make_question_tokenizer(config, directory), answers, extra, runtime,
+                   calibration)
 
     def save_pretrained(self, directory: Union[str, Path], half: bool = True, **extra) -> Path:
         """config.json (task 'vqa') + model.safetensors (fp16) + question vocabulary + answers.json."""
-        config = {"task": "vqa", "model": to_dict(self.network.config),
+        config = {"task": "vqa", "model": to_dict(self.network.config), "calibration": to_dict(self.calibration),
                   "transform": self.network.vision.transform.to_dict(), **self.extra_config, **extra}
         directory = save_checkpoint(directory, self.network, config, self.network.persistent_prefixes(), half=half)
         self.tokenizer.save(directory)
@@ -115,27 +139,51 @@ class QuestionAnswerer(Pipeline):
         return ids.to(self.device), mask.to(self.device)
 
     @torch.inference_mode()
-    def answer_acts(self, acts: torch.Tensor, image_index: Sequence[int], questions: Sequence[str],
-                    top_k: int = 3) -> List[VQAAnswer]:
-        """Answers for questions about already-computed stem activations (M images); no input checks."""
-        return self.answer_features(self.network.vision.tail(acts.float().to(self.device)), image_index, questions,
-                                    top_k)
-
-    @torch.inference_mode()
     def answer_features(self, image: ImageFeatures, image_index: Sequence[int], questions: Sequence[str],
                         top_k: int = 3) -> List[VQAAnswer]:
         """Answers for questions about already-encoded images (M images); question q is about image
         ``image_index[q]``; no input checks."""
         ids, mask = self.encode_questions(questions)
         index = torch.as_tensor(list(image_index), dtype=torch.long, device=self.device)
-        probs = self.network.answer_logits(image, index, ids, mask).float().softmax(-1)  # (Q, A)
+        return self.rank(self.probabilities(self.network.answer_logits(image, index, ids, mask)), questions, top_k)
+
+    def rank(self, probs: torch.Tensor, questions: Sequence[str], top_k: int = 3) -> List[VQAAnswer]:
+        """Answer probabilities (Q, A) of ``questions`` -> each question's top-k answers, flagged when unsure."""
         k = max(1, min(top_k, len(self.answers)))
         values, indices = probs.topk(k, dim=-1)
         results = []
-        for vals, idxs in zip(values.tolist(), indices.tolist()):
+        for question, vals, idxs in zip(questions, values.tolist(), indices.tolist()):
             top = [(self.answers[i], float(v)) for v, i in zip(vals, idxs)]
-            results.append(VQAAnswer(top[0][0], top[0][1], top))
+            doubt = self.doubt(question, top[0][1])
+            results.append(VQAAnswer(top[0][0], top[0][1], top, sure=not doubt, doubt=doubt))
         return results
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Answer logits (Q, A) -> calibrated probabilities (temperature scaling)."""
+        return (logits.float() / self.calibration.temperature).softmax(-1)
+
+    def known_word_share(self, question: str) -> Optional[float]:
+        """The share of the question's words that training questions had (None for a subword tokenizer,
+        which has no unknown words). A question in another script has no words here at all: share 0."""
+        if not isinstance(self.tokenizer, Tokenizer):
+            return None
+        words = self.tokenizer.tokenize(question)
+        return sum(w in self.tokenizer.index for w in words) / len(words) if words else 0.0
+
+    def doubt(self, question: str, probability: float) -> str:
+        """Why an answer should not be trusted ('' when nothing says so)."""
+        cal = self.calibration
+        share = self.known_word_share(question)
+        if share is not None and share < cal.min_known_words:
+            unknown = [w for w in self.tokenizer.tokenize(question) if w not in self.tokenizer.index]
+            if not unknown:
+                return "the question has no words this model knows (it was trained on English questions)"
+            return (f"the question has words this model never saw in training ({', '.join(unknown[:5])}); "
+                    "it can only answer questions like those it was trained on")
+        if probability < cal.unsure_below:
+            return (f"the model is not sure (probability {probability:.2f}, under {cal.unsure_below:.2f}); "
+                    "the answer is likely wrong")
+        return ""
 
     def predict(self, images: Sequence[ImageInput], questions: Sequence[str], top_k: int = 3,
                 batch_size: int = 64) -> List[VQAAnswer]:
