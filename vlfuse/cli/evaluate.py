@@ -10,7 +10,7 @@ from ..config import save_json
 from ..errors import ConfigError
 from ..evaluation import EvaluationRequest
 from .caption import add_decode_arguments, decode_options
-from .environment import runtime_options
+from .environment import runtime_options, wordnet_root
 
 # task -> (module, default model); each module defines evaluate(args) -> metrics dict
 TASK_MODULES = {"caption": ("vlfuse.evaluation.caption", "flickr8k-caption")}
@@ -41,7 +41,7 @@ def run(args) -> int:
     request = EvaluationRequest(model=args.model or default_model, data=args.data, split=args.split,
                                 fmt=args.format, limit=args.limit, out=args.out, results=args.results,
                                 batch_size=args.batch_size, device=args.device, runtime=runtime_options(),
-                                decode=decode_options(args))
+                                decode=decode_options(args), wordnet=wordnet_root())
     metrics = importlib.import_module(module).evaluate(request)
     text = json.dumps(metrics, indent=2, ensure_ascii=False)
     print(text)

@@ -23,6 +23,7 @@ class EvaluationRequest:
     device: Optional[str] = None
     runtime: RuntimeOptions = RuntimeOptions()  # how the model runs inference (ONNX Runtime, int8, graph cache)
     decode: Dict[str, Any] = dataclasses.field(default_factory=dict)  # captioning: decoding options over the model's
+    wordnet: Optional[str] = None         # VQA: the WordNet folder WUPS reads (None: Debian's /usr/share/wordnet)
 
     def results_path(self, suffix: str) -> Optional[str]:
         """``results``, or next to ``out`` with ``suffix`` (e.g. ".captions.json"), or None."""

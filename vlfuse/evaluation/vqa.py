@@ -1,16 +1,19 @@
-"""Evaluate a VQA model: overall, yes/no and other accuracy (VQA accuracy for multi-answer data)."""
+"""Evaluate a VQA model: overall, yes/no and other accuracy (VQA accuracy for multi-answer data), and WUPS."""
 from __future__ import annotations
 
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
 
 from ..config import save_json
-from ..data.vqa import VQASet, load_pixels, read_vqa
+from ..data.vqa import VQASet, load_pixels, majority_answer, read_vqa
+from ..errors import DataError
 from ..metrics.vqa import answer_accuracy, expected_calibration_error
+from ..metrics.wups import Wups
 from ..tasks.vqa import QuestionAnswerer
 from . import EvaluationRequest
 
@@ -69,9 +72,24 @@ def score_answers(data: VQASet, predictions: Sequence[str], probabilities: Optio
     return metrics
 
 
+WUPS_THRESHOLDS = (0.9, 0.0)  # the pair WUPS is reported at (Malinowski & Fritz 2014; COCO-QA)
+
+
+def wups_metrics(data: VQASet, predictions: Sequence[str], wordnet: Union[str, Path, None] = None) -> Dict:
+    """``wups_0.9`` and ``wups_0.0`` of ``predictions`` against each question's majority (or first) answer, over
+    the WordNet in folder ``wordnet`` (None: Debian's); where WordNet or NLTK is missing, ``wups`` says why."""
+    try:
+        wups = Wups.from_wordnet(wordnet)
+        references = [majority_answer(q.answers) for q in data.questions]
+        return {f"wups_{t}": wups.mean(predictions, references, t) for t in WUPS_THRESHOLDS}
+    except (DataError, OSError, LookupError) as exc:  # a missing extra never fails an evaluation
+        return {"wups": f"not computed: {exc}"}
+
+
 def evaluate_model(model, data: VQASet, batch_size: int = 512, progress: bool = True,
-                   results_path: str | None = None) -> Dict:
-    """Score ``model`` on every question of ``data``; questions about unreadable images are counted as failed."""
+                   results_path: str | None = None, wordnet: Union[str, Path, None] = None) -> Dict:
+    """Score ``model`` on every question of ``data``; questions about unreadable images are counted as failed.
+    WUPS is computed over the WordNet in folder ``wordnet`` (see ``wups_metrics``)."""
     t0 = time.time()
     pixels, kept, errors = load_pixels(data.images, model.transform, progress=progress, desc=f"images {data.name}")
     for err in errors:
@@ -81,6 +99,7 @@ def evaluate_model(model, data: VQASet, batch_size: int = 512, progress: bool = 
     answers = predict_set(model, usable, acts, batch_size, progress=progress)
     metrics = score_answers(usable, [a.answer for a in answers], [a.probability for a in answers])
     metrics["unsure"] = sum(not a.sure for a in answers) / max(1, len(answers))
+    metrics.update(wups_metrics(usable, [a.answer for a in answers], wordnet))
     metrics.update({"data": data.name, "images": len(usable.images), "failed_images": len(errors),
                     "failed_questions": len(data) - len(usable), "skipped_lines": len(data.skipped),
                     "seconds": time.time() - t0})
@@ -101,6 +120,7 @@ def evaluate(request: EvaluationRequest) -> Dict:
     for line in data.skipped:
         tqdm.write(f"skipped {line}", file=sys.stderr)
     results = request.results_path(".answers.json")
-    metrics = evaluate_model(model, data, batch_size=max(64, request.batch_size), results_path=results)
+    metrics = evaluate_model(model, data, batch_size=max(64, request.batch_size), results_path=results,
+                             wordnet=request.wordnet)
     metrics.update({"model": str(request.model), "split": split})
     return metrics
