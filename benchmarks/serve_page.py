@@ -1,5 +1,5 @@
 """Screenshot of the web page with the shipped models: `vlfuse serve` on loopback over an index of Flickr8k val
-photos, headless Debian Chromium (scripts/install_browser.sh) captions a photo and runs a text search.
+photos, headless Debian Chromium (scripts/install_system.sh) captions a photo and runs a text search.
 
     python benchmarks/serve_page.py [--photos 200] [--photo 0] [--query "a dog running on the beach"]
     -> benchmarks/results/serve_page.png (the README's picture) and serve_page.json (what it shows)

@@ -1,6 +1,6 @@
 """The web page in a real browser: headless Debian Chromium driven by Playwright for Python.
 
-Needs `scripts/install_browser.sh` (apt chromium + pip playwright; no browser downloads). A missing browser
+Needs `scripts/install_system.sh` (apt chromium + pip playwright; no browser downloads). A missing browser
 fails the test with a message saying so; set VLFUSE_SKIP_BROWSER_TESTS=1 to skip it on purpose.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _require_browser():
     except ImportError:
         problems.append("Playwright for Python is not installed")
     if problems:
-        pytest.fail("browser test cannot run: " + "; ".join(problems) + ". Run scripts/install_browser.sh "
+        pytest.fail("browser test cannot run: " + "; ".join(problems) + ". Run scripts/install_system.sh "
                     "(or set VLFUSE_SKIP_BROWSER_TESTS=1 to skip it deliberately).", pytrace=False)
 
 
