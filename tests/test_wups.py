@@ -87,6 +87,8 @@ def test_a_folder_without_wordnet_says_what_to_install(tmp_path):
     with pytest.raises(DataError, match=r"no WordNet dictionary in .*index\.noun.*apt-get install wordnet-base.*"
                                         r"pip install nltk"):
         Wups.from_wordnet(tmp_path, cache_dir=tmp_path / "cache")
+    with pytest.raises(DataError, match="no WordNet folder .*nowhere: install WordNet with `apt-get install"):
+        Wups.from_wordnet(tmp_path / "nowhere", cache_dir=tmp_path / "cache")
 
 
 def test_evaluation_reports_wups_or_why_not(wups, cache, tmp_path):

@@ -141,6 +141,8 @@ def open_wordnet(root: Union[str, Path, None] = None, cache_dir: Union[str, Path
     except ImportError as exc:
         raise DataError(f"WUPS needs NLTK, which is not installed ({exc}): {INSTALL_HINT}") from exc
     folder = Path(DEBIAN_WORDNET if root is None else root).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"no WordNet folder {folder}: {INSTALL_HINT}")
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
     if missing:
         raise DataError(f"no WordNet dictionary in {folder} (missing {', '.join(missing)}): {INSTALL_HINT}")
