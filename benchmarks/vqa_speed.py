@@ -2,8 +2,10 @@
 encoder in PyTorch and in ONNX Runtime (``vlfuse.runtime``), measured interleaved in one process so that machine
 noise hits both alike; and whether both give the same answers.
 
-    python benchmarks/vqa_speed.py [--model easyvqa] [--n 200] [--threads 1]
-Writes benchmarks/results/vqa_speed.json.
+    python benchmarks/vqa_speed.py --model flickr8k-vqa --data data/qa/flickr8k/val.jsonl \
+        --out benchmarks/results/vqa_photo_speed.json                     # photos (the default model)
+    python benchmarks/vqa_speed.py --model easyvqa --data easy-vqa        # synthetic shapes: vqa_speed.json
+The first ``--n`` questions of ``--data`` (easy-vqa: its test split) with their images, decoded beforehand.
 """
 from __future__ import annotations
 
@@ -22,23 +24,22 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="easyvqa")
-    ap.add_argument("--n", type=int, default=200, help="easy-VQA test questions (with their images)")
+    ap.add_argument("--data", default="easy-vqa", help="easy-vqa (its test split) or a question JSONL file")
+    ap.add_argument("--n", type=int, default=200, help="questions (with their images)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/vqa_speed.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from easy_vqa import get_test_image_paths, get_test_questions
-
     from vlfuse.data.images import load_image
+    from vlfuse.data.vqa import read_vqa
     from vlfuse.runtime import RuntimeOptions
     from vlfuse.tasks.vqa.pipeline import QuestionAnswerer
 
-    questions, _, image_ids = get_test_questions()
-    paths = get_test_image_paths()
-    images = [load_image(paths[i]) for i in image_ids[:args.n]]
-    questions = questions[:args.n]
+    data = read_vqa(args.data, "test").limit_questions(args.n)
+    images = [load_image(data.images[q.image]) for q in data.questions]
+    questions = [q.question for q in data.questions]
     models = {"torch": QuestionAnswerer.from_pretrained(args.model, runtime=RuntimeOptions(onnx=False)),
               "default": QuestionAnswerer.from_pretrained(args.model)}
     for model in models.values():
@@ -58,12 +59,14 @@ def main() -> None:
             batched[name].append(1000 * (time.perf_counter() - t) / len(questions))
     answers = {name: model.predict(images, questions) for name, model in models.items()}
     result = {
-        "model": args.model, "threads": args.threads, "questions": len(questions),
+        "model": args.model, "data": args.data, "threads": args.threads, "questions": len(questions),
         "load_average_at_end": os.getloadavg()[0],
         "backends": {name: model.runtime.backends() for name, model in models.items()},
         "ms_per_question_one_at_a_time": {name: round(statistics.median(v), 3) for name, v in one.items()},
         f"ms_per_question_batch{args.batch_size}": {name: round(statistics.median(v), 3)
                                                     for name, v in batched.items()},
+        f"questions_per_second_batch{args.batch_size}": {name: round(1000 / statistics.median(v), 1)
+                                                         for name, v in batched.items()},
         "same_answers": sum(a.answer == b.answer for a, b in zip(answers["torch"], answers["default"])),
         "max_probability_difference": max(abs(a.probability - b.probability)
                                           for a, b in zip(answers["torch"], answers["default"])),

@@ -246,3 +246,83 @@ def test_from_pretrained_rejects_other_tasks(tmp_path):
     (d / "config.json").write_text(json.dumps({"task": "caption", "model": {}}))
     with pytest.raises(ModelNotFoundError, match="is a caption model, not a vqa model"):
         QuestionAnswerer.from_pretrained(d)
+
+
+# -- knowing when it does not know ------------------------------------------------------------------------
+def test_expected_calibration_error():
+    from vlfuse.metrics.vqa import expected_calibration_error
+
+    assert expected_calibration_error([1.0, 0.0], [1, 0]) == 0.0
+    # bins: {0.9, 0.9} right -> |1 - 0.9| x 2; {0.6} wrong -> 0.6; {0.3} wrong -> 0.3; over 4 answers
+    assert expected_calibration_error([0.9, 0.9, 0.6, 0.3], [1, 1, 0, 0]) == pytest.approx((0.2 + 0.6 + 0.3) / 4)
+    with pytest.raises(ValueError, match="2 confidences but 1"):
+        expected_calibration_error([0.5, 0.5], [1])
+
+
+def test_temperature_and_doubt_flags():
+    from vlfuse.tasks.vqa.pipeline import AnswerCalibration
+
+    model = tiny_model()
+    logits = torch.tensor([[2.0, 0.0, 0.0, 0.0, 0.0]])
+    sharp = model.probabilities(logits)[0, 0]
+    model.calibration = AnswerCalibration(temperature=4.0, unsure_below=0.99, min_known_words=0.5)
+    assert model.probabilities(logits)[0, 0] < sharp  # a higher temperature flattens
+    assert model.known_word_share("what color is the shape?") == 1.0
+    assert model.known_word_share("what is the meaning of life?") == pytest.approx(3 / 6)
+    assert model.known_word_share("这是什么颜色？") == 0.0  # no English word at all
+    answer = model(shape_image(), "what color is the shape?")
+    assert not answer.sure and "not sure" in answer.doubt  # every probability is under 0.99
+    answer = model(shape_image(), "这是什么颜色？")
+    assert not answer.sure and "no words this model knows" in answer.doubt
+    answer = model(shape_image(), "zxqv blorp is the frobnicate?")
+    assert not answer.sure and "never saw in training (zxqv, blorp, frobnicate)" in answer.doubt
+    model.calibration = AnswerCalibration()  # the defaults never flag
+    assert model(shape_image(), "这是什么颜色？").sure
+    with pytest.raises(Exception, match="temperature must be positive"):
+        AnswerCalibration(temperature=0)
+
+
+def test_calibration_is_saved_and_loaded(tmp_path):
+    from vlfuse.tasks.vqa.pipeline import AnswerCalibration
+
+    model = tiny_model()
+    model.calibration = AnswerCalibration(temperature=1.7, unsure_below=0.25, min_known_words=0.4)
+    loaded = QuestionAnswerer.from_pretrained(model.save_pretrained(tmp_path / "m"))
+    assert loaded.calibration == model.calibration
+
+
+def test_blind_model_ignores_the_photo():
+    config = tiny_config()
+    config.blind = True
+    torch.manual_seed(0)
+    tokenizer = Tokenizer.build(QUESTIONS, min_count=1)
+    config.vocab_size = len(tokenizer)
+    model = QuestionAnswerer(VQAModel(config), tokenizer, ANSWERS)
+    a, b = model.predict([shape_image(), shape_image((0, 0, 255))], [QUESTIONS[1]] * 2, top_k=5)
+    assert a.top == b.top
+    seeing = tiny_model()
+    a, b = seeing.predict([shape_image(), shape_image((0, 0, 255))], [QUESTIONS[1]] * 2, top_k=5)
+    assert a.top != b.top
+
+
+def test_score_answers_per_question_type(tmp_path):
+    rows = [("what color is the dog?", "black", "color"), ("how many dogs are there?", "two", "number"),
+            ("what color is the ball?", "red", "color")]
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"image": "a.png", "question": q, "answer": a, "type": t})
+                                               + "\n" for q, a, t in rows))
+    data = read_jsonl(tmp_path / "qa.jsonl")
+    metrics = score_answers(data, ["black", "three", "blue"], [0.9, 0.8, 0.2])
+    assert metrics["accuracy_by_type"] == {"color": 0.5, "number": 0.0}
+    assert metrics["questions_by_type"] == {"color": 2, "number": 1}
+    assert metrics["ece"] == pytest.approx((0.1 + 0.8 + 0.2) / 3)
+
+
+def test_default_models():
+    from vlfuse.cli.vqa import DEFAULT_MODEL
+    from vlfuse.serving.models import DEFAULT_MODELS
+    from vlfuse.tasks.caption import Captioner
+    from vlfuse.tasks.retrieval import Retriever
+
+    assert QuestionAnswerer.default_model == DEFAULT_MODEL == DEFAULT_MODELS["vqa"] == "flickr8k-vqa"
+    assert Captioner.default_model == DEFAULT_MODELS["caption"] and Retriever.default_model == DEFAULT_MODELS["retrieval"]

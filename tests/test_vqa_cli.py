@@ -44,7 +44,7 @@ def test_shipped_model_answers_real_test_questions(easyvqa, test_sample):
 def test_cli_answers_with_top_k(capsys, test_sample):
     data, questions = test_sample
     q = questions[0]
-    assert main(["vqa", data.images[q.image], q.question]) == 0
+    assert main(["vqa", "--model", "easyvqa", data.images[q.image], q.question]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == q.answers[0]
     assert len(lines) == 4  # the answer, then the top 3 with probabilities
@@ -55,10 +55,11 @@ def test_cli_answers_with_top_k(capsys, test_sample):
 def test_cli_json(capsys, test_sample):
     data, questions = test_sample
     q = questions[1]
-    assert main(["vqa", "--json", "--top-k", "5", data.images[q.image], q.question]) == 0
+    assert main(["vqa", "--model", "easyvqa", "--json", "--top-k", "5", data.images[q.image], q.question]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["answer"] == q.answers[0] and len(out["top"]) == 5
     assert out["top"][0] == {"answer": out["answer"], "probability": out["probability"]}
+    assert out["sure"] is True and out["doubt"] == ""  # easyvqa has no calibration: never flagged
 
 
 @pytest.mark.parametrize("question,message", [
@@ -93,8 +94,8 @@ def test_cli_unknown_model_exit_2(capsys, tmp_path):
 
 def test_evaluate_cli(tmp_path, capsys):
     out = tmp_path / "m.json"
-    assert main(["evaluate", "--task", "vqa", "--data", "easy-vqa", "--split", "test", "--limit", "150",
-                 "--out", str(out)]) == 0
+    assert main(["evaluate", "--task", "vqa", "--model", "easyvqa", "--data", "easy-vqa", "--split", "test",
+                 "--limit", "150", "--out", str(out)]) == 0
     metrics = json.loads(out.read_text())
     assert metrics["questions"] == 150 and metrics["model"] == "easyvqa"
     assert metrics["yes_no_questions"] + metrics["other_questions"] == 150

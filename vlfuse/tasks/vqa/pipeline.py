@@ -61,7 +61,7 @@ def check_question(question: str) -> str:
         raise InputError(f"question must be text, got {type(question).__name__}")
     text = question.strip()
     if not text:
-        raise InputError("question is empty; ask something about the image, e.g. 'what color is the shape?'")
+        raise InputError("question is empty; ask something about the image, e.g. 'what color is the dog?'")
     if len(text) > MAX_QUESTION_CHARS:
         raise InputError(f"question is {len(text):,} characters long, over the limit of {MAX_QUESTION_CHARS:,}")
     return text
