@@ -41,7 +41,7 @@ import random
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import DataError
 from ..io import atomic_path
@@ -124,7 +124,8 @@ NOT_A_THING = {"picture", "photo", "image", "thing", "something", "object", "are
                "tongue", "body", "knee", "shoulder", "finger", "tail", "paw", "back", "neck", "lap", "chest",
                "teeth", "tooth", "lip", "cheek", "hip", "toe", "stomach", "belly", "waist", "wrist", "elbow", "thumb",
                "forehead", "ankle", "torso", "skin", "fist", "palm", "pigtail", "ponytail", "something", "someone", "anything", "each",
-               "another", "team", "crowd", "family", "friend", "member", "its", "front", "full", "motion"} | COLORS
+               "another", "team", "crowd", "family", "friend", "member", "its", "front", "full", "motion", "corner",
+               "surface", "photograph", "photographer"} | COLORS
 NOT_A_PLACE = NOT_A_THING | CLOTHING | {"black", "white", "red", "blue",
     "green", "yellow", "orange", "pink", "purple", "gray", "brown", "pose", "position", "midst", "air", "shade",
     "sun", "outdoors", "outside", "inside", "background", "distance", "middle", "front", "top", "side", "edge",
@@ -140,7 +141,7 @@ NOT_AN_OBJECT = NOT_A_THING | {"clothes", "clothing", "outfit", "costume", "unif
                                "break", "lead", "chase", "wave", "underwater", "outside", "inside", "downhill",
                                "uphill", "home", "upstairs", "downstairs", "overboard", "ashore", "backwards"}
 SKIP_VERBS = {"be", "have", "do", "get", "make", "take", "look", "seem", "appear", "go", "let", "give", "try", "begin",
-              "start", "want", "pose", "wait", "stand"}
+              "start", "want", "pose", "wait"}
 PREDICATE_DEPS = {"dobj", "prep", "prt", "advmod", "dative", "attr", "acomp", "npadvmod", "oprd", "xcomp"}
 
 
@@ -236,8 +237,9 @@ def _is_noun(token) -> bool:
 def _subject(verb):
     """The noun doing ``verb``: its nsubj, or the noun a participle modifies ("a dog running ...")."""
     if verb.dep_ == "acl" and verb.tag_ == "VBG":
-        # the parser often hangs a participle on the nearest noun: "stands on a sidewalk holding a bag"
-        return verb.head if _is_noun(verb.head) and verb.head.dep_ != "pobj" else None
+        # the parser often hangs a participle on the nearest noun ("stands on a sidewalk holding a bag", "wearing a
+        # jacket sitting on snow"): trust it on the caption's main noun only
+        return verb.head if _is_noun(verb.head) and verb.head.dep_ in ("ROOT", "nsubj", "attr", "appos") else None
     for child in verb.children:
         if child.dep_ == "nsubj":
             return child if _is_noun(child) else None
@@ -276,8 +278,9 @@ def _verbs(doc) -> List:
 # -- question makers, one per type ---------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class CaptionQuestion:
-    """A question one parsed caption gives, with the noun tokens it names or answers with (checked against the
-    whole split for nouns the tagger got wrong, and the things yes/no questions may ask about)."""
+    """A question one parsed caption gives, with the noun tokens it names or answers with, the answered (or
+    coloured) one last: checked against the whole split for nouns the tagger got wrong, and the things yes/no
+    questions may ask about."""
 
     qtype: str
     question: str
@@ -302,7 +305,8 @@ def object_questions(doc) -> List[CaptionQuestion]:
         predicate = _predicate(verb)
         if answer and predicate and not _is_plural(subject) and subject.tag_ == "NN":
             wh = "who" if answer in PEOPLE else "what"
-            out.append(CaptionQuestion("object", f"{wh} is {ing_form(verb)} {predicate}?", answer, (subject,)))
+            named = tuple(t for c in verb.children if c.i > verb.i for t in c.subtree if t.pos_ == "NOUN")
+            out.append(CaptionQuestion("object", f"{wh} is {ing_form(verb)} {predicate}?", answer, named + (subject,)))
     return out
 
 
@@ -342,10 +346,14 @@ def color_questions(doc) -> List[CaptionQuestion]:
         if adj.dep_ != "amod" or adj.lower_ not in COLORS:
             continue
         noun = adj.head
-        while noun.dep_ == "compound" and noun.head.pos_ == "NOUN":  # "blue life jackets": the jackets are blue
-            noun = noun.head
-        if not _is_noun(noun) or noun.lemma_.lower() in NOT_A_THING:
+        while noun.dep_ == "compound" and noun.head.pos_ == "NOUN" and noun.head.i == noun.i + 1:
+            noun = noun.head  # "blue life jackets": the jackets are blue
+        if not _is_noun(noun) or noun.lemma_.lower() in NOT_A_THING or noun.dep_ == "compound":
             continue
+        before, after = doc[max(adj.i - 2, 0):adj.i], doc[adj.i + 1:adj.i + 3]
+        if any(t.lower_ in COLORS | SHADES for t in list(before) + list(after)) and adj.i > 0 \
+                or noun.dep_ == "conj" and noun.head.lower_ in COLORS:
+            continue  # "grey and black dogs", "black , white dog": several colours
         modifiers = [t for t in noun.subtree if t.i < noun.i and t.dep_ in ("amod", "conj", "compound")]
         colours = [t for t in modifiers if t.lower_ in COLORS]
         if len(colours) > 1 or any(t.lower_ in SHADES for t in modifiers):  # "black and white dog", "dark blue"
@@ -369,6 +377,8 @@ def _place(prep):
         return None
     if any(c.dep_ == "prep" and c.lower_ == "of" for c in obj.children):  # "in front of", "on top of"
         return None
+    if any(c.dep_ == "compound" and not _is_noun(c) for c in obj.children):  # "in a shirt playing basketball"
+        return None
     return obj
 
 
@@ -384,8 +394,9 @@ def location_questions(doc) -> List[CaptionQuestion]:
         doing = f"{ing_form(verb)} {_tokens_text(extra)}".strip()
         places = [p for p in map(_place, verb.children) if p is not None]
         if places:  # the first place only: "runs through the grass in the park" would ask one question twice
+            named = tuple(t for t in extra if t.pos_ == "NOUN")
             out.append(CaptionQuestion("location", f"where {_be(subject)} the {_noun_phrase(subject)} {doing}?",
-                                       _answer(places[0]), (subject, places[0])))
+                                       _answer(places[0]), (subject,) + named + (places[0],)))
     for noun in doc:  # verbless captions and "X is in Y": "a girl on a bench", "the dog is in the water"
         verbless = noun.dep_ == "ROOT" or (noun.dep_ == "nsubj" and noun.head.lemma_ == "be")
         if not verbless or not _is_noun(noun) or noun.lemma_.lower() in NOT_A_THING or _has_conj(noun):
@@ -427,6 +438,7 @@ class NounUse:
     as_noun: Counter = dataclasses.field(default_factory=Counter)  # surface form -> times tagged a noun
     as_verb: Counter = dataclasses.field(default_factory=Counter)  # ... and a verb
     visual: set = dataclasses.field(default_factory=set)  # lemmas answered or coloured by caption questions
+    source: Dict[Tuple[int, str], str] = dataclasses.field(default_factory=dict)  # (image, lemma) -> a caption
 
     @classmethod
     def empty(cls, n_images: int) -> "NounUse":
@@ -442,9 +454,11 @@ class NounUse:
                 self.as_verb[tok.lower_] += 1
             if tok.pos_ == "ADJ" and tok.lower_.endswith("y"):  # "snowy", "grassy", "rocky" mention the thing
                 self.words[image].add(tok.lower_[:-1])
-            if not _is_noun(tok) or tok.dep_ not in HEAD_DEPS or not lemma.isalpha() or len(lemma) < 3:
-                continue
+            if not _is_noun(tok) or tok.dep_ not in HEAD_DEPS or not lemma.isalpha() or len(lemma) < 3 \
+                    or any(c.lower_ in ("no", "without") for c in tok.children) or tok.head.lower_ == "without":
+                continue  # "a man with no shirt on" does not show a shirt
             self.things[image].add(lemma)
+            self.source.setdefault((image, lemma), doc.text)
             det = {c.lower_ for c in tok.children if c.dep_ in ("det", "nummod", "poss")}
             if tok.tag_ == "NNS":
                 self.plurals[lemma][tok.lower_] += 1
@@ -463,7 +477,8 @@ class NounUse:
             return f"are there {plurals.most_common(1)[0][0]} in the picture?"
         if self.counted[lemma] <= self.uncounted[lemma]:
             return f"is there {lemma} in the picture?"
-        return f"is there {'an' if lemma[0] in 'aeiou' else 'a'} {lemma} in the picture?"
+        vowel = lemma[0] in "aeiou" and not lemma.startswith(("uni", "use", "uk", "eu", "one")) or lemma == "hour"
+        return f"is there {'an' if vowel else 'a'} {lemma} in the picture?"
 
     def mistagged(self, token) -> bool:
         """A word the split's captions use as a verb more often than as a noun ("splashes", "swings"): where the
@@ -476,7 +491,7 @@ class NounUse:
         none does not show that nobody is there), nothing in NOT_A_THING."""
         images = Counter(w for things in self.things for w in things)
         return sorted(w for w, n in images.items() if n >= min_images and w in self.visual and w not in NOT_A_THING
-                      and not _related(w) & (PEOPLE | {"animal", "pet"}))
+                      and self.as_verb[w] <= self.as_noun[w] and not _related(w) & (PEOPLE | {"animal", "pet"}))
 
 
 def _related(lemma: str) -> set:
@@ -484,8 +499,8 @@ def _related(lemma: str) -> set:
 
 
 def yes_no_questions(images: Sequence[str], nouns: NounUse, vocabulary: Sequence[str], seed: int,
-                     per_image: int = YES_NO_PER_IMAGE) -> List[Tuple[int, str, str]]:
-    """(image, question, answer): per image up to ``per_image`` "yes" questions about things its captions
+                     per_image: int = YES_NO_PER_IMAGE) -> List[Tuple[int, str, str, str]]:
+    """(image, question, answer, caption): per image up to ``per_image`` "yes" questions about things its captions
     mention (from ``vocabulary``) and as many "no" questions about things of other images' captions that none
     of its captions mentions, not even by a word of the same group."""
     known = set(vocabulary)
@@ -509,7 +524,8 @@ def yes_no_questions(images: Sequence[str], nouns: NounUse, vocabulary: Sequence
                 if word not in excluded and word not in no:
                     no.append(word)
         yes = yes[:len(no)]
-        out += [(i, nouns.question(w), "yes") for w in yes] + [(i, nouns.question(w), "no") for w in no]
+        out += [(i, nouns.question(w), "yes", nouns.source[(i, w)]) for w in yes]
+        out += [(i, nouns.question(w), "no", "") for w in no]
     return out
 
 
@@ -520,7 +536,7 @@ class QAItem:
     question: str
     answer: str
     qtype: str      # one of QUESTION_TYPES
-    caption: str    # the caption it was made from ("" for yes/no questions, which draw on all five)
+    caption: str    # the caption it was made from (yes/no: one that names the thing; "" for a "no")
 
 
 @dataclasses.dataclass
@@ -580,13 +596,14 @@ def _cap(counts: Sequence[int], share: float) -> int:
     return cap
 
 
-def _downsample(items: List[QAItem], seed: int, images: Sequence[Path]) -> Tuple[List[QAItem], Counter]:
-    """Keep at most ``MAX_ANSWER_SHARE[type]`` of a type's questions per answer (a seeded choice of which)."""
+def _downsample(items: List[QAItem], seed: int, images: Sequence[Path],
+                max_share: Mapping[str, float]) -> Tuple[List[QAItem], Counter]:
+    """Keep at most ``max_share[type]`` of a type's questions per answer (a seeded choice of which)."""
     by_answer: Dict[Tuple[str, str], List[int]] = defaultdict(list)
     for k, item in enumerate(items):
         by_answer[(item.qtype, item.answer)].append(k)
     drop, dropped = set(), Counter()
-    for qtype, share in MAX_ANSWER_SHARE.items():
+    for qtype, share in max_share.items():
         answers = {a: ks for (t, a), ks in by_answer.items() if t == qtype}
         if not answers:
             continue
@@ -594,7 +611,7 @@ def _downsample(items: List[QAItem], seed: int, images: Sequence[Path]) -> Tuple
         for answer, ks in sorted(answers.items()):
             if len(ks) > cap:
                 # ordered by a key of the question itself, so the choice does not depend on the order of work
-                ks = sorted(ks, key=lambda k: (images[items[k].image].name, items[k].question))
+                ks = sorted(ks, key=lambda k: (Path(images[items[k].image]).name, items[k].question))
                 random.Random(f"{seed}:{qtype}:{answer}").shuffle(ks)
                 drop.update(ks[cap:])
                 dropped[qtype] += len(ks) - cap
@@ -602,11 +619,13 @@ def _downsample(items: List[QAItem], seed: int, images: Sequence[Path]) -> Tuple
 
 
 def generate_questions(data: CaptionSet, nlp=None, seed: int = 0, min_answer_count: Optional[int] = None,
-                       batch_size: int = 256, progress: bool = False) -> GeneratedQA:
+                       max_answer_share: Mapping[str, float] = MAX_ANSWER_SHARE, batch_size: int = 256,
+                       progress: bool = False) -> GeneratedQA:
     """Questions of all types about the images of ``data`` (see the module docstring for rules and filters).
 
     ``nlp``: a loaded spaCy pipeline (default ``load_english()``); ``min_answer_count`` None scales with the
-    number of captions (``default_min_answer_count``)."""
+    number of captions (``default_min_answer_count``); ``max_answer_share``: type -> the largest share of its
+    questions one answer may have (a type not named is not downsampled)."""
     from tqdm.auto import tqdm
 
     nlp = nlp or load_english()
@@ -640,10 +659,10 @@ def generate_questions(data: CaptionSet, nlp=None, seed: int = 0, min_answer_cou
     answer_counts = Counter((it.qtype, it.answer) for it in items)
     rare = Counter(it.qtype for it in items if answer_counts[(it.qtype, it.answer)] < min_count)
     items = [it for it in items if answer_counts[(it.qtype, it.answer)] >= min_count]
-    items, capped = _downsample(items, seed, data.images)
+    items, capped = _downsample(items, seed, data.images, max_answer_share)
 
-    names = [p.name for p in data.images]
-    yes_no = [QAItem(i, q, a, "yes/no", "") for i, q, a in
+    names = [Path(p).name for p in data.images]
+    yes_no = [QAItem(i, q, a, "yes/no", c) for i, q, a, c in
               yes_no_questions(names, nouns, nouns.vocabulary(min_count), seed)]
     ordered = sorted(items + yes_no, key=lambda it: (it.image, QUESTION_TYPES.index(it.qtype)))
     return GeneratedQA(list(data.images), ordered, min_count, skipped, {"mistagged": mistagged, "tie": ties, "rare": rare, "capped": capped})
