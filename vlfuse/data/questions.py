@@ -230,8 +230,8 @@ def _is_noun(token) -> bool:
         return False
     if token.tag_ == "NNS" and any(c.dep_ == "det" and c.lower_ in ("a", "an") for c in token.children):
         return False
-    return not (token.tag_ == "NNS" and any(c.dep_ == "compound" and c.lemma_.lower() in PEOPLE | ANIMALS
-                                            for c in token.children))
+    return not (token.tag_ == "NNS" and any(c.dep_ == "compound" and (c.lemma_.lower() in PEOPLE | ANIMALS
+                                                                       or c.tag_ == "NNS") for c in token.children))
 
 
 def _subject(verb):
@@ -348,8 +348,8 @@ def color_questions(doc) -> List[CaptionQuestion]:
         noun = adj.head
         while noun.dep_ == "compound" and noun.head.pos_ == "NOUN" and noun.head.i == noun.i + 1:
             noun = noun.head  # "blue life jackets": the jackets are blue
-        if not _is_noun(noun) or noun.lemma_.lower() in NOT_A_THING or noun.dep_ == "compound":
-            continue
+        if not _is_noun(noun) or noun.lemma_.lower() in NOT_A_THING | PEOPLE or noun.dep_ == "compound":
+            continue  # a person's "colour" is no question to ask
         before, after = doc[max(adj.i - 2, 0):adj.i], doc[adj.i + 1:adj.i + 3]
         if any(t.lower_ in COLORS | SHADES for t in list(before) + list(after)) and adj.i > 0 \
                 or noun.dep_ == "conj" and noun.head.lower_ in COLORS:
