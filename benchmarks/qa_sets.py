@@ -8,7 +8,6 @@ ones. Runs the generator exactly as the command does (default settings, seed 0) 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from collections import Counter

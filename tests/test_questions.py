@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from vlfuse.cli.main import main
-from vlfuse.data.captions import CaptionSet, read_captions
+from vlfuse.data.captions import CaptionSet
 from vlfuse.data.vqa import read_jsonl
 from vlfuse.errors import DataError
 

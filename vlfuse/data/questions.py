@@ -373,7 +373,7 @@ def _place(prep):
     obj, answer = objs[0], _answer(objs[0])
     if not answer or answer in NOT_A_PLACE or answer in PEOPLE:
         return None
-    if answer in ANIMALS and prep.lower_ not in ("on", "onto", "atop"):  # "staring at a dog" says no place
+    if answer in ANIMALS - {"horse", "pony"}:  # "staring at a dog", "pouncing on a dog" say no place
         return None
     if any(c.dep_ == "prep" and c.lower_ == "of" for c in obj.children):  # "in front of", "on top of"
         return None
@@ -437,6 +437,7 @@ class NounUse:
     plurals: Dict[str, Counter] = dataclasses.field(default_factory=lambda: defaultdict(Counter))
     as_noun: Counter = dataclasses.field(default_factory=Counter)  # surface form -> times tagged a noun
     as_verb: Counter = dataclasses.field(default_factory=Counter)  # ... and a verb
+    lemma_pos: Counter = dataclasses.field(default_factory=Counter)  # (lemma, "NOUN" | "VERB") -> tokens
     visual: set = dataclasses.field(default_factory=set)  # lemmas answered or coloured by caption questions
     source: Dict[Tuple[int, str], str] = dataclasses.field(default_factory=dict)  # (image, lemma) -> a caption
 
@@ -448,6 +449,8 @@ class NounUse:
         for tok in doc:
             lemma = tok.lemma_.lower()
             self.words[image].update((lemma, tok.lower_))
+            if tok.pos_ in ("NOUN", "VERB"):
+                self.lemma_pos[(lemma, tok.pos_)] += 1
             if tok.pos_ == "NOUN":
                 self.as_noun[tok.lower_] += 1
             elif tok.pos_ == "VERB":
@@ -491,7 +494,8 @@ class NounUse:
         none does not show that nobody is there), nothing in NOT_A_THING."""
         images = Counter(w for things in self.things for w in things)
         return sorted(w for w, n in images.items() if n >= min_images and w in self.visual and w not in NOT_A_THING
-                      and self.as_verb[w] <= self.as_noun[w] and not _related(w) & (PEOPLE | {"animal", "pet"}))
+                      and self.lemma_pos[(w, "VERB")] <= self.lemma_pos[(w, "NOUN")]  # "dogs wrestle" as a noun
+                      and not _related(w) & (PEOPLE | {"animal", "pet"}))
 
 
 def _related(lemma: str) -> set:
