@@ -23,6 +23,7 @@ COMMANDS = {
     "search": "search",
     "memory": "memory",
     "concepts": "concepts",
+    "data": "data",
 }
 
 

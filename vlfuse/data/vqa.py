@@ -40,7 +40,7 @@ class VQAQuestion:
     question: str
     answers: List[str]    # one answer, or every human's answer (VQAv2: 10)
     line: int = 0         # source line (JSONL) for messages
-    qtype: str = ""       # question type, where the data says (make-qa: object, number, color, location, yes/no)
+    qtype: str = ""       # the question's type where the data names it ("type"; e.g. object, number, color)
 
     @property
     def answer_type(self) -> str:
@@ -127,14 +127,14 @@ def read_jsonl(path: str | Path) -> VQASet:
             if key not in image_index:
                 image_index[key] = len(images)
                 images.append(key)
-            questions.append(VQAQuestion(image_index[key], q[1], q[2], n))
+            questions.append(VQAQuestion(image_index[key], q[1], q[2], n, q[3]))
     if not questions:
         raise DataError(f"'{path}' has no usable questions ({len(skipped)} lines skipped"
                         + (f", first: {skipped[0]}" if skipped else "") + ")")
     return VQASet(images, questions, path.stem, skipped)
 
 
-def _parse_record(record) -> Tuple[str, str, List[str]]:
+def _parse_record(record) -> Tuple[str, str, List[str], str]:
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
     image, question = record.get("image"), record.get("question")
@@ -154,7 +154,10 @@ def _parse_record(record) -> Tuple[str, str, List[str]]:
         raise ValueError("needs 'answer' or 'answers'")
     if not all(answers):
         raise ValueError("empty answer")
-    return image, question.strip(), answers
+    qtype = record.get("type", "")
+    if "type" in record and (not isinstance(qtype, str) or not qtype.strip()):
+        raise ValueError("'type' must be a non-empty string")
+    return image, question.strip(), answers, qtype.strip()
 
 
 EASY_VQA_VAL_FRACTION = 0.1  # images of easy-VQA train held out for validation (seed 0), as training does
