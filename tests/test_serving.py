@@ -128,6 +128,9 @@ def test_vqa_answers_from_pixels(full):
     body = resp.json()
     assert body["answer"] == "blue" and body["question"] == "what colour is it?"
     assert [t["answer"] for t in body["top"]][0] == "blue" and len(body["top"]) == 2
+    assert body["sure"] is True and body["doubt"] == ""
+    body = post_image(full, "/v1/vqa", image_bytes("blue"), question="what is the meaning of life?").json()
+    assert body["sure"] is False and body["doubt"] == "it only knows colour questions"
 
 
 def test_search_by_text_and_by_image_with_thumbnails(full, index):

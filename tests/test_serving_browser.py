@@ -231,6 +231,12 @@ def test_page_caption_question_search(server):
         page.fill("#question", "what colour is the picture?")
         page.click("#ask-btn")
         expect(page.locator("#answer .answer-text")).to_have_text("blue", timeout=20_000)
+        expect(page.locator("#answer .doubt")).to_have_count(0)
+        # a question the model flags as unsure: the page says so next to the answer
+        page.fill("#question", "what is the meaning of life?")
+        page.click("#ask-btn")
+        expect(page.locator("#answer .doubt")).to_have_text("— not sure: it only knows colour questions",
+                                                            timeout=20_000)
 
         # text search -> thumbnails with scores
         page.fill("#search-text", "a red thing")

@@ -23,7 +23,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DataError, ImageError
+from .captions import read_captions
 from .images import ImageTransform, load_image
+from .questions import generate_questions
 
 EASY_VQA = "easy-vqa"
 YES_NO = ("yes", "no")
@@ -165,15 +167,29 @@ EASY_VQA_VAL_FRACTION = 0.1  # images of easy-VQA train held out for validation 
 
 def read_vqa(data: str, split: str = "train") -> VQASet:
     """``easy-vqa`` with split train | val (10 % of train images held out, seed 0) | test, or a JSONL file;
-    for a folder, ``<folder>/<split>.jsonl``."""
+    for a folder, ``<folder>/<split>.jsonl``, or, for a captioned photo folder without one (Flickr layout:
+    ``captions.txt``), the questions ``vlfuse data make-qa`` makes from its captions (``read_caption_questions``)."""
     if data == EASY_VQA:
         if split == "val":
             return split_images(read_easy_vqa("train"), EASY_VQA_VAL_FRACTION, 0)[1]
         return read_easy_vqa(split)
     path = Path(data)
     if path.is_dir():
+        if not (path / f"{split}.jsonl").is_file() and (path / "captions.txt").is_file():
+            return read_caption_questions(path, split)
         path = path / f"{split}.jsonl"
     return read_jsonl(path)
+
+
+def read_caption_questions(folder: str | Path, split: str, seed: int = 0) -> VQASet:
+    """The questions made from a captioned folder's ``split`` (``vlfuse.data.questions``, default settings: the
+    same set ``vlfuse data make-qa`` writes), without writing a file."""
+    generated = generate_questions(read_captions(folder, split), seed=seed, progress=True)
+    questions = [VQAQuestion(item.image, item.question, [item.answer], n, item.qtype)
+                 for n, item in enumerate(generated.items, 1)]
+    if not questions:
+        raise DataError(f"no questions could be made from the captions of '{folder}' ({split})")
+    return VQASet([str(p) for p in generated.images], questions, f"{Path(folder).name}/{split}")
 
 
 def split_images(data: VQASet, val_fraction: float, seed: int = 0) -> Tuple[VQASet, VQASet]:

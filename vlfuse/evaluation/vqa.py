@@ -112,7 +112,8 @@ def evaluate_model(model, data: VQASet, batch_size: int = 512, progress: bool = 
 
 
 def evaluate(request: EvaluationRequest) -> Dict:
-    """``vlfuse evaluate --task vqa --model M --data easy-vqa|file.jsonl --split test [--limit N] [--out m.json]``."""
+    """``vlfuse evaluate --task vqa --model M --data easy-vqa|file.jsonl|FOLDER --split S [--limit N] [--out m.json]``;
+    a captioned Flickr-layout FOLDER is asked the questions ``vlfuse data make-qa`` makes from its split."""
     model = QuestionAnswerer.from_pretrained(request.model, device=request.device, runtime=request.runtime)
     data_arg = request.data or "easy-vqa"
     split = request.split
