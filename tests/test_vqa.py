@@ -326,3 +326,13 @@ def test_default_models():
 
     assert QuestionAnswerer.default_model == DEFAULT_MODEL == DEFAULT_MODELS["vqa"] == "flickr8k-vqa"
     assert Captioner.default_model == DEFAULT_MODELS["caption"] and Retriever.default_model == DEFAULT_MODELS["retrieval"]
+
+
+def test_questions_that_begin_unlike_training_questions_are_flagged():
+    from vlfuse.tasks.vqa.pipeline import AnswerCalibration
+
+    model = tiny_model()
+    model.calibration = AnswerCalibration(openings=["what color", "is there"])
+    assert model(shape_image(), "what color is the shape?").sure
+    answer = model(shape_image(), "why is the shape red?")
+    assert not answer.sure and 'beginning "why is"' in answer.doubt and "'what color ...'" in answer.doubt

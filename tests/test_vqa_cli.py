@@ -129,6 +129,10 @@ def test_train_cli_on_jsonl_with_bad_lines(tmp_path, capsys):
     summary = json.loads(captured.out[captured.out.index("{\n"):])
     assert summary["skipped_lines"] == 2 and summary["answers"] == 4
     assert summary["train_questions"] + summary["val_questions"] == 24
+    # temperature scaling fitted on val, and the training questions' openings, saved with the best checkpoint
+    saved = json.loads((tmp_path / "run" / "best" / "config.json").read_text())["calibration"]
+    assert saved["temperature"] == summary["calibration"]["temperature"] > 0
+    assert sorted(saved["openings"]) == ["is it", "what color"]
     assert "line 4" in captured.err and "line 8" in captured.err
     model = QuestionAnswerer.from_pretrained(tmp_path / "run" / "best")
     assert model(tmp_path / "0.png", "what color is it?").answer in {"red", "blue", "yes", "no"}

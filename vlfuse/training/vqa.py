@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
@@ -234,7 +235,7 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     t_train = time.time()
     result = trainer.fit()
     train_minutes = (time.time() - t_train) / 60
-    summary = {"calibration": calibrate(out / "best", val_set, val_acts, exp.calibration)}
+    summary = {"calibration": calibrate(out / "best", train_set, val_set, val_acts, exp.calibration)}
     summary.update({"best_val_" + exp.train.select_metric: result["best"], "best_epoch": result["best_epoch"],
                "epochs_run": len(result["history"]), "train_images": len(train_set.images),
                "train_questions": len(train_set), "val_questions": len(val_set), "answers": len(answers),
@@ -255,12 +256,21 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
 TEMPERATURES = torch.logspace(-2, 3, 81, base=2.0)  # 0.25 ... 8, a grid fine enough for one scalar
 
 
+OPENING_MIN_COUNT = 3  # a question opening (first two words) seen this often in training counts as known
+
+
 @torch.inference_mode()
-def calibrate(best_dir: Path, val: VQASet, val_acts: torch.Tensor, calibration: AnswerCalibration) -> Dict:
+def calibrate(best_dir: Path, train: VQASet, val: VQASet, val_acts: torch.Tensor,
+              calibration: AnswerCalibration) -> Dict:
     """Temperature scaling (Guo et al. 2017): the temperature that minimises the negative log-likelihood of the
-    validation answers, written into the best checkpoint's config with ``calibration``'s thresholds. Returns the
-    fitted temperature and the validation ECE before and after."""
+    validation answers, written into the best checkpoint's config with ``calibration``'s thresholds and, for a
+    word vocabulary, the openings of the training questions. Returns the fitted temperature and the validation
+    ECE before and after."""
     model = QuestionAnswerer.from_pretrained(best_dir)
+    if isinstance(model.tokenizer, Tokenizer):
+        counts = Counter(" ".join(model.tokenizer.tokenize(q.question)[:2]) for q in train.questions)
+        calibration = dataclasses.replace(calibration, openings=[o for o, c in counts.most_common()
+                                                                 if c >= OPENING_MIN_COUNT and " " in o])
     logits = logits_set(model, val, val_acts)
     index = {a: i for i, a in enumerate(model.answers)}
     targets = torch.tensor([index.get(majority_answer(q.answers), -1) for q in val.questions])
@@ -276,7 +286,8 @@ def calibrate(best_dir: Path, val: VQASet, val_acts: torch.Tensor, calibration: 
     model.calibration = dataclasses.replace(calibration, temperature=temperature)
     model.save_pretrained(best_dir)
     return {"temperature": temperature, "val_ece_before": ece(1.0), "val_ece_after": ece(temperature),
-            "unsure_below": calibration.unsure_below, "min_known_words": calibration.min_known_words}
+            "unsure_below": calibration.unsure_below, "min_known_words": calibration.min_known_words,
+            "openings": len(calibration.openings)}
 
 
 def _question_tokenizer(exp: VQAExperiment, train_set: VQASet, out: Path, resume: bool):

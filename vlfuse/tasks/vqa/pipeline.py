@@ -47,6 +47,9 @@ class AnswerCalibration:
     unsure_below: float = 0.0      # an answer whose probability is under this is flagged unsure
     min_known_words: float = 0.0   # flagged unsure when under this share of the question's words were seen in
                                    # training (word vocabularies only): another language, another topic
+    # how training questions begin (their first two words, e.g. "how many", "what color"); a question that begins
+    # otherwise ("why is", "how old") is of a kind never trained on and flagged unsure. Empty: not checked.
+    openings: List[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         if not self.temperature > 0:
@@ -180,6 +183,10 @@ class QuestionAnswerer(Pipeline):
                 return "the question has no words this model knows (it was trained on English questions)"
             return (f"the question has words this model never saw in training ({', '.join(unknown[:5])}); "
                     "it can only answer questions like those it was trained on")
+        words = self.tokenizer.tokenize(question) if isinstance(self.tokenizer, Tokenizer) else []
+        if cal.openings and len(words) >= 2 and " ".join(words[:2]) not in cal.openings:
+            return (f"the model was never trained on questions beginning \"{' '.join(words[:2])}\"; it answers "
+                    f"questions like {', '.join(repr(o + ' ...') for o in cal.openings[:4])}")
         if probability < cal.unsure_below:
             return (f"the model is not sure (probability {probability:.2f}, under {cal.unsure_below:.2f}); "
                     "the answer is likely wrong")
