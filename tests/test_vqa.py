@@ -265,11 +265,13 @@ def test_temperature_and_doubt_flags():
     model = tiny_model()
     logits = torch.tensor([[2.0, 0.0, 0.0, 0.0, 0.0]])
     sharp = model.probabilities(logits)[0, 0]
-    model.calibration = AnswerCalibration(temperature=4.0, unsure_below=0.99, min_known_words=0.5)
+    words = sorted({w for q in QUESTIONS for w in q.rstrip("?").split()})
+    model.calibration = AnswerCalibration(temperature=4.0, unsure_below=0.99, min_known_words=0.5, words=words)
     assert model.probabilities(logits)[0, 0] < sharp  # a higher temperature flattens
-    assert model.known_word_share("what color is the shape?") == 1.0
-    assert model.known_word_share("what is the meaning of life?") == pytest.approx(3 / 6)
-    assert model.known_word_share("这是什么颜色？") == 0.0  # no English word at all
+    cal = model.calibration
+    assert cal.known_word_share("what color is the shape?") == 1.0
+    assert cal.known_word_share("what is the meaning of life?") == pytest.approx(3 / 6)
+    assert cal.known_word_share("这是什么颜色？") == 0.0  # no English word at all
     answer = model(shape_image(), "what color is the shape?")
     assert not answer.sure and "not sure" in answer.doubt  # every probability is under 0.99
     answer = model(shape_image(), "这是什么颜色？")
@@ -277,6 +279,7 @@ def test_temperature_and_doubt_flags():
     answer = model(shape_image(), "zxqv blorp is the frobnicate?")
     assert not answer.sure and "never saw in training (zxqv, blorp, frobnicate)" in answer.doubt
     model.calibration = AnswerCalibration()  # the defaults never flag
+    assert model.calibration.known_word_share("这是什么颜色？") is None
     assert model(shape_image(), "这是什么颜色？").sure
     with pytest.raises(Exception, match="temperature must be positive"):
         AnswerCalibration(temperature=0)
@@ -286,7 +289,8 @@ def test_calibration_is_saved_and_loaded(tmp_path):
     from vlfuse.tasks.vqa.pipeline import AnswerCalibration
 
     model = tiny_model()
-    model.calibration = AnswerCalibration(temperature=1.7, unsure_below=0.25, min_known_words=0.4)
+    model.calibration = AnswerCalibration(temperature=1.7, unsure_below=0.25, min_known_words=0.4,
+                                          words=["color", "what"], openings=["what color"])
     loaded = QuestionAnswerer.from_pretrained(model.save_pretrained(tmp_path / "m"))
     assert loaded.calibration == model.calibration
 

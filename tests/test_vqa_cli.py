@@ -133,6 +133,7 @@ def test_train_cli_on_jsonl_with_bad_lines(tmp_path, capsys):
     saved = json.loads((tmp_path / "run" / "best" / "config.json").read_text())["calibration"]
     assert saved["temperature"] == summary["calibration"]["temperature"] > 0
     assert sorted(saved["openings"]) == ["is it", "what color"]
+    assert saved["words"] == ["color", "is", "it", "red", "what"]
     assert "line 4" in captured.err and "line 8" in captured.err
     model = QuestionAnswerer.from_pretrained(tmp_path / "run" / "best")
     assert model(tmp_path / "0.png", "what color is it?").answer in {"red", "blue", "yes", "no"}

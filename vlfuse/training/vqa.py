@@ -34,7 +34,7 @@ from ..evaluation.vqa import logits_set, predict_set, score_answers
 from ..metrics.vqa import answer_accuracy, expected_calibration_error, soft_scores
 from ..registry import TEXT_ENCODERS
 from ..tasks.vqa.model import VQAModel, VQAModelConfig, soft_cross_entropy
-from ..tasks.vqa.pipeline import AnswerCalibration, QuestionAnswerer, make_question_tokenizer
+from ..tasks.vqa.pipeline import QUESTION_WORDS, AnswerCalibration, QuestionAnswerer, make_question_tokenizer
 from .features import FeatureCache
 from .trainer import TrainConfig, Trainer, seed_everything
 
@@ -267,10 +267,10 @@ def calibrate(best_dir: Path, train: VQASet, val: VQASet, val_acts: torch.Tensor
     word vocabulary, the openings of the training questions. Returns the fitted temperature and the validation
     ECE before and after."""
     model = QuestionAnswerer.from_pretrained(best_dir)
-    if isinstance(model.tokenizer, Tokenizer):
-        counts = Counter(" ".join(model.tokenizer.tokenize(q.question)[:2]) for q in train.questions)
-        calibration = dataclasses.replace(calibration, openings=[o for o, c in counts.most_common()
-                                                                 if c >= OPENING_MIN_COUNT and " " in o])
+    asked = [QUESTION_WORDS(q.question) for q in train.questions]
+    openings = Counter(" ".join(words[:2]) for words in asked if len(words) >= 2)
+    calibration = dataclasses.replace(calibration, words=sorted({w for words in asked for w in words}),
+                                      openings=[o for o, c in openings.most_common() if c >= OPENING_MIN_COUNT])
     logits = logits_set(model, val, val_acts)
     index = {a: i for i, a in enumerate(model.answers)}
     targets = torch.tensor([index.get(majority_answer(q.answers), -1) for q in val.questions])
@@ -287,7 +287,7 @@ def calibrate(best_dir: Path, train: VQASet, val: VQASet, val_acts: torch.Tensor
     model.save_pretrained(best_dir)
     return {"temperature": temperature, "val_ece_before": ece(1.0), "val_ece_after": ece(temperature),
             "unsure_below": calibration.unsure_below, "min_known_words": calibration.min_known_words,
-            "openings": len(calibration.openings)}
+            "words": len(calibration.words), "openings": len(calibration.openings)}
 
 
 def _question_tokenizer(exp: VQAExperiment, train_set: VQASet, out: Path, resume: bool):

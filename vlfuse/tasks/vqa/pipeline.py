@@ -20,12 +20,13 @@ from ...data.tokenizer import Tokenizer
 from ...errors import ConfigError, InputError, ModelNotFoundError
 from ...nn.text import WordPieceTokenizer, pad_batch
 from ...nn.vision import ImageFeatures
-from ...registry import TEXT_ENCODERS
+from ...registry import SEGMENTERS, TEXT_ENCODERS
 from ...runtime import Runtime, RuntimeOptions
 from ..base import Pipeline
 from .model import VQAModel, VQAModelConfig
 
 MAX_QUESTION_CHARS = 1000
+QUESTION_WORDS = SEGMENTERS.build("english")  # how AnswerCalibration's words and openings split a question
 ANSWERS_FILE = "answers.json"
 
 
@@ -45,10 +46,13 @@ class AnswerCalibration:
 
     temperature: float = 1.0       # probabilities are softmax(logits / temperature) (temperature scaling)
     unsure_below: float = 0.0      # an answer whose probability is under this is flagged unsure
-    min_known_words: float = 0.0   # flagged unsure when under this share of the question's words were seen in
-                                   # training (word vocabularies only): another language, another topic
-    # how training questions begin (their first two words, e.g. "how many", "what color"); a question that begins
-    # otherwise ("why is", "how old") is of a kind never trained on and flagged unsure. Empty: not checked.
+    min_known_words: float = 0.0   # flagged unsure when under this share of the question's words are in
+                                   # ``words``: another language, another topic
+    # what the training questions were like, in English words (``QUESTION_WORDS``; taken from the training
+    # questions whatever tokenizer the model has): every word they use, and how they begin (their first two words,
+    # e.g. "how many", "what color": a question beginning otherwise, "why is", is of a kind never trained on).
+    # Empty: not checked.
+    words: List[str] = dataclasses.field(default_factory=list)
     openings: List[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
@@ -56,6 +60,33 @@ class AnswerCalibration:
             raise ConfigError(f"calibration.temperature must be positive, got {self.temperature}")
         if not (0 <= self.unsure_below <= 1 and 0 <= self.min_known_words <= 1):
             raise ConfigError("calibration.unsure_below and calibration.min_known_words must be in [0, 1]")
+        self._known = frozenset(self.words)
+
+    def known_word_share(self, question: str) -> Optional[float]:
+        """The share of the question's words that training questions had (None when no words are listed). A
+        question in another script has no English words at all: share 0."""
+        if not self._known:
+            return None
+        words = QUESTION_WORDS(question)
+        return sum(w in self._known for w in words) / len(words) if words else 0.0
+
+    def doubt(self, question: str, probability: float) -> str:
+        """Why an answer of this probability to ``question`` should not be trusted ('' when nothing says so)."""
+        share = self.known_word_share(question)
+        words = QUESTION_WORDS(question)
+        if share is not None and share < self.min_known_words:
+            unknown = [w for w in words if w not in self._known]
+            if not unknown:
+                return "the question has no words this model knows (it was trained on English questions)"
+            return (f"the question has words this model never saw in training ({', '.join(unknown[:5])}); "
+                    "it can only answer questions like those it was trained on")
+        if self.openings and len(words) >= 2 and " ".join(words[:2]) not in self.openings:
+            return (f"the model was never trained on questions beginning \"{' '.join(words[:2])}\"; it answers "
+                    f"questions like {', '.join(repr(o + ' ...') for o in self.openings[:4])}")
+        if probability < self.unsure_below:
+            return (f"the model is not sure (probability {probability:.2f}, under {self.unsure_below:.2f}); "
+                    "the answer is likely wrong")
+        return ""
 
 
 def check_question(question: str) -> str:
@@ -157,7 +188,7 @@ class QuestionAnswerer(Pipeline):
         results = []
         for question, vals, idxs in zip(questions, values.tolist(), indices.tolist()):
             top = [(self.answers[i], float(v)) for v, i in zip(vals, idxs)]
-            doubt = self.doubt(question, top[0][1])
+            doubt = self.calibration.doubt(question, top[0][1])
             results.append(VQAAnswer(top[0][0], top[0][1], top, sure=not doubt, doubt=doubt))
         return results
 
@@ -165,32 +196,6 @@ class QuestionAnswerer(Pipeline):
         """Answer logits (Q, A) -> calibrated probabilities (temperature scaling)."""
         return (logits.float() / self.calibration.temperature).softmax(-1)
 
-    def known_word_share(self, question: str) -> Optional[float]:
-        """The share of the question's words that training questions had (None for a subword tokenizer,
-        which has no unknown words). A question in another script has no words here at all: share 0."""
-        if not isinstance(self.tokenizer, Tokenizer):
-            return None
-        words = self.tokenizer.tokenize(question)
-        return sum(w in self.tokenizer.index for w in words) / len(words) if words else 0.0
-
-    def doubt(self, question: str, probability: float) -> str:
-        """Why an answer should not be trusted ('' when nothing says so)."""
-        cal = self.calibration
-        share = self.known_word_share(question)
-        if share is not None and share < cal.min_known_words:
-            unknown = [w for w in self.tokenizer.tokenize(question) if w not in self.tokenizer.index]
-            if not unknown:
-                return "the question has no words this model knows (it was trained on English questions)"
-            return (f"the question has words this model never saw in training ({', '.join(unknown[:5])}); "
-                    "it can only answer questions like those it was trained on")
-        words = self.tokenizer.tokenize(question) if isinstance(self.tokenizer, Tokenizer) else []
-        if cal.openings and len(words) >= 2 and " ".join(words[:2]) not in cal.openings:
-            return (f"the model was never trained on questions beginning \"{' '.join(words[:2])}\"; it answers "
-                    f"questions like {', '.join(repr(o + ' ...') for o in cal.openings[:4])}")
-        if probability < cal.unsure_below:
-            return (f"the model is not sure (probability {probability:.2f}, under {cal.unsure_below:.2f}); "
-                    "the answer is likely wrong")
-        return ""
 
     def predict(self, images: Sequence[ImageInput], questions: Sequence[str], top_k: int = 3,
                 batch_size: int = 64) -> List[VQAAnswer]:
