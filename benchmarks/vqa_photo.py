@@ -5,14 +5,15 @@ of coco_ood_dev.
     vlfuse data make-qa --data ../shared/data/flickr8k --split train --out data/qa/flickr8k/train.jsonl
     vlfuse data make-qa --data ../shared/data/flickr8k --split val --out data/qa/flickr8k/val.jsonl
     vlfuse data make-qa --data ../shared/data/coco_ood_dev --split val --out data/qa/coco_ood_dev/val.jsonl
-    python benchmarks/vqa_photo.py --epochs 4                       # every fusion + both baselines
-    python benchmarks/vqa_photo.py --epochs 4 --runs mul question-only   # a subset
+    python benchmarks/vqa_photo.py --epochs 8 data.path=data/qa/flickr8k   # every fusion + both baselines
+    python benchmarks/vqa_photo.py --config configs/flickr8k_vqa.yaml --epochs 8 --runs config question-only \
+        answer-prior --out benchmarks/results/vqa_photo.json           # the shipped model beside its baselines
 
-Each run trains ``configs/flickr8k_vqa.yaml`` with one fusion module (settings below) for ``--epochs`` epochs,
-selects on val and scores the best checkpoint. "question-only" is the shipped fusion with ``model.blind`` (the
-fusion sees a constant image: what the questions alone give away); "answer-prior" answers every question with the
-most frequent training answer of its type (no model). Results go to benchmarks/results/vqa_photo_fusions.json
-after every run.
+Each fusion run trains ``--config`` (default configs/flickr8k_vqa_fusions.yaml) with one fusion module (settings
+below) for ``--epochs`` epochs, selects on val and scores the best checkpoint; "config" trains the config as it is.
+"question-only" is the config's own fusion with ``model.blind`` (the fusion sees a constant image: what the
+questions alone give away); "answer-prior" answers every question with the most frequent training answer of its
+type (no model). Results go to ``--out`` (default benchmarks/results/vqa_photo_fusions.json) after every run.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ FUSIONS = {
     "joint": {"name": "joint", "dim": 256, "num_layers": 2, "num_heads": 4},
 }
 BASELINES = ("question-only", "answer-prior")
+AS_IS = "config"
 
 
 def answer_prior(train, data) -> list:
@@ -61,18 +63,20 @@ def main(argv=None) -> int:
     from vlfuse.training.vqa import prepare_images, train
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", nargs="*", default=None, help=f"default: {', '.join([*FUSIONS, *BASELINES])}")
+    p.add_argument("--runs", nargs="*", default=None,
+                   help=f"default: {', '.join([*FUSIONS, *BASELINES])}; '{AS_IS}': the config unchanged")
     p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--config", default=str(ROOT / "configs/flickr8k_vqa.yaml"))
-    p.add_argument("--ood", default=str(ROOT / "data/qa/coco_ood_dev/val.jsonl"), help="everyday-photo questions")
+    p.add_argument("--config", default=str(ROOT / "configs/flickr8k_vqa_fusions.yaml"))
+    p.add_argument("--ood", default=str(ROOT.parent / "shared/data/coco_ood_dev"),
+                   help="everyday-photo questions: a JSONL file, or a captioned folder whose val questions are made")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/vqa_photo_fusions.json"))
     p.add_argument("--run-dir", default="runs/vqa_photo", help="where checkpoints go")
     p.add_argument("overrides", nargs="*", help="extra dotted config overrides for every run")
     args = p.parse_args(argv)
     names = args.runs or [*FUSIONS, *BASELINES]
-    unknown = [n for n in names if n not in FUSIONS and n not in BASELINES]
+    unknown = [n for n in names if n not in FUSIONS and n not in BASELINES and n != AS_IS]
     if unknown:
-        p.error(f"unknown runs {unknown}; choose from {[*FUSIONS, *BASELINES]}")
+        p.error(f"unknown runs {unknown}; choose from {[*FUSIONS, *BASELINES, AS_IS]}")
     base = read_config_file(args.config)
     apply_overrides(base, args.overrides)
     out = Path(args.out)
@@ -88,8 +92,8 @@ def main(argv=None) -> int:
     data = base["data"]
     train_set = read_vqa(data["path"], data.get("train_split", "train"))
     sets = {"val": read_vqa(data["path"], data["val_split"])}
-    if Path(args.ood).is_file():
-        sets["coco_ood_dev"] = read_vqa(args.ood)
+    if Path(args.ood).exists():
+        sets["coco_ood_dev"] = read_vqa(args.ood, "val")
     # stem outputs once per set (the feature cache), shared by every run: encoders are the same in all of them
     probe = VQAModel(VQAModelConfig(vision=Part.from_dict(base["model"]["vision"]), num_answers=1, vocab_size=8))
     acts = {}
@@ -116,7 +120,11 @@ def main(argv=None) -> int:
             for split, s in sets.items():
                 answers = predict_set(model, s, acts[split])
                 record[split] = _scores(score_answers(s, [a.answer for a in answers], [a.probability for a in answers]))
+            history = [json.loads(line) for line in (Path(summary["best_dir"]).parent / "metrics.jsonl").read_text(
+            ).splitlines() if line.strip()]
             record.update({"fusion": fusion, "parameters": summary["parameters"], "best_epoch": summary["best_epoch"],
+                           "epochs": args.epochs,
+                           "val_accuracy_per_epoch": [round(h["val_accuracy"], 4) for h in history],
                            "train_minutes": round(summary["train_minutes"], 2),
                            "calibration": summary["calibration"]})
         record["total_minutes"] = round((time.time() - t0) / 60, 2)

@@ -1,6 +1,7 @@
 """VQA: every fusion module in the VQA network, data readers, metrics, input checks, save/load, training."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -340,3 +341,20 @@ def test_questions_that_begin_unlike_training_questions_are_flagged():
     assert model(shape_image(), "what color is the shape?").sure
     answer = model(shape_image(), "why is the shape red?")
     assert not answer.sure and 'beginning "why is"' in answer.doubt and "'what color ...'" in answer.doubt
+
+
+def test_concepts_add_one_image_vector_from_the_frozen_classifier():
+    config = VQAModelConfig(vision=Part("efficientnet-lite0", {}), text=Part("gru", {"embed_dim": 8, "hidden_dim": 8}),
+                            fusion=Part("soft-attention", {"dim": 16, "attn_dim": 16}),
+                            head=Part("classifier", {"hidden_dim": 16}), num_answers=3, vocab_size=10, concepts=True)
+    torch.manual_seed(0)
+    net = VQAModel(config)
+    image = net.vision.tail(net.vision.stem(torch.randn(2, 3, 224, 224)))
+    told = net.with_concepts(image)
+    assert told.grid.shape[1] == image.grid.shape[1] + 1 and told.pooled.shape == image.pooled.shape
+    ids, mask = torch.randint(4, 10, (3, 5)), torch.ones(3, 5, dtype=torch.bool)
+    assert net.answer_logits(image, torch.tensor([0, 1, 1]), ids, mask).shape == (3, 3)
+    assert "concept_head." in net.persistent_prefixes()  # the ImageNet classifier comes from PyPI, never saved
+    assert not any(p.requires_grad for p in net.concept_head.parameters()) and net.concept_proj.weight.requires_grad
+    with pytest.raises(Exception, match="pretrained, frozen vision encoder"):
+        VQAModel(tiny_config()).__class__(dataclasses.replace(tiny_config(), concepts=True))

@@ -15,7 +15,8 @@ from ...errors import ConfigError
 from ...nn.fusion import build_fusion
 from ...nn.text import TextFeatures
 from ...nn.vision import ImageFeatures
-from ...registry import HEADS, TEXT_ENCODERS, VISION_ENCODERS
+from ...nn.concepts import concept_head_for
+from ...registry import CONCEPT_HEADS, HEADS, TEXT_ENCODERS, VISION_ENCODERS
 
 
 @dataclasses.dataclass
@@ -28,6 +29,9 @@ class VQAModelConfig:
     vocab_size: int = 0               # question vocabulary size (set by training; ignored by MiniLM)
     num_answers: int = 0              # answer vocabulary size (set by training)
     blind: bool = False               # question-only baseline: the fusion sees a constant image, never the photo
+    # the photo's ImageNet concepts (its frozen backbone's 1000-class classifier, vlfuse.nn.concepts) mapped to one
+    # more image vector: added to the pooled features and appended as one more grid cell, so every fusion sees it
+    concepts: bool = False
 
 
 class VQAModel(nn.Module):
@@ -47,6 +51,13 @@ class VQAModel(nn.Module):
                                    **config.fusion.kwargs)
         self.head = HEADS.build(config.head.name, in_dim=self.fusion.out_dim, num_answers=config.num_answers,
                                 **config.head.kwargs)
+        if config.concepts:
+            if not getattr(self.vision, "pretrained", False) or getattr(self.vision, "trainable_blocks", 1):
+                raise ConfigError("model.concepts needs a pretrained, frozen vision encoder (efficientnet-lite*, "
+                                  "trainable_blocks 0): the concept head reads its ImageNet features")
+            self.concept_head = CONCEPT_HEADS.build(concept_head_for(config.vision.name))
+            self.concept_proj = nn.Linear(self.concept_head.classifier.out_features, self.vision.out_dim, bias=False)
+            nn.init.normal_(self.concept_proj.weight, std=0.02)
 
     def forward(self, acts: torch.Tensor, image_index: torch.Tensor, ids: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
@@ -57,10 +68,18 @@ class VQAModel(nn.Module):
                       mask: torch.Tensor) -> torch.Tensor:
         question = self._encode_unique(ids, mask)
         image = image.index_select(image_index)  # (Q, N, C): each question meets its image
+        if self.config.concepts:
+            image = self.with_concepts(image)
         if self.config.blind:  # same parts and budget, but nothing of the photo reaches the fusion
             image = ImageFeatures(torch.zeros_like(image.grid), torch.zeros_like(image.pooled))
         fused = self.fusion(image, question.pooled[:, None]).states[:, 0]  # (Q, D): the question vector, T=1
         return self.head(fused)  # (Q, A)
+
+    def with_concepts(self, image: ImageFeatures) -> ImageFeatures:
+        """The image features with its concept vector (a learned map of the 1000 ImageNet probabilities) added to
+        the pooled vector and appended as one more grid cell."""
+        concept = self.concept_proj(self.concept_head(image.pooled.float()).to(image.pooled.dtype))  # (B, C)
+        return ImageFeatures(torch.cat([image.grid, concept[:, None]], 1), image.pooled + concept, image.tokens)
 
     def _encode_unique(self, ids: torch.Tensor, mask: torch.Tensor) -> TextFeatures:
         """Encode each distinct question once (a batch asks the same few questions about many images)."""
@@ -90,6 +109,8 @@ class VQAModel(nn.Module):
             prefixes.append("vision.stem_layers.")
         if getattr(self.text, "pretrained", False) and getattr(self.text, "trainable_layers", 1) == 0:
             prefixes.append("text.bert.")
+        if self.config.concepts:
+            prefixes.append("concept_head.")
         return tuple(prefixes)
 
 

@@ -1,0 +1,61 @@
+"""Collect the photo-VQA experiments that chose the shipped configuration: each run's settings that differ from
+the fusion comparison's base (configs/flickr8k_vqa_fusions.yaml) and its val accuracy per epoch.
+
+    vlfuse train --config configs/flickr8k_vqa_fusions.yaml data.path=data/qa/flickr8k model.fusion=... \\
+        train.epochs=8 train.patience=0 train.threads=1 train.out_dir=runs/vqa_exp/<name>    # one per experiment
+    python benchmarks/vqa_photo_experiments.py [--runs runs/vqa_exp]
+
+Reads every ``<runs>/<name>/config.resolved.json`` and ``metrics.jsonl`` (a run stopped early keeps the epochs it
+finished) and writes benchmarks/results/vqa_photo_experiments.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k not in ("fusion", "text", "vision", "head"):
+            out.update(flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", default=str(ROOT / "runs/vqa_exp"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/vqa_photo_experiments.json"))
+    args = p.parse_args(argv)
+    runs = {}
+    for run in sorted(Path(args.runs).iterdir()):
+        metrics, config = run / "metrics.jsonl", run / "config.resolved.json"
+        if not metrics.is_file() or not config.is_file():
+            continue
+        history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        resolved = flat(json.loads(config.read_text()))
+        keep = {k: v for k, v in resolved.items() if k.startswith(("model.", "train.weight_decay", "train.epochs"))
+                and not k.endswith(("vocab_size", "num_answers"))}
+        best = max(history, key=lambda h: h["val_accuracy"])
+        runs[run.name] = {"settings": keep, "epochs_finished": len(history),
+                          "best_val_accuracy": best["val_accuracy"], "best_epoch": best["epoch"],
+                          "val_accuracy_per_epoch": [round(h["val_accuracy"], 4) for h in history],
+                          "train_accuracy_per_epoch": [round(h["train_acc"], 4) for h in history],
+                          "minutes_per_epoch": round(sum(h["train_minutes"] for h in history) / len(history), 2)}
+    result = {"benchmark": "photo VQA experiments on Flickr8k val (questions made from captions)",
+              "command": "python benchmarks/vqa_photo_experiments.py", "runs": runs}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    for name, r in runs.items():
+        print(f"{name:16s} best {r['best_val_accuracy']:.4f} @ {r['best_epoch']}/{r['epochs_finished']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
