@@ -2,7 +2,7 @@
 questions unlike its training questions (other languages, questions about the world, nonsense), asked about val
 photos.
 
-    python benchmarks/vqa_confidence.py [--model flickr8k-vqa] [--data data/qa/flickr8k/val.jsonl] [--photos 20]
+    python benchmarks/vqa_confidence.py [--model flickr8k-vqa] [--data ../shared/data/flickr8k --split val] [--photos 20]
 
 Reports, for the val questions: accuracy, expected calibration error (15 bins) with the raw scores (temperature 1)
 and with the shipped temperature, the share of answers flagged unsure and the accuracy of flagged and unflagged
@@ -45,14 +45,16 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="flickr8k-vqa")
-    p.add_argument("--data", default=str(ROOT / "data/qa/flickr8k/val.jsonl"))
+    p.add_argument("--data", default=str(ROOT.parent / "shared/data/flickr8k"),
+                   help="a question JSONL file or a captioned folder (its --split questions are made)")
+    p.add_argument("--split", default="val")
     p.add_argument("--photos", type=int, default=20, help="val photos each out-of-scope question is asked about")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/vqa_confidence.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(2)
 
     model = QuestionAnswerer.from_pretrained(args.model)
-    data = read_vqa(args.data)
+    data = read_vqa(args.data, args.split)
     acts, _, data = prepare_images(model.network, data, progress=True, cache_dir="cache/features")
     logits = logits_set(model, data, acts)
     questions = [q.question for q in data.questions]
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
         empty = "answered (it should be refused)"
     except InputError as exc:
         empty = f"refused: {exc}"
-    result = {"model": args.model, "data": str(args.data), "calibration": dataclasses.asdict(model.calibration),
+    result = {"model": args.model, "data": str(args.data), "split": args.split, "calibration": dataclasses.asdict(model.calibration),
               "val": val, "out_of_scope": groups, "empty_question": empty,
               "command": "python benchmarks/vqa_confidence.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
