@@ -61,9 +61,10 @@ def test_answers_real_val_questions_better_than_the_answer_prior(vqa, val_questi
 
 @pytest.mark.parametrize("question,reason", [
     ("这只狗是什么颜色？", "no words this model knows"),
-    ("why is the sky blue?", 'never trained on questions beginning "why is"'),
+    ("is the dog black?", 'never trained on questions beginning "is the"'),  # every word known, the form not
+    ("why is the sky blue?", "never saw in training (why)"),
     ("colorless green ideas sleep furiously?", "never saw in training"),
-], ids=["chinese", "why", "nonsense"])
+], ids=["chinese", "opening", "why", "nonsense"])
 def test_questions_unlike_training_are_flagged(vqa, val_questions, question, reason):
     answer = vqa(val_questions.images[0], question)
     assert not answer.sure and reason in answer.doubt
@@ -74,9 +75,9 @@ def test_cli_default_model_says_when_it_is_not_sure(capsys, val_questions):
     assert main(["vqa", "--json", photo, "how many dogs are there?"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["answer"] and 0 < out["probability"] <= 1 and isinstance(out["sure"], bool)
-    assert main(["vqa", photo, "why is the sky blue?"]) == 0
+    assert main(["vqa", photo, "is the dog black?"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
-    assert "(not sure: the model was never trained on questions beginning \"why is\"" in first
+    assert "(not sure: the model was never trained on questions beginning \"is the\"" in first
 
 
 def test_evaluate_a_captioned_folder_with_the_default_model(tmp_path, capsys):
