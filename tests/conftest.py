@@ -32,6 +32,16 @@ def onnx_cache_in_tmp(tmp_path_factory):
         yield cache
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``): on a shared,
+    busy CPU two OpenMP threads spin and run several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def flickr_or_skip() -> Path:
     if not (FLICKR / "captions.txt").is_file():
         pytest.skip("Flickr8k is not present at ../shared/data/flickr8k")

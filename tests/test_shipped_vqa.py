@@ -8,7 +8,6 @@ import json
 from collections import Counter
 
 import pytest
-import torch
 from conftest import FLICKR, flickr_or_skip
 
 from vlfuse.cli.main import main
@@ -20,12 +19,7 @@ from vlfuse.tasks.vqa.pipeline import QuestionAnswerer
 COCO = FLICKR.parent / "coco_ood_dev"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

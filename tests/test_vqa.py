@@ -30,13 +30,7 @@ ANSWERS = ["yes", "no", "red", "circle", "blue"]
 QUESTIONS = ["is there a red circle?", "what color is the shape?", "what shape is it?"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: on a shared, busy CPU two OpenMP threads spin and run several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(fusion: str = "mul", text: str = "gru", **vision) -> VQAModelConfig:

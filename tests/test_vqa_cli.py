@@ -4,21 +4,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from vlfuse.cli.main import main
 from vlfuse.data.vqa import read_easy_vqa
 from vlfuse.tasks.vqa.pipeline import QuestionAnswerer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: on a shared, busy CPU two OpenMP threads spin and run several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
