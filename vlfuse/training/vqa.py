@@ -263,9 +263,9 @@ OPENING_MIN_COUNT = 3  # a question opening (first two words) seen this often in
 def calibrate(best_dir: Path, train: VQASet, val: VQASet, val_acts: torch.Tensor,
               calibration: AnswerCalibration) -> Dict:
     """Temperature scaling (Guo et al. 2017): the temperature that minimises the negative log-likelihood of the
-    validation answers, written into the best checkpoint's config with ``calibration``'s thresholds and, for a
-    word vocabulary, the openings of the training questions. Returns the fitted temperature and the validation
-    ECE before and after."""
+    validation answers, written into the best checkpoint's config with ``calibration``'s thresholds and the words
+    and openings of the training questions (``AnswerCalibration``). Returns the fitted temperature and the
+    validation ECE before and after."""
     model = QuestionAnswerer.from_pretrained(best_dir)
     asked = [QUESTION_WORDS(q.question) for q in train.questions]
     openings = Counter(" ".join(words[:2]) for words in asked if len(words) >= 2)
