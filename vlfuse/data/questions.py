@@ -288,12 +288,17 @@ class CaptionQuestion:
     nouns: tuple = ()
 
 
-def object_questions(doc) -> List[CaptionQuestion]:
-    out = []
+def _verbs_with_subjects(doc):
+    """Each verb of ``doc`` with its subject, where the subject is one thing (no conjunct) worth asking about."""
     for verb in _verbs(doc):
         subject = _subject(verb)
-        if subject is None or subject.lemma_.lower() in NOT_A_THING or _has_conj(subject):
-            continue
+        if subject is not None and subject.lemma_.lower() not in NOT_A_THING and not _has_conj(subject):
+            yield verb, subject
+
+
+def object_questions(doc) -> List[CaptionQuestion]:
+    out = []
+    for verb, subject in _verbs_with_subjects(doc):
         particle = " ".join(c.lower_ for c in verb.children if c.dep_ == "prt")
         doing = f"{ing_form(verb)} {particle}".strip()
         for obj in (c for c in verb.children if c.dep_ == "dobj"):
@@ -384,10 +389,7 @@ def _place(prep):
 
 def location_questions(doc) -> List[CaptionQuestion]:
     out = []
-    for verb in _verbs(doc):
-        subject = _subject(verb)
-        if subject is None or subject.lemma_.lower() in NOT_A_THING or _has_conj(subject):
-            continue
+    for verb, subject in _verbs_with_subjects(doc):
         extra = [t for c in verb.children if c.i > verb.i and c.dep_ in ("dobj", "prt") for t in c.subtree]
         if len(extra) > 4 or any(t.dep_ == "dobj" and not _is_noun(t) for t in extra):
             continue
