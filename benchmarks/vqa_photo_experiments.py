@@ -5,6 +5,10 @@ the fusion comparison's base (configs/flickr8k_vqa_fusions.yaml) and its val acc
         train.epochs=8 train.patience=0 train.threads=1 train.out_dir=runs/vqa_exp/<name>    # one per experiment
     python benchmarks/vqa_photo_experiments.py [--runs runs/vqa_exp]
 
+``uncapped_reg_mul`` trained on data/qa/flickr8k_uncapped: train.jsonl written by
+``generate_questions(read_captions(flickr8k, "train"), max_answer_share={"object": 1.0, "number": 1.0, "color": 1.0,
+"location": 1.0})`` + ``write_jsonl`` (no answer-share cap: 41,174 questions) and val.jsonl the usual val set.
+
 Reads every ``<runs>/<name>/config.resolved.json`` and ``metrics.jsonl`` (a run stopped early keeps the epochs it
 finished) and writes benchmarks/results/vqa_photo_experiments.json.
 """
@@ -41,7 +45,7 @@ def main(argv=None) -> int:
             continue
         history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         resolved = flat(json.loads(config.read_text()))
-        keep = {k: v for k, v in resolved.items() if k.startswith(("model.", "train.weight_decay", "train.epochs"))
+        keep = {k: v for k, v in resolved.items() if k.startswith(("data.path", "model.", "train.weight_decay", "train.epochs"))
                 and not k.endswith(("vocab_size", "num_answers"))}
         best = max(history, key=lambda h: h["val_accuracy"])
         runs[run.name] = {"settings": keep, "epochs_finished": len(history),
