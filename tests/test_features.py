@@ -7,6 +7,7 @@ import torch
 from conftest import bad_images, photo
 
 from vlfuse.data.images import load_image
+from vlfuse.errors import DataError
 from vlfuse.registry import VISION_ENCODERS
 from vlfuse.training.features import FeatureCache
 
@@ -75,6 +76,11 @@ def test_bad_images_are_listed_and_the_rest_cached(tmp_path, photos):
     assert named == {str(p) for p in [*bad.values(), tmp_path / "missing.jpg"]}
     assert any("does not exist" in e or "cannot be read" in e for p, e in failures if p.endswith("missing.jpg"))
     assert FeatureCache(tmp_path / "cache", encoder()).load([digests[0], digests[-1]]).shape[0] == 2
+    # features(): build + load in one, with the indices kept; none readable is a clear error
+    feats, kept, failures = FeatureCache(tmp_path / "cache", encoder()).features(paths, progress=False)
+    assert kept == [0, len(paths) - 1] and feats.shape[0] == 2 and len(failures) == 5
+    with pytest.raises(DataError, match="none of the 5 images"):
+        FeatureCache(tmp_path / "cache", encoder()).features(paths[1:-1], progress=False)
 
 
 def test_interrupted_build_resumes(tmp_path, photos):

@@ -129,3 +129,29 @@ def test_train_cli_on_jsonl_with_bad_lines(tmp_path, capsys):
     assert "line 4" in captured.err and "line 8" in captured.err
     model = QuestionAnswerer.from_pretrained(tmp_path / "run" / "best")
     assert model(tmp_path / "0.png", "what color is it?").answer in {"red", "blue", "yes", "no"}
+
+
+def test_training_a_pretrained_encoder_reads_the_feature_cache(tmp_path):
+    """A frozen EfficientNet's stem outputs go through the FeatureCache (keyed by file content, so the photos
+    differ): a second run computes none again."""
+    from vlfuse.training.vqa import train
+
+    lines = []
+    for i in range(6):
+        Image.new("RGB", (40, 40), (200, 30 + i, 30) if i % 2 else (30, 30 + i, 200)).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "question": "what color is it?",
+                                 "answer": "red" if i % 2 else "blue", "type": "color"}))
+    (tmp_path / "qa.jsonl").write_text("\n".join(lines) + "\n")
+    config = {"task": "vqa", "data": {"path": str(tmp_path / "qa.jsonl"), "val_fraction": 0.34, "test_split": "",
+                                      "cache_dir": str(tmp_path / "cache")},
+              "model": {"vision": {"name": "efficientnet-lite0"}, "text": {"name": "embedding", "embed_dim": 8},
+                        "fusion": {"name": "mul", "dim": 16}, "head": {"name": "classifier", "hidden_dim": 16}},
+              "train": {"epochs": 1, "batch_size": 2, "warmup_steps": 1, "out_dir": str(tmp_path / "run"),
+                        "progress": False, "threads": 1}}
+    summary = train(json.loads(json.dumps(config)))
+    entries = sorted((tmp_path / "cache").rglob("*.npy"))
+    assert len(entries) == 6 and summary["train_questions"] + summary["val_questions"] == 6
+    stamps = [p.stat().st_mtime_ns for p in entries]
+    config["train"]["out_dir"] = str(tmp_path / "run2")
+    train(config)
+    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "cache").rglob("*.npy"))] == stamps

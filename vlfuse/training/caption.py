@@ -70,12 +70,9 @@ def load_split(cfg: CaptionDataConfig, split: str, limit: int) -> CaptionSet:
 
 def cached_features(cache: FeatureCache, data: CaptionSet, progress: bool) -> Tuple[torch.Tensor, CaptionSet, List]:
     """Build/load features for ``data``; images that fail are dropped (and returned as failures)."""
-    digests, failures = cache.build(data.images, progress=progress, desc=f"features {data.name}")
-    keep = [i for i, d in enumerate(digests) if d is not None]
-    if not keep:
-        raise DataError(f"none of the {len(data)} images in {data.name} could be read")
+    feats, keep, failures = cache.features(data.images, progress=progress, desc=f"features {data.name}")
     kept = CaptionSet([data.images[i] for i in keep], [data.captions[i] for i in keep], data.name)
-    return cache.load([digests[i] for i in keep]), kept, failures
+    return feats, kept, failures
 
 
 class TrainingItem(NamedTuple):

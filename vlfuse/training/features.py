@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..data.images import load_image
 from ..data.mirror import mirror_pixels
-from ..errors import ImageError
+from ..errors import DataError, ImageError
 from ..io import atomic_path, file_digest
 
 
@@ -72,6 +72,17 @@ class FeatureCache:
             bar.update(len(todo[start:start + batch_size]))
         bar.close()
         return digests, failures
+
+    def features(self, paths: Sequence[str | os.PathLike], progress: bool = True, desc: str = "caching features"
+                 ) -> Tuple[torch.Tensor, List[int], List[Tuple[str, str]]]:
+        """``build`` then ``load``: (fp16 features of the readable images, their indices in ``paths``,
+        [(path, error)] of the rest). Raises DataError when none can be read."""
+        digests, failures = self.build(paths, progress=progress, desc=desc)
+        kept = [i for i, d in enumerate(digests) if d is not None]
+        if not kept:
+            raise DataError(f"none of the {len(paths)} images ({desc}) could be read"
+                            + (f": {failures[0][0]}: {failures[0][1]}" if failures else ""))
+        return self.load([digests[i] for i in kept]), kept, failures
 
     def _write(self, digest: str, array: np.ndarray) -> None:
         with atomic_path(self._entry(digest), fsync=False) as tmp:  # thousands of entries: no flush to disk each

@@ -174,23 +174,19 @@ def prepare_images(network: VQAModel, data: VQASet, progress: bool, mirrored: bo
 
 def _cached_stem(network: VQAModel, data: VQASet, progress: bool, mirrored: bool, cache_dir: str
                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor], VQASet]:
-    cache = FeatureCache(cache_dir, network.vision)
-    digests, failures = cache.build(data.images, progress=progress, desc=f"features {data.name}")
+    acts, kept, failures = FeatureCache(cache_dir, network.vision).features(data.images, progress,
+                                                                            f"features {data.name}")
     for path, why in failures:
         tqdm.write(f"skipped image {path}: {why}", file=sys.stderr)
-    kept = [i for i, d in enumerate(digests) if d is not None]
-    if not kept:
-        raise DataError(f"none of the {len(data.images)} images of {data.name} could be read")
-    if len(kept) < len(digests):
+    if len(kept) < len(data.images):
         data = data.subset_images(kept)
-    keep_digests = [digests[i] for i in kept]
-    acts = cache.load(keep_digests, progress=progress)
     if not mirrored:
         return acts, None, data
-    mirror_cache = FeatureCache(cache_dir, network.vision, mirrored=True)
-    mirror_cache.build(data.images, progress=progress,
-                       desc=f"mirrored features {data.name}")
-    return acts, mirror_cache.load(keep_digests), data
+    mirror = FeatureCache(cache_dir, network.vision, mirrored=True)
+    mirrored_acts, mirror_kept, _ = mirror.features(data.images, progress, f"mirrored features {data.name}")
+    if len(mirror_kept) < len(data.images):  # an image that changed or vanished between the two passes
+        raise DataError(f"{len(data.images) - len(mirror_kept)} images of {data.name} could not be read a second time")
+    return acts, mirrored_acts, data
 
 
 def train(raw_config: dict, resume: bool = False) -> Dict:

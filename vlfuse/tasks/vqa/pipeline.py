@@ -119,14 +119,14 @@ class QuestionAnswerer(Pipeline):
     default_model = "flickr8k-vqa"
 
     def __init__(self, network: VQAModel, tokenizer, answers: Sequence[str], extra_config: Optional[dict] = None,
-                 runtime: RuntimeOptions = RuntimeOptions(), calibration: AnswerCalibration = AnswerCalibration()):
+                 runtime: RuntimeOptions = RuntimeOptions(), calibration: Optional[AnswerCalibration] = None):
         if len(answers) != network.config.num_answers:
             raise ConfigError(f"{len(answers)} answers given for a network with {network.config.num_answers} outputs")
         self.network = network.eval()
         self.tokenizer = tokenizer
         self.answers = list(answers)
         self.extra_config = extra_config or {}
-        self.calibration = calibration
+        self.calibration = calibration or AnswerCalibration()  # a fresh one each: it is not frozen
         self.runtime = Runtime(runtime, vision=network.vision)
 
     # -- loading and saving -------------------------------------------------------------------------
@@ -195,7 +195,6 @@ class QuestionAnswerer(Pipeline):
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Answer logits (Q, A) -> calibrated probabilities (temperature scaling)."""
         return (logits.float() / self.calibration.temperature).softmax(-1)
-
 
     def predict(self, images: Sequence[ImageInput], questions: Sequence[str], top_k: int = 3,
                 batch_size: int = 64) -> List[VQAAnswer]:
