@@ -120,13 +120,15 @@ def main(argv=None) -> int:
             for split, s in sets.items():
                 answers = predict_set(model, s, acts[split])
                 record[split] = _scores(score_answers(s, [a.answer for a in answers], [a.probability for a in answers]))
-            history = [json.loads(line) for line in (Path(summary["best_dir"]).parent / "metrics.jsonl").read_text(
-            ).splitlines() if line.strip()]
-            record.update({"fusion": fusion, "parameters": summary["parameters"], "best_epoch": summary["best_epoch"],
-                           "epochs": args.epochs,
-                           "val_accuracy_per_epoch": [round(h["val_accuracy"], 4) for h in history],
-                           "train_minutes": round(summary["train_minutes"], 2),
-                           "calibration": summary["calibration"]})
+            record.update({"fusion": fusion, "parameters": summary["parameters"], "epochs": args.epochs,
+                           "train_minutes": round(summary["train_minutes"], 2), "calibration": summary["calibration"]})
+            if "members" in summary:  # an ensemble (AnswerEnsemble): each member's own run
+                record["members"] = {m: {"best_val_accuracy": s["best_val_accuracy"], "best_epoch": s["best_epoch"],
+                                         "val_accuracy_per_epoch": _val_history(Path(s["best_dir"]).parent)}
+                                     for m, s in summary["members"].items()}
+            else:
+                record.update({"best_epoch": summary["best_epoch"],
+                               "val_accuracy_per_epoch": _val_history(Path(summary["best_dir"]).parent)})
         record["total_minutes"] = round((time.time() - t0) / 60, 2)
         results["runs"][name] = record
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -134,6 +136,11 @@ def main(argv=None) -> int:
         print(json.dumps({name: record}), flush=True)
     print(markdown_table(results["runs"]))
     return 0
+
+
+def _val_history(run: Path) -> list:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [round(json.loads(line)["val_accuracy"], 4) for line in lines if line.strip()]
 
 
 def _scores(metrics: dict) -> dict:

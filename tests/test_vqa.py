@@ -24,7 +24,7 @@ from vlfuse.metrics.vqa import answer_accuracy, soft_scores
 from vlfuse.nn.text import pad_batch
 from vlfuse.registry import FUSIONS, HEADS
 from vlfuse.tasks.vqa.model import VQAModel, VQAModelConfig, soft_cross_entropy
-from vlfuse.tasks.vqa.pipeline import QuestionAnswerer, VQAAnswer
+from vlfuse.tasks.vqa.pipeline import AnswerEnsemble, QuestionAnswerer, VQAAnswer
 
 ANSWERS = ["yes", "no", "red", "circle", "blue"]
 QUESTIONS = ["is there a red circle?", "what color is the shape?", "what shape is it?"]
@@ -352,3 +352,60 @@ def test_concepts_add_one_image_vector_from_the_frozen_classifier():
     assert not any(p.requires_grad for p in net.concept_head.parameters()) and net.concept_proj.weight.requires_grad
     with pytest.raises(Exception, match="pretrained, frozen vision encoder"):
         VQAModel(tiny_config()).__class__(dataclasses.replace(tiny_config(), concepts=True))
+
+
+def tiny_ensemble() -> AnswerEnsemble:
+    """Two members that read questions differently (GRU, bag of embeddings) over the same image encoder."""
+    return AnswerEnsemble({"gru": tiny_model("mul"), "bag": tiny_model("concat", text="embedding")})
+
+
+def test_ensemble_answers_with_the_mean_of_its_members_probabilities():
+    ensemble = tiny_ensemble()
+    gru, bag = ensemble.members["gru"], ensemble.members["bag"]
+    assert gru.network.vision is bag.network.vision  # one image encoder in memory
+    images, questions = [shape_image(), shape_image((0, 0, 255))], QUESTIONS[:2]
+    pixels = torch.stack([ensemble.transform(im) for im in images])
+    with torch.inference_mode():
+        image = ensemble.network.vision(pixels)
+        index = torch.arange(2)
+        mean = (gru.probabilities(gru.question_logits(image, index, questions))
+                + bag.probabilities(bag.question_logits(image, index, questions))) / 2
+    answers = ensemble.predict(images, questions, top_k=len(ANSWERS))
+    for answer, row in zip(answers, mean):
+        assert dict(answer.top) == pytest.approx({a: float(p) for a, p in zip(ANSWERS, row)}, abs=1e-5)
+
+
+def test_ensemble_save_load_round_trip_through_vlfuse_load(tmp_path):
+    import vlfuse
+
+    ensemble = tiny_ensemble()
+    ensemble.calibration = dataclasses.replace(ensemble.calibration, temperature=2.0)
+    images = [shape_image(), shape_image((0, 0, 255))]
+    before = ensemble.predict(images, QUESTIONS[:2], top_k=3)
+    directory = ensemble.save_pretrained(tmp_path / "ens")
+    config = json.loads((directory / "config.json").read_text())
+    assert config["task"] == "vqa" and config["members"] == ["gru", "bag"] and "model" not in config
+    assert (directory / "gru" / "model.safetensors").is_file() and (directory / "bag" / "answers.json").is_file()
+    loaded = vlfuse.load(directory)
+    assert isinstance(loaded, AnswerEnsemble) and loaded.calibration.temperature == 2.0
+    for a, b in zip(before, loaded.predict(images, QUESTIONS[:2], top_k=3)):
+        assert a.answer == b.answer and a.probability == pytest.approx(b.probability, abs=2e-3)
+
+
+def test_ensemble_members_must_agree_on_answers_and_images(tmp_path):
+    from vlfuse.errors import ConfigError, ModelNotFoundError
+
+    other_answers = tiny_model()
+    other_answers.answers = list(reversed(ANSWERS))
+    with pytest.raises(ConfigError, match="different answer lists"):
+        AnswerEnsemble({"a": tiny_model(), "b": other_answers})
+    other_images = tiny_model()
+    torch.nn.init.zeros_(next(other_images.network.vision.parameters()))
+    with pytest.raises(ConfigError, match="encode images differently"):
+        AnswerEnsemble({"a": tiny_model(), "b": other_images})
+    directory = tiny_ensemble().save_pretrained(tmp_path / "ens")
+    import shutil
+
+    shutil.rmtree(directory / "bag")
+    with pytest.raises(ModelNotFoundError, match="member 'bag'"):
+        QuestionAnswerer.from_pretrained(directory)

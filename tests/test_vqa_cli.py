@@ -155,3 +155,40 @@ def test_training_a_pretrained_encoder_reads_the_feature_cache(tmp_path):
     config["train"]["out_dir"] = str(tmp_path / "run2")
     train(config)
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "cache").rglob("*.npy"))] == stamps
+
+
+def test_training_an_ensemble_trains_each_member_then_calibrates_them_together(tmp_path, capsys):
+    """`members` in a config: each member is the config with its settings over it, trained into out_dir/<name>;
+    out_dir/best is the ensemble (AnswerEnsemble), calibrated and scored on val; --resume skips finished members."""
+    from vlfuse.tasks.vqa.pipeline import AnswerEnsemble
+
+    lines = []
+    for i in range(12):
+        name = "red" if i % 2 else "blue"
+        Image.new("RGB", (32, 32), (255, 0, 0) if i % 2 else (0, 0, 255)).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "question": "what color is it?", "answer": name}))
+        lines.append(json.dumps({"image": f"{i}.png", "question": "is it red?", "answer": "yes" if i % 2 else "no"}))
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    config = {"task": "vqa", "data": {"path": str(tmp_path / "train.jsonl"), "val_fraction": 0.25, "test_split": "",
+                                      "cache_dir": str(tmp_path / "cache")},
+              "model": {"vision": {"name": "efficientnet-lite0"}, "text": {"name": "embedding", "embed_dim": 8},
+                        "fusion": {"name": "concat", "dim": 16}, "head": {"name": "classifier", "hidden_dim": 16}},
+              "train": {"epochs": 1, "batch_size": 4, "warmup_steps": 1, "out_dir": str(tmp_path / "run"),
+                        "progress": False, "threads": 1},
+              "members": {"bag": {}, "gru": {"model": {"text": {"name": "gru", "embed_dim": 8, "hidden_dim": 8}}}}}
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    assert main(["train", "--config", str(tmp_path / "cfg.json")]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{\n"):])
+    assert set(summary["members"]) == {"bag", "gru"} and 0 <= summary["best_val_accuracy"] <= 1
+    assert summary["calibration"]["temperature"] > 0
+    member = json.loads((tmp_path / "run" / "gru" / "best" / "config.json").read_text())
+    assert member["model"]["text"]["name"] == "gru" and member["model"]["fusion"]["name"] == "concat"
+    model = QuestionAnswerer.from_pretrained(tmp_path / "run" / "best")
+    assert isinstance(model, AnswerEnsemble) and list(model.members) == ["bag", "gru"]
+    assert model.calibration.temperature == summary["calibration"]["temperature"]
+    assert model(tmp_path / "0.png", "what color is it?").answer in {"red", "blue", "yes", "no"}
+    stamp = (tmp_path / "run" / "gru" / "summary.json").stat().st_mtime_ns
+    assert main(["train", "--config", str(tmp_path / "cfg.json"), "--resume"]) == 0
+    assert "'gru': trained already" in capsys.readouterr().err
+    assert (tmp_path / "run" / "gru" / "summary.json").stat().st_mtime_ns == stamp

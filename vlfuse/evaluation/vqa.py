@@ -30,9 +30,8 @@ def logits_set(model, data: VQASet, acts: torch.Tensor, batch_size: int = 512, p
         used = sorted({q.image for q in qs})
         remap = {old: new for new, old in enumerate(used)}
         image = model.network.vision.tail(acts[used].float().to(model.device))
-        ids, mask = model.encode_questions([q.question for q in qs])
         index = torch.tensor([remap[q.image] for q in qs], device=model.device)
-        out.append(model.network.answer_logits(image, index, ids, mask).float().cpu())
+        out.append(model.question_logits(image, index, [q.question for q in qs]).float().cpu())
     return torch.cat(out)
 
 

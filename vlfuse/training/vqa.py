@@ -7,6 +7,7 @@ so the vision encoder sees each image once per step however many questions are a
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from collections import Counter
@@ -16,7 +17,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from ..config import from_dict, save_json, to_dict
+from ..config import from_dict, merge_over, save_json, to_dict
 from ..data.mirror import check_mirror_probability, draw_mirrored, mirror_pixels, mirror_text
 from ..data.tokenizer import Tokenizer
 from ..data.vqa import (
@@ -34,7 +35,13 @@ from ..evaluation.vqa import logits_set, predict_set, score_answers
 from ..metrics.vqa import answer_accuracy, expected_calibration_error, soft_scores
 from ..registry import TEXT_ENCODERS
 from ..tasks.vqa.model import VQAModel, VQAModelConfig, soft_cross_entropy
-from ..tasks.vqa.pipeline import QUESTION_WORDS, AnswerCalibration, QuestionAnswerer, make_question_tokenizer
+from ..tasks.vqa.pipeline import (
+    QUESTION_WORDS,
+    AnswerCalibration,
+    AnswerEnsemble,
+    QuestionAnswerer,
+    make_question_tokenizer,
+)
 from .features import FeatureCache
 from .trainer import TrainConfig, Trainer, seed_everything
 
@@ -70,6 +77,9 @@ class VQAExperiment:
     # when answers are flagged unsure; the temperature is fitted on the validation questions after training
     calibration: AnswerCalibration = dataclasses.field(default_factory=AnswerCalibration)
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(**TRAIN_DEFAULTS))
+    # an ensemble (``AnswerEnsemble``): member name -> settings over this config (e.g. another question encoder);
+    # each member is trained into train.out_dir/<name>, then they are put together in train.out_dir/best
+    members: Dict[str, dict] = dataclasses.field(default_factory=dict)
 
 
 def parse_experiment(raw_config: dict) -> VQAExperiment:
@@ -192,6 +202,8 @@ def _cached_stem(network: VQAModel, data: VQASet, progress: bool, mirrored: bool
 def train(raw_config: dict, resume: bool = False) -> Dict:
     """Train a VQA model from a config mapping (see VQAExperiment); returns a summary (with test accuracy)."""
     exp = parse_experiment(raw_config)
+    if exp.members:
+        return train_ensemble(raw_config, exp, resume)
     t_start = time.time()
     train_set, val_set = load_splits(exp.data)
     for line in train_set.skipped:
@@ -245,6 +257,45 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
         test = read_vqa(exp.data.path, exp.data.test_split)
         summary["test"] = evaluate_model(best, test, progress=exp.train.progress)
     summary["total_minutes"] = (time.time() - t_start) / 60
+    save_json(summary, out / "summary.json")
+    return summary
+
+
+def train_ensemble(raw_config: dict, exp: VQAExperiment, resume: bool = False) -> Dict:
+    """Train each of ``exp.members`` (this config with the member's settings over it) into out_dir/<name>, put them
+    together as an ``AnswerEnsemble`` in out_dir/best, calibrate it on val and score it there. With ``resume``, a
+    member that finished (its summary.json is written) is not trained again."""
+    t_start = time.time()
+    out = Path(exp.train.out_dir)
+    shared = {k: v for k, v in raw_config.items() if k != "members"}
+    summaries = {}
+    for name, settings in exp.members.items():
+        member_dir = out / name
+        done = member_dir / "summary.json"
+        if resume and done.is_file():
+            tqdm.write(f"ensemble member '{name}': trained already ({done})", file=sys.stderr)
+            summaries[name] = json.loads(done.read_text(encoding="utf-8"))
+            continue
+        tqdm.write(f"ensemble member '{name}' ({len(summaries) + 1}/{len(exp.members)}) -> {member_dir}",
+                   file=sys.stderr)
+        raw = merge_over(merge_over(shared, settings or {}), {"train": {"out_dir": str(member_dir)}})
+        summaries[name] = train(raw, resume=resume)
+    members = {name: QuestionAnswerer.from_pretrained(out / name / "best") for name in exp.members}
+    ensemble = AnswerEnsemble(members, {"training": to_dict(exp)})
+    ensemble.save_pretrained(out / "best")
+    train_set, val_set = load_splits(exp.data)
+    val_acts, _, val_set = prepare_images(next(iter(members.values())).network, val_set, exp.train.progress,
+                                          cache_dir=exp.data.cache_dir)
+    summary = {"calibration": calibrate(out / "best", train_set, val_set, val_acts, exp.calibration)}
+    best = QuestionAnswerer.from_pretrained(out / "best")
+    scores = score_answers(val_set, [a.answer for a in predict_set(best, val_set, val_acts)])
+    summary.update({"best_val_accuracy": scores["accuracy"], "val": scores,
+                    "members": {name: {k: s.get(k) for k in ("best_val_accuracy", "best_epoch", "train_minutes",
+                                                              "parameters", "best_dir")}
+                                for name, s in summaries.items()},
+                    "parameters": sum(s.get("parameters", 0) for s in summaries.values()),
+                    "train_minutes": sum(s.get("train_minutes", 0.0) for s in summaries.values()),
+                    "total_minutes": (time.time() - t_start) / 60, "best_dir": str(out / "best")})
     save_json(summary, out / "summary.json")
     return summary
 

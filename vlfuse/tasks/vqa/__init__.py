@@ -1,5 +1,5 @@
 """Visual question answering."""
 from .model import VQAModel, VQAModelConfig
-from .pipeline import QuestionAnswerer, VQAAnswer
+from .pipeline import AnswerEnsemble, QuestionAnswerer, VQAAnswer
 
-__all__ = ["VQAModel", "VQAModelConfig", "QuestionAnswerer", "VQAAnswer"]
+__all__ = ["VQAModel", "VQAModelConfig", "QuestionAnswerer", "AnswerEnsemble", "VQAAnswer"]

@@ -4,16 +4,19 @@ head over the answer vocabulary, every part from the shared registries) and the 
 >>> vqa = QuestionAnswerer.from_pretrained()             # the default, "flickr8k-vqa": questions about photos
 >>> vqa("dog.jpg", "what color is the dog?")             # VQAAnswer(answer='black', probability=0.8, ...)
 >>> QuestionAnswerer.from_pretrained("easyvqa")("shape.png", "what color is the triangle?")   # synthetic shapes
+
+A checkpoint whose config.json lists ``members`` loads as an ``AnswerEnsemble``: several such models on one frozen
+image encoder, answering by the mean of their probabilities (the shipped "flickr8k-vqa" is one).
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ...checkpoint import load_weights, save_checkpoint
+from ...checkpoint import load_weights, read_config, save_checkpoint
 from ...config import from_dict, save_json, to_dict
 from ...data.images import ImageInput, load_image
 from ...data.tokenizer import Tokenizer
@@ -134,6 +137,8 @@ class QuestionAnswerer(Pipeline):
     def _from_checkpoint(cls, directory: Path, raw: dict, device: Optional[str] = None,
                          runtime: RuntimeOptions = RuntimeOptions()) -> "QuestionAnswerer":
         """``from_pretrained``'s options: ``device``, and ``runtime`` (how inference runs)."""
+        if MEMBERS_KEY in raw:
+            return AnswerEnsemble._from_checkpoint(directory, raw, device, runtime)
         config = from_dict(VQAModelConfig, raw["model"], "model")
         answers_path = directory / ANSWERS_FILE
         if not answers_path.is_file():
@@ -177,9 +182,14 @@ class QuestionAnswerer(Pipeline):
                         top_k: int = 3) -> List[VQAAnswer]:
         """Answers for questions about already-encoded images (M images); question q is about image
         ``image_index[q]``; no input checks."""
-        ids, mask = self.encode_questions(questions)
         index = torch.as_tensor(list(image_index), dtype=torch.long, device=self.device)
-        return self.rank(self.probabilities(self.network.answer_logits(image, index, ids, mask)), questions, top_k)
+        return self.rank(self.probabilities(self.question_logits(image, index, questions)), questions, top_k)
+
+    def question_logits(self, image: ImageFeatures, image_index: torch.Tensor, questions: Sequence[str]
+                        ) -> torch.Tensor:
+        """Answer logits (Q, A) of questions about encoded images (question q about image ``image_index[q]``)."""
+        ids, mask = self.encode_questions(questions)
+        return self.network.answer_logits(image, image_index, ids, mask)
 
     def rank(self, probs: torch.Tensor, questions: Sequence[str], top_k: int = 3) -> List[VQAAnswer]:
         """Answer probabilities (Q, A) of ``questions`` -> each question's top-k answers, flagged when unsure."""
@@ -227,3 +237,74 @@ class QuestionAnswerer(Pipeline):
         return self.predict([image], [question], top_k)[0]
 
 
+
+
+MEMBERS_KEY = "members"  # an ensemble checkpoint's config.json: its members' names, each a sub-directory
+
+
+class AnswerEnsemble(QuestionAnswerer):
+    """VQA models that answer together: every member reads the question its own way (its own tokenizer, question
+    encoder, fusion and head), all share one frozen image encoder, and the ensemble's answer probabilities are the
+    mean of the members' (each at its own calibrated temperature). Its "logits" are the log of that mean, so the
+    ensemble has a calibration of its own on top, like any ``QuestionAnswerer``.
+
+    A checkpoint is a directory with config.json (task "vqa", ``members``: their names, the ensemble's
+    ``calibration``) and each member's own VQA checkpoint in the sub-directory of its name."""
+
+    def __init__(self, members: Dict[str, QuestionAnswerer], extra_config: Optional[dict] = None,
+                 runtime: RuntimeOptions = RuntimeOptions(), calibration: Optional[AnswerCalibration] = None):
+        if not members:
+            raise ConfigError("an ensemble needs at least one member")
+        (first_name, first), *others = members.items()
+        for name, member in others:
+            if member.answers != first.answers:
+                raise ConfigError(f"ensemble members '{first_name}' and '{name}' answer from different answer lists; "
+                                  "train them on the same questions with the same data.max_answers")
+            if not _same_weights(member.network.vision, first.network.vision):
+                raise ConfigError(f"ensemble members '{first_name}' and '{name}' encode images differently; members "
+                                  "must share one frozen vision encoder (same name and options, trainable_blocks 0)")
+            member.network.vision = first.network.vision  # one image encoder in memory
+        self.members = dict(members)
+        super().__init__(first.network, first.tokenizer, first.answers, extra_config, runtime, calibration)
+
+    @classmethod
+    def _from_checkpoint(cls, directory: Path, raw: dict, device: Optional[str] = None,
+                         runtime: RuntimeOptions = RuntimeOptions()) -> "AnswerEnsemble":
+        names = raw[MEMBERS_KEY]
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            raise ModelNotFoundError(f"'{directory}': '{MEMBERS_KEY}' in config.json must be a list of member names")
+        members = {}
+        for name in names:
+            if not (directory / name / "config.json").is_file():
+                raise ModelNotFoundError(f"ensemble '{directory}' lists member '{name}' but has no checkpoint in "
+                                         f"'{directory / name}'")
+            members[name] = QuestionAnswerer._from_checkpoint(directory / name, read_config(directory / name), device,
+                                                              runtime)
+        calibration = from_dict(AnswerCalibration, raw.get("calibration") or {}, "calibration")
+        extra = {k: v for k, v in raw.items() if k not in ("task", MEMBERS_KEY, "calibration")}
+        return cls(members, extra, runtime, calibration)
+
+    def save_pretrained(self, directory: Union[str, Path], half: bool = True, **extra) -> Path:
+        """Each member into its sub-directory, then config.json (written last: a half-written ensemble does not
+        load)."""
+        directory = Path(directory)
+        for name, member in self.members.items():
+            member.save_pretrained(directory / name, half=half)
+        config = {"task": "vqa", MEMBERS_KEY: list(self.members), "calibration": to_dict(self.calibration),
+                  "transform": self.network.vision.transform.to_dict(), **self.extra_config, **extra}
+        save_json(config, directory / "config.json")
+        return directory
+
+    def encode_questions(self, questions: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError("each member of an ensemble encodes questions with its own tokenizer")
+
+    def question_logits(self, image: ImageFeatures, image_index: torch.Tensor, questions: Sequence[str]
+                        ) -> torch.Tensor:
+        probs = torch.stack([member.probabilities(member.question_logits(image, image_index, questions))
+                             for member in self.members.values()]).mean(0)
+        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
