@@ -8,6 +8,8 @@ of coco_ood_dev.
     python benchmarks/vqa_photo.py --epochs 8 data.path=data/qa/flickr8k   # every fusion + both baselines
     python benchmarks/vqa_photo.py --config configs/flickr8k_vqa.yaml --epochs 8 --runs config question-only \
         answer-prior --out benchmarks/results/vqa_photo.json           # the shipped model beside its baselines
+    (``--trained DIR``: the "config" run is the one `vlfuse train --config` already wrote to DIR, scored, not
+    trained again)
 
 Each fusion run trains ``--config`` (default configs/flickr8k_vqa_fusions.yaml) with one fusion module (settings
 below) for ``--epochs`` epochs, selects on val and scores the best checkpoint; "config" trains the config as it is.
@@ -71,6 +73,9 @@ def main(argv=None) -> int:
                    help="everyday-photo questions: a JSONL file, or a captioned folder whose val questions are made")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/vqa_photo_fusions.json"))
     p.add_argument("--run-dir", default="runs/vqa_photo", help="where checkpoints go")
+    p.add_argument("--trained", metavar="DIR", help=f"for run '{AS_IS}': score the config as already trained into "
+                   "DIR (its train.out_dir: summary.json and best/, e.g. by `vlfuse train --config ...`) instead "
+                   "of training it again")
     p.add_argument("overrides", nargs="*", help="extra dotted config overrides for every run")
     args = p.parse_args(argv)
     names = args.runs or [*FUSIONS, *BASELINES]
@@ -115,7 +120,11 @@ def main(argv=None) -> int:
                 raw["model"]["blind"] = True
             apply_overrides(raw, [f"train.epochs={args.epochs}", f"train.out_dir={args.run_dir}/{name}",
                                   "train.patience=0"])
-            summary = train(raw)
+            if name == AS_IS and args.trained:
+                summary = json.loads((Path(args.trained) / "summary.json").read_text())
+                record["trained_by"] = f"vlfuse train --config {args.config} (out_dir {args.trained})"
+            else:
+                summary = train(raw)
             model = QuestionAnswerer.from_pretrained(summary["best_dir"])
             for split, s in sets.items():
                 answers = predict_set(model, s, acts[split])

@@ -409,3 +409,32 @@ def test_ensemble_members_must_agree_on_answers_and_images(tmp_path):
     shutil.rmtree(directory / "bag")
     with pytest.raises(ModelNotFoundError, match="member 'bag'"):
         QuestionAnswerer.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("trainable_layers", [0, 1])
+def test_training_batches_of_cached_question_states_give_the_logits_of_token_ids(trainable_layers):
+    """A frozen pretrained question encoder's frozen part runs once over the training questions
+    (frozen_question_states); the batches that carry those states give the logits that token ids give."""
+    from vlfuse.tasks.vqa.pipeline import make_question_tokenizer
+    from vlfuse.training.vqa import encode_items, frozen_question_states, make_collate
+    from vlfuse.data.vqa import VQAQuestion, VQASet
+
+    config = tiny_config(text="minilm")
+    config.text.kwargs.update(pretrained=False, trainable_layers=trainable_layers)
+    torch.manual_seed(0)
+    net = VQAModel(config).eval()
+    tokenizer = make_question_tokenizer(config)
+    data = VQASet([f"{i}.png" for i in range(3)],
+                  [VQAQuestion(i % 3, q, ["yes"]) for i, q in enumerate(QUESTIONS + ["is the circle on the left?"])],
+                  name="tiny")
+    items = encode_items(data, tokenizer, ANSWERS, config.max_question_len)
+    states = frozen_question_states(net.text, items, tokenizer.pad_id)
+    assert len(states) == 5  # four questions, and "left" mirrored to "right" in one
+    acts = torch.randn(3, 3, 64, 64)
+    with_ids = make_collate(acts, len(ANSWERS), tokenizer.pad_id)(items)
+    with_states = make_collate(acts, len(ANSWERS), tokenizer.pad_id, question_states=states)(items)
+    assert with_states[2].shape[:2] == with_ids[2].shape and torch.equal(with_states[3], with_ids[3])
+    with torch.no_grad():
+        expected = net(with_ids[0], with_ids[1], with_ids[2], with_ids[3])
+        got = net(with_states[0], with_states[1], with_states[2], with_states[3])
+    assert torch.allclose(got, expected, atol=1e-2)  # states stored as fp16

@@ -33,6 +33,7 @@ from ..data.vqa import (
 from ..errors import DataError
 from ..evaluation.vqa import logits_set, predict_set, score_answers
 from ..metrics.vqa import answer_accuracy, expected_calibration_error, soft_scores
+from ..nn.text import pad_batch
 from ..registry import TEXT_ENCODERS
 from ..tasks.vqa.model import VQAModel, VQAModelConfig, soft_cross_entropy
 from ..tasks.vqa.pipeline import (
@@ -127,11 +128,33 @@ def encode_items(data: VQASet, tokenizer, answers: List[str], max_len: int) -> L
     return sorted(per_image.items())
 
 
+QuestionStates = Dict[Tuple[int, ...], torch.Tensor]  # question token ids -> its frozen_states (T, D), fp16
+
+
+@torch.no_grad()
+def frozen_question_states(text, items: List[Tuple[int, List[Question]]], pad_id: int, batch_size: int = 256,
+                           progress: bool = False) -> QuestionStates:
+    """A pretrained question encoder's frozen part (``frozen_states``: MiniLM's embeddings and frozen layers) run
+    once over every distinct training question, as asked and mirrored: it gives the same output every epoch (no
+    dropout in it), so training then runs only the encoder's trainable top, if any."""
+    distinct = sorted({tuple(ids.tolist()) for _, questions in items for q in questions
+                       for ids in (q.ids, q.mirrored_ids)}, key=len)  # similar lengths together: less padding
+    states: QuestionStates = {}
+    for s in tqdm(range(0, len(distinct), batch_size), desc="question states", unit="batch", disable=not progress,
+                  dynamic_ncols=True):
+        chunk = distinct[s:s + batch_size]
+        batch = text.frozen_states(*pad_batch(chunk, pad_id)).half()  # (B, T, D)
+        for row, ids in enumerate(chunk):
+            states[ids] = batch[row, :len(ids)]
+    return states
+
+
 def make_collate(acts: torch.Tensor, num_answers: int, pad_id: int, mirror: float = 0.0,
-                 mirrored_acts: Optional[torch.Tensor] = None):
+                 mirrored_acts: Optional[torch.Tensor] = None, question_states: Optional[QuestionStates] = None):
     """Items (see ``encode_items``) -> (stem activations (M, ...), each question's image (Q,), question ids (Q, T),
     their mask, soft answer targets (Q, A)). With probability ``mirror`` an image is replaced by its mirror image
-    (``mirrored_acts``) and its questions and answers by their mirrored forms."""
+    (``mirrored_acts``) and its questions and answers by their mirrored forms. With ``question_states``
+    (``frozen_question_states``), each question's cached states (Q, T, D) stand in for its ids."""
     if mirror > 0 and mirrored_acts is None:
         raise ValueError("mirroring needs the stem activations of the mirror images")
 
@@ -151,6 +174,11 @@ def make_collate(acts: torch.Tensor, num_answers: int, pad_id: int, mirror: floa
                 for a, s in scores.items():
                     row[a] = s
                 targets.append(row)
+        if question_states is not None:
+            states = [question_states[tuple(ids.tolist())] for ids in seqs]
+            mask = pad_batch([[1] * len(ids) for ids in seqs])[1]
+            padded = torch.nn.utils.rnn.pad_sequence(states, batch_first=True).float()  # (Q, T, D)
+            return batch_acts, torch.tensor(image_index), padded, mask, torch.stack(targets)
         ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=pad_id)
         return batch_acts, torch.tensor(image_index), ids, ids != pad_id, torch.stack(targets)
     return collate
@@ -236,7 +264,11 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
         QuestionAnswerer(net, tokenizer, answers).save_pretrained(directory, training=resolved)
 
     pad_id = getattr(tokenizer, "pad_id", 0)
-    collate = make_collate(train_acts, len(answers), pad_id, exp.data.mirror, mirrored_acts)
+    states = None
+    if hasattr(network.text, "frozen_states"):
+        network.text.eval()  # no dropout in the frozen part (it is never trained, MiniLMEncoder.train)
+        states = frozen_question_states(network.text, items, pad_id, progress=exp.train.progress)
+    collate = make_collate(train_acts, len(answers), pad_id, exp.data.mirror, mirrored_acts, states)
     trainer = Trainer(network, items, collate, vqa_loss, evaluate, save_best, exp.train)
     if resume and trainer.resume():
         tqdm.write(f"resumed from {trainer.last_path} at epoch {trainer.state['epoch'] + 1}")

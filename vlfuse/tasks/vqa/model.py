@@ -61,12 +61,17 @@ class VQAModel(nn.Module):
 
     def forward(self, acts: torch.Tensor, image_index: torch.Tensor, ids: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
-        """acts (M, ...) stem activations of M images; question q is about image ``image_index[q]`` -> (Q, A)."""
+        """acts (M, ...) stem activations of M images; question q is about image ``image_index[q]`` -> (Q, A).
+        ``ids``: the questions' token ids (Q, T), or (training a frozen pretrained question encoder) their
+        ``frozen_states`` (Q, T, D) computed once beforehand, floats."""
         return self.answer_logits(self.vision.tail(acts), image_index, ids, mask)
 
     def answer_logits(self, image: ImageFeatures, image_index: torch.Tensor, ids: torch.Tensor,
                       mask: torch.Tensor) -> torch.Tensor:
-        question = self._encode_unique(ids, mask)
+        if ids.is_floating_point():  # the text encoder's frozen_states: only its trainable top runs
+            question = self.text.forward_states(ids.float(), mask)
+        else:
+            question = self._encode_unique(ids, mask)
         image = image.index_select(image_index)  # (Q, N, C): each question meets its image
         if self.config.concepts:
             image = self.with_concepts(image)
