@@ -438,3 +438,26 @@ def test_training_batches_of_cached_question_states_give_the_logits_of_token_ids
         expected = net(with_ids[0], with_ids[1], with_ids[2], with_ids[3])
         got = net(with_states[0], with_states[1], with_states[2], with_states[3])
     assert torch.allclose(got, expected, atol=1e-2)  # states stored as fp16
+
+
+def test_ensemble_members_with_the_same_frozen_question_encoder_run_it_once():
+    from vlfuse.tasks.vqa.pipeline import make_question_tokenizer
+
+    def minilm_member(fusion: str) -> QuestionAnswerer:
+        torch.manual_seed(0)
+        config = tiny_config(fusion, text="minilm")
+        config.text.kwargs["pretrained"] = False  # frozen all the same (trainable_layers 0)
+        return QuestionAnswerer(VQAModel(config), make_question_tokenizer(config), ANSWERS)
+
+    a, b, gru = minilm_member("mul"), minilm_member("concat"), tiny_model("mul")
+    images, questions = [shape_image(), shape_image((0, 0, 255))], QUESTIONS[:2]
+    alone = [m.predict(images, questions, top_k=len(ANSWERS)) for m in (a, b, gru)]
+    ensemble = AnswerEnsemble({"a": a, "b": b, "gru": gru})
+    assert a.network.text is b.network.text and gru.network.text is not a.network.text
+    calls = []
+    a.network.text.register_forward_hook(lambda *_: calls.append(1))
+    answers = ensemble.predict(images, questions, top_k=len(ANSWERS))
+    assert len(calls) == 1  # one MiniLM pass for both members that read questions with it
+    for i, answer in enumerate(answers):
+        expected = {w: sum(dict(m[i].top)[w] for m in alone) / 3 for w in ANSWERS}
+        assert dict(answer.top) == pytest.approx(expected, abs=1e-5)

@@ -68,10 +68,16 @@ class VQAModel(nn.Module):
 
     def answer_logits(self, image: ImageFeatures, image_index: torch.Tensor, ids: torch.Tensor,
                       mask: torch.Tensor) -> torch.Tensor:
-        if ids.is_floating_point():  # the text encoder's frozen_states: only its trainable top runs
-            question = self.text.forward_states(ids.float(), mask)
-        else:
-            question = self._encode_unique(ids, mask)
+        return self.answer(image, image_index, self.question_features(ids, mask))
+
+    def question_features(self, ids: torch.Tensor, mask: torch.Tensor) -> TextFeatures:
+        """Token ids (Q, T), or the text encoder's cached ``frozen_states`` (Q, T, D), -> the questions' features."""
+        if ids.is_floating_point():  # frozen_states: only the encoder's trainable top runs
+            return self.text.forward_states(ids.float(), mask)
+        return self._encode_unique(ids, mask)
+
+    def answer(self, image: ImageFeatures, image_index: torch.Tensor, question: TextFeatures) -> torch.Tensor:
+        """Encoded images (M images) and encoded questions (question q about image ``image_index[q]``) -> (Q, A)."""
         image = image.index_select(image_index)  # (Q, N, C): each question meets its image
         if self.config.concepts:
             image = self.with_concepts(image)

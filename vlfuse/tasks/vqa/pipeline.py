@@ -246,7 +246,8 @@ class AnswerEnsemble(QuestionAnswerer):
     """VQA models that answer together: every member reads the question its own way (its own tokenizer, question
     encoder, fusion and head), all share one frozen image encoder, and the ensemble's answer probabilities are the
     mean of the members' (each at its own calibrated temperature). Its "logits" are the log of that mean, so the
-    ensemble has a calibration of its own on top, like any ``QuestionAnswerer``.
+    ensemble has a calibration of its own on top, like any ``QuestionAnswerer``. Members with the same frozen
+    question encoder (MiniLM, say, with their own fusions and heads) share it too, and it runs once per question.
 
     A checkpoint is a directory with config.json (task "vqa", ``members``: their names, the ensemble's
     ``calibration``) and each member's own VQA checkpoint in the sub-directory of its name."""
@@ -264,7 +265,13 @@ class AnswerEnsemble(QuestionAnswerer):
                 raise ConfigError(f"ensemble members '{first_name}' and '{name}' encode images differently; members "
                                   "must share one frozen vision encoder (same name and options, trainable_blocks 0)")
             member.network.vision = first.network.vision  # one image encoder in memory
-        self.members = dict(members)
+        members = dict(members)
+        for i, (name, member) in enumerate(members.items()):
+            for earlier in list(members.values())[:i]:
+                if _same_frozen_question_encoder(member, earlier):
+                    member.network.text = earlier.network.text  # question_logits runs it once for both
+                    break
+        self.members = members
         super().__init__(first.network, first.tokenizer, first.answers, extra_config, runtime, calibration)
 
     @classmethod
@@ -300,9 +307,25 @@ class AnswerEnsemble(QuestionAnswerer):
 
     def question_logits(self, image: ImageFeatures, image_index: torch.Tensor, questions: Sequence[str]
                         ) -> torch.Tensor:
-        probs = torch.stack([member.probabilities(member.question_logits(image, image_index, questions))
-                             for member in self.members.values()]).mean(0)
-        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+        encoded = {}  # id of a question encoder -> the questions' features: a shared encoder runs once
+        probs = []
+        for member in self.members.values():
+            text = id(member.network.text)
+            if text not in encoded:
+                encoded[text] = member.network.question_features(*member.encode_questions(questions))
+            logits = member.network.answer(image, image_index, encoded[text])
+            probs.append(member.probabilities(logits))
+        mean = torch.stack(probs).mean(0)
+        return mean.clamp_min(torch.finfo(mean.dtype).tiny).log()
+
+
+def _same_frozen_question_encoder(a: QuestionAnswerer, b: QuestionAnswerer) -> bool:
+    """Whether two models read a question into the same features: the same text encoder config, question length
+    and tokenizer, no trained weights in the encoder (a frozen pretrained one), and equal weights."""
+    ca, cb = a.network.config, b.network.config
+    frozen = not any(p.requires_grad for p in (*a.network.text.parameters(), *b.network.text.parameters()))
+    return (frozen and ca.text == cb.text and ca.max_question_len == cb.max_question_len
+            and type(a.tokenizer) is type(b.tokenizer) and _same_weights(a.network.text, b.network.text))
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
