@@ -108,9 +108,17 @@ class Subtitles:
                 "warnings": list(self.warnings)}
 
 
+def default_decode(captioner: Captioner) -> CaptionDecodeConfig:
+    """The caption model's own decoding, except that its reranking (flickr8k-caption's default) becomes greedy
+    decoding, as in the service: reranking costs ~4x the time per keyframe (a 2-minute clip: ~8 s instead of ~2)
+    and ~130 MB; ask for it with ``strategy="rerank"``."""
+    decode = captioner.decode_defaults
+    return decode.override(strategy="greedy") if decode.strategy == "rerank" else decode
+
+
 class Subtitler:
     """Write subtitles for videos with a ``Captioner``: one caption per shot (or per ``split_every_s`` of a long
-    shot), decoded as ``decode`` says (default: the caption model's own decoding). A video's subtitles depend only
+    shot), decoded as ``decode`` says (default: ``default_decode``). A video's subtitles depend only
     on the video, the model and the options: keyframes are captioned by the captioner, whose captions never depend
     on the batch."""
 
@@ -122,18 +130,18 @@ class Subtitler:
             raise ConfigError(f"the caption model writes {LANGUAGE_NAMES.get(written, written)} ({written}), "
                               f"not {LANGUAGE_NAMES.get(language, language)} ({language})")
         self.captioner, self.language, self.options, self.model_name = captioner, language, options, model_name
-        self.decode = decode or captioner.decode_defaults
+        self.decode = decode or default_decode(captioner)
 
     @classmethod
     def from_pretrained(cls, model: Optional[str] = None, lang: str = DEFAULT_LANGUAGE, device: Optional[str] = None,
                         runtime: RuntimeOptions = RuntimeOptions(), options: SubtitleOptions = SubtitleOptions(),
                         **decode_options) -> "Subtitler":
         """A subtitler over caption model ``model`` (a built-in name or checkpoint directory; None: the built-in
-        model of ``lang``, ModelNotFoundError where there is none). ``decode_options`` override the caption model's
-        decoding default (``Captioner.decode_config``: ``beam=``, ``strategy=``, ...)."""
+        model of ``lang``, ModelNotFoundError where there is none). ``decode_options`` override ``default_decode``
+        (``beam=``, ``strategy=``, or any other CaptionDecodeConfig field)."""
         name = model or caption_model_for(lang)
         captioner = Captioner.from_pretrained(name, device=device, runtime=runtime)
-        decode = captioner.decode_config(**{k: v for k, v in decode_options.items() if v is not None})
+        decode = default_decode(captioner).override(**decode_options)
         return cls(captioner, lang, options, decode, model_name=str(name))
 
     @property
@@ -146,10 +154,9 @@ class Subtitler:
         """Subtitles for the video at ``path``. Raises VideoError for a file that is not a usable video;
         ``on_progress`` is called as frames are read (about 4 times a second of video)."""
         opts = self.options
-        probe = VideoReader(path, limits=opts.limits)
-        info = probe.info
-        reader = VideoReader(path, size=opts.shots.analysis_size(info.width, info.height), limits=opts.limits)
-        frames = reader.frames()
+        reader = VideoReader(path, opts.limits)
+        info = reader.info
+        frames = reader.frames(opts.shots.analysis_size(info.width, info.height))
         if on_progress is not None:
             frames = _reporting(frames, on_progress, info.duration)
         shots: List[ShotCaption] = []
@@ -171,13 +178,6 @@ class Subtitler:
         captioned = [ShotCaption(s.start, s.end, s.cut, s.keyframe_time, r.caption) for s, r in zip(batch, results)]
         batch.clear()
         return captioned
-
-    def save(self, subtitles: Subtitles, path: Path, format: str) -> Path:
-        """Write ``subtitles`` to ``path`` in ``format``, atomically."""
-        from ...io import atomic_write
-
-        atomic_write(path, subtitles.write(format))
-        return Path(path)
 
 
 def _reporting(frames, on_progress: Callable[[Progress], None], duration: float, every_s: float = 0.25):

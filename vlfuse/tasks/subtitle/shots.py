@@ -122,12 +122,12 @@ def _nearest_middle(samples: List[Tuple[float, np.ndarray]], start: float, end: 
 
 def segments(frames: Iterable[Frame], fps: float, keyframe_size: Tuple[int, int],
              options: ShotOptions = ShotOptions()) -> Iterator[Segment]:
-    """Cut the stream of ``frames`` (analysis-size pixels, as ``VideoReader(size=options.analysis_size(...))``
+    """Cut the stream of ``frames`` (analysis-size pixels, as ``VideoReader.frames(options.analysis_size(...))``
     gives) into segments, each with its keyframe at ``keyframe_size``; yields each as soon as it is closed, so
     only the current segment's few samples are held. ``fps`` (the average rate) turns ``min_shot_s`` into frames."""
     from scenedetect import FrameTimecode
 
-    fps = fps if fps > 0 else 25.0
+    fps = float(fps) if fps > 0 else 25.0
     detector = SHOT_DETECTORS[options.detector](options.threshold, max(1, int(round(options.min_shot_s * fps))))
     times = array.array("d")  # frame index -> time: PySceneDetect reports cuts by frame index (8 bytes a frame)
     samples = _Samples(options.sample_every_s, options.max_samples)
