@@ -6,23 +6,36 @@ readers without making them dependencies of the library.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import TYPE_CHECKING, Callable, Dict
+from typing import Callable, Dict, Protocol, Sequence
 
-if TYPE_CHECKING:
-    from .pipeline import Subtitles
-
-# format name -> (file suffix, media type, writer(subtitles) -> text)
-FORMATS: Dict[str, "SubtitleFormat"] = {}
+from .cues import Cue
 
 
+class Subtitled(Protocol):
+    """What a writer reads (``pipeline.Subtitles`` is one): the cues, and everything as a JSON-ready dict."""
+
+    cues: Sequence[Cue]
+
+    def to_dict(self) -> dict: ...
+
+
+@dataclasses.dataclass(frozen=True)
 class SubtitleFormat:
-    def __init__(self, name: str, suffix: str, media_type: str, write: Callable[["Subtitles"], str]):
-        self.name, self.suffix, self.media_type, self.write = name, suffix, media_type, write
+    """A registered format: its name, file suffix, media type (HTTP) and writer."""
+
+    name: str
+    suffix: str
+    media_type: str
+    write: Callable[[Subtitled], str]
+
+
+FORMATS: Dict[str, SubtitleFormat] = {}  # format name -> SubtitleFormat
 
 
 def register_format(name: str, suffix: str, media_type: str):
-    def wrap(write: Callable[["Subtitles"], str]) -> Callable[["Subtitles"], str]:
+    def wrap(write: Callable[[Subtitled], str]) -> Callable[[Subtitled], str]:
         FORMATS[name] = SubtitleFormat(name, suffix, media_type, write)
         return write
     return wrap
@@ -38,7 +51,7 @@ def timestamp(seconds: float, separator: str) -> str:
 
 
 @register_format("srt", ".srt", "application/x-subrip")
-def to_srt(subs: "Subtitles") -> str:
+def to_srt(subs: Subtitled) -> str:
     """SubRip: cues numbered from 1, ``HH:MM:SS,mmm --> HH:MM:SS,mmm``, a blank line after each."""
     blocks = [f"{i}\n{timestamp(c.start, ',')} --> {timestamp(c.end, ',')}\n" + "\n".join(c.lines) + "\n"
               for i, c in enumerate(subs.cues, 1)]
@@ -46,7 +59,7 @@ def to_srt(subs: "Subtitles") -> str:
 
 
 @register_format("vtt", ".vtt", "text/vtt")
-def to_vtt(subs: "Subtitles") -> str:
+def to_vtt(subs: Subtitled) -> str:
     """WebVTT: the ``WEBVTT`` header, then cues ``HH:MM:SS.mmm --> HH:MM:SS.mmm``."""
     blocks = ["WEBVTT\n"] + [f"{i}\n{timestamp(c.start, '.')} --> {timestamp(c.end, '.')}\n" + "\n".join(
         _vtt_escape(line) for line in c.lines) + "\n" for i, c in enumerate(subs.cues, 1)]
@@ -58,5 +71,5 @@ def _vtt_escape(line: str) -> str:
 
 
 @register_format("json", ".json", "application/json")
-def to_json(subs: "Subtitles") -> str:
+def to_json(subs: Subtitled) -> str:
     return json.dumps(subs.to_dict(), ensure_ascii=False, indent=1) + "\n"
