@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from serving_helpers import make_tiny_captioner
 from video_helpers import SHOT_COLOURS, shot_frames, with_unknown_codec, write_audio_only, write_video
 
@@ -97,7 +98,9 @@ def bad_videos(folder: Path, good: Path):
     (folder / "notes.mp4").write_text("these are not moving pictures\n")
     data = good.read_bytes()
     (folder / "cut-short.mp4").write_bytes(data[: len(data) // 2])  # the index (moov box) was at the end
+    Image.new("RGB", (40, 30), "red").save(folder / "photo.jpg")
     return {"empty": (folder / "empty.mp4", "file is empty"),
+            "photo": (folder / "photo.jpg", "is a still image (JPEG), not a video"),
             "not a video": (folder / "notes.mp4", "not a video file"),
             "truncated, index lost": (folder / "cut-short.mp4", "MP4 file is truncated or corrupt: its index"),
             "audio only": (write_audio_only(folder / "voice.wav"), "has no video stream (it holds audio streams"),
@@ -106,8 +109,8 @@ def bad_videos(folder: Path, good: Path):
             "directory": (folder, "is a directory")}
 
 
-@pytest.mark.parametrize("kind", ["empty", "not a video", "truncated, index lost", "audio only", "unknown codec",
-                                  "missing", "directory"])
+@pytest.mark.parametrize("kind", ["empty", "photo", "not a video", "truncated, index lost", "audio only",
+                                  "unknown codec", "missing", "directory"])
 def test_bad_videos_raise_one_video_error_naming_file_and_problem(tmp_path, clip, kind):
     path, problem = bad_videos(tmp_path, clip)[kind]
     with pytest.raises(VideoError) as err:

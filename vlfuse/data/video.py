@@ -112,6 +112,9 @@ class VideoReader:
     def _probe(self) -> VideoInfo:
         name = str(self.path)
         with self._open() as container:
+            fmt = container.format.name
+            if fmt == "image2" or fmt.endswith("_pipe"):  # FFmpeg reads a photo as a one-frame "video"
+                raise VideoError(f"{name}: is a still image ({fmt.replace('_pipe', '').upper()}), not a video")
             if not container.streams.video:
                 kinds = sorted({s.type for s in container.streams}) or ["no"]
                 raise VideoError(f"{name}: has no video stream (it holds {', '.join(kinds)} streams only: "
