@@ -14,10 +14,10 @@ of the segment covering the shot's middle; BLEU-4 and CIDEr (vlfuse.metrics.capt
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -137,16 +137,19 @@ def shot_captions(subs: dict, plan: List[Tuple[Path, int]], cuts: List[float]) -
     return out
 
 
-def run_cli(video: Path, out: Path) -> Tuple[float, float]:
-    """`vlfuse subtitle` in a fresh process -> (wall seconds, its peak RSS in MB)."""
+def run_cli(video: Path, out: Path) -> Dict[str, float]:
+    """`vlfuse subtitle` in a fresh process -> its wall seconds, CPU seconds (user + system) and peak RSS (MB), as
+    GNU time reports them: the child's own rusage taken here would also count this (large) process's pages, which
+    a forked child carries until it executes the new program."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    report = out.with_suffix(".time")
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "vlfuse", "subtitle", str(video), "--format", "json", "-o", str(out),
-                    "--no-progress"], env=env, check=True)
+    subprocess.run(["/usr/bin/time", "-f", "%U %S %M", "-o", str(report), sys.executable, "-m", "vlfuse",
+                    "subtitle", str(video), "--format", "json", "-o", str(out), "--no-progress"], env=env, check=True)
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KB; the largest child so far
-    return wall, peak / 1024 if peak > before else float("nan")
+    user, system, peak_kb = report.read_text().split()[-3:]
+    return {"wall_s": round(wall, 2), "cpu_s": round(float(user) + float(system), 2),
+            "peak_rss_mb": round(int(peak_kb) / 1024, 1)}
 
 
 def main() -> None:
@@ -161,6 +164,7 @@ def main() -> None:
     from vlfuse.data.captions import read_captions
     from vlfuse.metrics.caption import score_captions
     from vlfuse.tasks.subtitle import Subtitler
+    from vlfuse.tasks.subtitle.shots import SHOT_DETECTORS
 
     rng = np.random.default_rng(args.seed)
     val = read_captions(args.data, split="val")
@@ -183,35 +187,48 @@ def main() -> None:
         for style in ("cut", "fade", "noise"):
             video = tmp / f"{style}.mp4"
             truth = write_slideshow(video, plan, style, np.random.default_rng(args.seed))
-            t0 = time.perf_counter()
-            subs = subtitler(video).to_dict()
-            seconds = time.perf_counter() - t0
-            found = [s["start"] for s in subs["shots"] if s["cut"] and s["start"] > 0]
-            scores = score_captions(refs, shot_captions(subs, plan, truth))
-            result["videos"][style] = {**match_cuts(found, truth), "BLEU-4": scores["BLEU-4"],
-                                       "CIDEr": scores["CIDEr"], "cues": len(subs["cues"]),
-                                       "in_process_seconds": round(seconds, 2),
-                                       "times_real_time_in_process": round(subs["duration"] / seconds, 1)}
-            print(style, json.dumps(result["videos"][style]), flush=True)
+            for detector in SHOT_DETECTORS:  # the default ("content") first
+                shots = dataclasses.replace(subtitler.options.shots, detector=detector)
+                run = Subtitler(subtitler.captioner, options=dataclasses.replace(subtitler.options, shots=shots),
+                                decode=subtitler.decode, model_name=subtitler.model_name)
+                t0 = time.perf_counter()
+                subs = run(video).to_dict()
+                seconds = time.perf_counter() - t0
+                found = [s["start"] for s in subs["shots"] if s["cut"] and s["start"] > 0]
+                captions = shot_captions(subs, plan, truth)
+                scores = score_captions(refs, captions)
+                key = style if detector == "content" else f"{style}/{detector}"
+                result["videos"][key] = {
+                    **match_cuts(found, truth), "BLEU-4": scores["BLEU-4"], "CIDEr": scores["CIDEr"],
+                    "same_caption_as_still": sum(captions[n] == still[n] for n in shot_names) / len(shot_names),
+                    "cues": len(subs["cues"]), "in_process_seconds": round(seconds, 2),
+                    "times_real_time_in_process": round(subs["duration"] / seconds, 1)}
+                print(key, json.dumps(result["videos"][key]), flush=True)
         speed_plan = shot_plan(photos[len(plan):], args.speed_minutes * 60, rng)
         clip = tmp / "speed.mp4"
         write_slideshow(clip, speed_plan, "cut", rng)
         duration = sum(f for _, f in speed_plan) / FPS
         run_cli(clip, tmp / "warm.json")  # the first run exports the ONNX Runtime graphs into the cache: once
-        walls = [run_cli(clip, tmp / "speed.json")[0] for _ in range(2)]
-        result["speed"] = {"clip_seconds": duration, "size": list(SIZE), "cli_wall_seconds": walls,
-                           "times_real_time": round(duration / min(walls), 1),
+        runs = [run_cli(clip, tmp / "speed.json") for _ in range(3)]
+        best = min(r["wall_s"] for r in runs)
+        result["speed"] = {"clip_seconds": duration, "size": list(SIZE), "runs": runs,
+                           "times_real_time": round(duration / best, 1),
+                           "times_real_time_per_cpu_second": round(duration / min(r["cpu_s"] for r in runs), 1),
                            "note": "fresh `vlfuse subtitle` process each run (import, model load, decode, caption, "
-                                   "write); ONNX graph cache warm; best of 2. The 2 cores are shared with a training "
-                                   "job, so times are pessimistic."}
+                                   "write); ONNX graph cache warm; times_real_time from the best wall time of 3. "
+                                   "The 2 cores are shared with a training job (load average ~4-5), so wall times are "
+                                   "pessimistic; cpu_s is the process's own user+system time."}
         print("speed", json.dumps(result["speed"]), flush=True)
         hour = tmp / "hour.mp4"
         hour_seconds = repeat_video(clip, hour, max(1, int(round(args.hour_minutes * 60 / duration))))
-        wall, peak_mb = run_cli(hour, tmp / "hour.json")
-        result["memory"] = {"clip_seconds": round(hour_seconds, 1), "peak_rss_mb": round(peak_mb, 1),
-                            "cli_wall_seconds": round(wall, 1), "times_real_time": round(hour_seconds / wall, 1),
+        hour_run = run_cli(hour, tmp / "hour.json")
+        hour_doc = json.loads((tmp / "hour.json").read_text())
+        result["memory"] = {"clip_seconds": round(hour_seconds, 1), **hour_run,
+                            "two_minute_clip_peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+                            "shots": len(hour_doc["shots"]), "cues": len(hour_doc["cues"]),
+                            "times_real_time": round(hour_seconds / hour_run["wall_s"], 1),
                             "note": "the 2-minute speed clip's packets repeated (no re-encoding); peak RSS of the "
-                                    "`vlfuse subtitle` process (getrusage of children)"}
+                                    "`vlfuse subtitle` process (os.wait4)"}
         print("memory", json.dumps(result["memory"]), flush=True)
     v = result["videos"]
     result["targets"] = {"hard_cut_recall": 0.97, "hard_cut_precision": 0.97, "caption_vs_still": 0.02,
@@ -221,6 +238,7 @@ def main() -> None:
         "captions_vs_still": all(abs(v["cut"][m] - result["still_photos"][m]) <= 0.02 for m in ("BLEU-4", "CIDEr")),
         "speed": result["speed"]["times_real_time"] >= 30, "speed_floor": result["speed"]["times_real_time"] >= 15,
         "memory": result["memory"]["peak_rss_mb"] <= 800}
+    result["reported_for_fades"] = {k: {m: v[k][m] for m in ("recall", "precision")} for k in v if "fade" in k}
     result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
                          "note": "2 CPU cores shared with a training job: times are pessimistic"}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -13,8 +13,9 @@ one) and there is nothing to save.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Deque, Dict, List, Optional
 
 from ...data.video import VideoInfo, VideoInput, VideoLimits, VideoReader
 from ...errors import ConfigError, ModelNotFoundError
@@ -150,9 +151,16 @@ class Subtitler:
         size = self.captioner.model.vision.transform.size
         return size, size
 
+    # batches of keyframes captioned while the next ones are decoded: at most this many wait (bounded memory)
+    max_waiting_batches = 2
+
     def __call__(self, path: VideoInput, on_progress: Optional[Callable[[Progress], None]] = None) -> Subtitles:
         """Subtitles for the video at ``path``. Raises VideoError for a file that is not a usable video;
-        ``on_progress`` is called as frames are read (about 4 times a second of video)."""
+        ``on_progress`` is called as frames are read (about 4 times a second of video).
+
+        Keyframes are captioned in a worker thread while the main one decodes on (PyAV, ONNX Runtime and torch
+        release the GIL), and the caption model's fast copies (``runtime.build``: ~1-3 s on first use) are built
+        there first, during the first seconds of decoding, where a core is free for it."""
         opts = self.options
         reader = VideoReader(path, opts.limits)
         info = reader.info
@@ -160,24 +168,30 @@ class Subtitler:
         if on_progress is not None:
             frames = _reporting(frames, on_progress, info.duration)
         shots: List[ShotCaption] = []
-        batch: List[Segment] = []
-        for segment in segments(frames, info.fps, self.keyframe_size, opts.shots):
-            batch.append(segment)
-            if len(batch) == opts.batch_size:
-                shots += self._caption(batch)
-        shots += self._caption(batch)
+        with ThreadPoolExecutor(1, thread_name_prefix="vlfuse-subtitle") as worker:
+            worker.submit(self.captioner.runtime.build)  # the first job: captions wait for it (one worker)
+            waiting: Deque[Future] = deque()
+            batch: List[Segment] = []
+            for segment in segments(frames, info.fps, self.keyframe_size, opts.shots):
+                batch.append(segment)
+                if len(batch) == opts.batch_size:
+                    waiting.append(worker.submit(self._caption, batch))
+                    batch = []
+                    while len(waiting) > self.max_waiting_batches:
+                        shots += waiting.popleft().result()
+            waiting.append(worker.submit(self._caption, batch))
+            while waiting:
+                shots += waiting.popleft().result()
         cues = build_cues([Captioned(s.start, s.end, s.caption) for s in shots], opts.cues)
         return Subtitles(info, self.language, self.model_name, shots, cues, list(reader.warnings))
 
     def _caption(self, batch: List[Segment]) -> List[ShotCaption]:
-        """Caption the keyframes of ``batch`` at once (then empty it)."""
+        """Caption the keyframes of ``batch`` at once."""
         if not batch:
             return []
         pixels = self.captioner.preprocess([s.keyframe for s in batch])
         results = self.captioner.caption_pixels(pixels, self.decode)
-        captioned = [ShotCaption(s.start, s.end, s.cut, s.keyframe_time, r.caption) for s, r in zip(batch, results)]
-        batch.clear()
-        return captioned
+        return [ShotCaption(s.start, s.end, s.cut, s.keyframe_time, r.caption) for s, r in zip(batch, results)]
 
 
 def _reporting(frames, on_progress: Callable[[Progress], None], duration: float, every_s: float = 0.25):
