@@ -310,7 +310,10 @@ def test_page_plays_a_picked_clip_with_its_shot_subtitles(server, tmp_path):
             active = page.evaluate("""async (moment) => {
                 const v = document.getElementById('video'), t = v.textTracks[0];
                 v.pause();
-                await new Promise((done) => { v.addEventListener('seeked', done, {once: true}); v.currentTime = moment; });
+                await new Promise((done) => {
+                    v.addEventListener('seeked', done, {once: true});
+                    v.currentTime = moment;
+                });
                 await new Promise((done) => setTimeout(done, 100));  // cuechange runs after the seek
                 return [...t.activeCues].map(c => c.text);
             }""", moment)

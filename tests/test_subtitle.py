@@ -142,6 +142,35 @@ def test_shots_are_cut_where_the_colour_changes_each_with_a_middle_keyframe(clip
     assert segs[1].keyframe.reshape(-1, 3).mean(0) == pytest.approx(SHOT_COLOURS[1], abs=12)  # the 2nd shot's, RGB
 
 
+def faded(seconds_a: float, fade_frames: int, seconds_b: float, fps: int = FPS):
+    """Frames of shot 0, a linear cross-fade of ``fade_frames`` into shot 1, then shot 1."""
+    a = shot_frames([seconds_a], fps, (64, 48))
+    b = shot_frames([0.0, seconds_b], fps, (64, 48))
+    blend = [((1 - w) * a[0] + w * b[0]).astype(np.uint8)
+             for w in np.arange(1, fade_frames + 1) / (fade_frames + 1)]
+    return a + blend + b
+
+
+def test_a_cross_fade_is_one_cut_at_its_middle_which_consecutive_frames_miss(tmp_path):
+    """Shot 0 for 1.5 s, a 0.5 s fade (frames 15-19), shot 1: the crossfade detector cuts at the fade's middle
+    (1.75 s, give or take a frame); PySceneDetect's ContentDetector sees too little change from frame to frame."""
+    path = write_video(tmp_path / "fade.mp4", faded(1.5, 5, 1.5), FPS)
+    found = {}
+    for detector in ("crossfade", "content"):
+        reader = VideoReader(path)
+        segs = list(segments(reader.frames((32, 24)), FPS, (16, 16), ShotOptions(detector=detector)))
+        found[detector] = [s.start for s in segs if s.cut]
+    assert found["crossfade"][0] == 0.0 and found["crossfade"][1:] == [pytest.approx(1.75, abs=0.11)]
+    assert found["content"] == [0.0]
+
+
+def test_a_one_frame_flash_is_no_cut(tmp_path):
+    frames = shot_frames([2.0], FPS, (64, 48))
+    frames[10] = np.full_like(frames[10], 255)
+    reader = VideoReader(write_video(tmp_path / "flash.mp4", frames, FPS))
+    assert [s.start for s in segments(reader.frames((32, 24)), FPS, (16, 16))] == [0.0]
+
+
 def test_long_shots_are_split_every_n_seconds(clip):
     reader = VideoReader(clip)
     segs = list(segments(reader.frames((32, 24)), reader.info.fps, (16, 16), ShotOptions(split_every_s=0.5)))

@@ -1,23 +1,31 @@
-"""Shots: where a video cuts, found by PySceneDetect's detectors on small frames, and the stretch of video between
+"""Shots: where a video cuts, found by PySceneDetect detectors on small frames, and the stretch of video between
 two cuts (a ``Segment``: a shot, or a piece of a long one) with the keyframe the captioner describes.
 
-PySceneDetect (PyPI ``scenedetect``) is used through its detector objects, fed the frames ``vlfuse.data.video``
-decodes (its own video readers would decode the file a second time): ``ContentDetector`` (HSV difference of
-consecutive frames against a threshold; the default) or ``AdaptiveDetector`` (that difference against its rolling
-average), registered here by name.
+PySceneDetect (PyPI ``scenedetect``) detectors are fed the frames ``vlfuse.data.video`` decodes (its own video
+readers would decode the file a second time), registered here by name:
+
+- ``crossfade`` (the default): PySceneDetect's content score (ContentDetector's mean HSV difference) between each
+  frame and the one ``crossfade_s`` before it, as a ``SceneDetector`` of its own (``CrossfadeDetector``). A hard cut
+  and a cross-fade up to ``crossfade_s`` long both change that score fully; the cut is placed in the middle of the
+  change. ``benchmarks/video_subtitles.py``: the same hard cuts as ``content``, and most 0.5 s cross-fades;
+- ``content``: PySceneDetect's ``ContentDetector`` (consecutive frames): hard cuts only, a 0.5 s cross-fade changes
+  each frame too little (it found 3 of 56);
+- ``adaptive``: PySceneDetect's ``AdaptiveDetector`` (that score against its rolling average).
 """
 from __future__ import annotations
 
 import array
+import bisect
+import collections
 import dataclasses
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from ...data.video import Frame
 from ...errors import ConfigError
 
-# detector name -> factory(threshold or None, min_scene_len in frames) -> a PySceneDetect SceneDetector
+# detector name -> factory(options, fps) -> a PySceneDetect SceneDetector
 SHOT_DETECTORS: Dict[str, Callable] = {}
 
 
@@ -28,34 +36,100 @@ def register_detector(name: str):
     return wrap
 
 
+def _min_frames(options: "ShotOptions", fps: float) -> int:
+    return max(1, int(round(options.min_shot_s * fps)))
+
+
+@register_detector("crossfade")
+def _crossfade(options: "ShotOptions", fps: float):
+    return make_crossfade_detector(27.0 if options.threshold is None else options.threshold,
+                                   gap=max(1, int(round(options.crossfade_s * fps))),
+                                   min_scene_len=_min_frames(options, fps))
+
+
 @register_detector("content")
-def _content(threshold: Optional[float], min_frames: int):
+def _content(options: "ShotOptions", fps: float):
     from scenedetect import ContentDetector
 
-    return ContentDetector(min_scene_len=min_frames, **({} if threshold is None else {"threshold": threshold}))
+    threshold = {} if options.threshold is None else {"threshold": options.threshold}
+    return ContentDetector(min_scene_len=_min_frames(options, fps), **threshold)
 
 
 @register_detector("adaptive")
-def _adaptive(threshold: Optional[float], min_frames: int):
+def _adaptive(options: "ShotOptions", fps: float):
     from scenedetect import AdaptiveDetector
 
-    return AdaptiveDetector(min_scene_len=min_frames,
-                            **({} if threshold is None else {"adaptive_threshold": threshold}))
+    threshold = {} if options.threshold is None else {"adaptive_threshold": options.threshold}
+    return AdaptiveDetector(min_scene_len=_min_frames(options, fps), **threshold)
+
+
+def make_crossfade_detector(threshold: float, gap: int, min_scene_len: int):
+    """A ``CrossfadeDetector`` (a PySceneDetect ``SceneDetector``; its base class is imported only here, on use)."""
+    import cv2
+    import numpy
+    from scenedetect import FrameTimecode
+    from scenedetect.detector import SceneDetector
+
+    class CrossfadeDetector(SceneDetector):
+        """ContentDetector's score -- the mean absolute difference of hue, saturation and value, averaged -- between
+        each frame and the one ``gap`` frames before. After a hard cut at frame c the score stays high for frames c
+        to c + gap - 1; during a cross-fade of up to ``gap`` frames it rises and falls around the fade's end. The
+        cut is placed at the middle of a run of high scores less gap / 2: frame c for a hard cut, the fade's
+        middle for a fade. A run shorter than gap / 2 (a flash, a camera bump) is no cut."""
+
+        def __init__(self):
+            super().__init__()
+            self._history: Deque[numpy.ndarray] = collections.deque(maxlen=gap + 1)  # HSV of the last gap + 1
+            self._run_start: Optional[int] = None
+            self._last_cut: Optional[int] = None
+
+        @property
+        def event_buffer_length(self) -> int:
+            return gap + gap // 2
+
+        def process_frame(self, timecode, frame_img) -> list:
+            self._history.append(cv2.cvtColor(frame_img, cv2.COLOR_BGR2HSV).astype(numpy.int16))
+            index = timecode.frame_num
+            if len(self._history) <= gap:
+                return []
+            score = float(numpy.abs(self._history[-1] - self._history[0]).mean())  # (dH + dS + dV) / 3
+            if score >= threshold:
+                if self._run_start is None:
+                    self._run_start = index
+                return []
+            return self._close_run(index, timecode)
+
+        def post_process(self, timecode) -> list:
+            return self._close_run(timecode.frame_num, timecode)
+
+        def _close_run(self, end: int, timecode) -> list:
+            start, self._run_start = self._run_start, None
+            if start is None or end - start < max(2, gap // 2):
+                return []
+            cut = max(0, (start + end) // 2 - gap // 2)
+            if self._last_cut is not None and cut - self._last_cut < min_scene_len:
+                return []
+            self._last_cut = cut
+            return [FrameTimecode(cut, fps=timecode.frame_rate)]
+
+    return CrossfadeDetector()
 
 
 @dataclasses.dataclass(frozen=True)
 class ShotOptions:
     """How shots are found and cut into cues' segments.
 
-    ``detector``: a name in ``SHOT_DETECTORS`` ("content", "adaptive"); ``threshold``: its threshold (None = the
-    detector's default: 27 for content, 3.0 for adaptive); ``min_shot_s``: no two cuts closer than this;
+    ``detector``: a name in ``SHOT_DETECTORS`` ("crossfade", "content", "adaptive"); ``threshold``: its threshold
+    (None = the detector's default: 27 for crossfade and content, 3.0 for adaptive); ``crossfade_s``: how far back
+    the crossfade detector compares (a fade up to this long is a cut); ``min_shot_s``: no two cuts closer than this;
     ``analysis_width``: frames are scaled to this width (aspect kept) for detection; ``split_every_s``: a shot
     longer than this is cut into pieces of this length, each with its own keyframe and caption (None = never);
     ``sample_every_s``: keyframe candidates are kept this often (a segment's keyframe is the one nearest its
     middle; at most ``max_samples`` are kept, thinned as a long segment grows)."""
 
-    detector: str = "content"
+    detector: str = "crossfade"
     threshold: Optional[float] = None
+    crossfade_s: float = 0.5
     min_shot_s: float = 0.6
     analysis_width: int = 160
     split_every_s: Optional[float] = None
@@ -67,7 +141,7 @@ class ShotOptions:
             raise ConfigError(f"unknown shot detector {self.detector!r}; known: {', '.join(SHOT_DETECTORS)}")
         if self.split_every_s is not None and self.split_every_s <= 0:
             raise ConfigError(f"split_every_s must be positive (or None: never), got {self.split_every_s}")
-        if self.min_shot_s < 0 or self.analysis_width < 16 or self.sample_every_s <= 0 or self.max_samples < 1:
+        if self.min_shot_s < 0 or self.crossfade_s <= 0 or self.analysis_width < 16 or self.sample_every_s <= 0 or self.max_samples < 1:
             raise ConfigError(f"invalid shot options: {self}")
 
     def analysis_size(self, width: int, height: int) -> Tuple[int, int]:
@@ -120,50 +194,77 @@ def _nearest_middle(samples: List[Tuple[float, np.ndarray]], start: float, end: 
     return min(samples, key=lambda s: abs(s[0] - middle))
 
 
+class _Segmenter:
+    """The segment being read: where it started, whether at a cut, and its keyframe samples. A cut closes it at
+    once; a long shot's pieces (``split_every_s``) are closed only once the detector can no longer report a cut
+    before them (it reports cuts up to its ``event_buffer_length`` frames late)."""
+
+    def __init__(self, options: ShotOptions, start: float):
+        self.options, self.start, self.cut = options, start, True
+        self.samples = _Samples(options.sample_every_s, options.max_samples)
+        self.times = array.array("d")  # frame index -> time (8 bytes a frame): cuts are reported by frame index
+
+    def close(self, at: float, next_is_cut: bool) -> Optional[Segment]:
+        """The segment from ``start`` to ``at`` (then the next one starts there), or None where no frame was
+        sampled since ``start`` (a sliver: it stays part of the next segment)."""
+        taken = self.samples.split(at)
+        if not taken or at <= self.start:
+            return None
+        when, picture = _nearest_middle(taken, self.start, at)
+        segment = Segment(self.start, at, self.cut, picture, when)
+        self.start, self.cut = at, next_is_cut
+        return segment
+
+    def pieces_before(self, limit: float) -> Iterator[Segment]:
+        """Close pieces of ``split_every_s`` (each at the first frame at or after its length) that end before
+        ``limit``."""
+        every = self.options.split_every_s
+        while every is not None:
+            at_index = bisect.bisect_left(self.times, self.start + every - 1e-6)
+            if at_index >= len(self.times) or self.times[at_index] >= limit:
+                return
+            segment = self.close(self.times[at_index], False)
+            if segment is None:
+                return
+            yield segment
+
+    def cut_at(self, at: float) -> Iterator[Segment]:
+        yield from self.pieces_before(at)
+        segment = self.close(at, True)
+        if segment is not None:
+            yield segment
+
+
 def segments(frames: Iterable[Frame], fps: float, keyframe_size: Tuple[int, int],
              options: ShotOptions = ShotOptions()) -> Iterator[Segment]:
     """Cut the stream of ``frames`` (analysis-size pixels, as ``VideoReader.frames(options.analysis_size(...))``
-    gives) into segments, each with its keyframe at ``keyframe_size``; yields each as soon as it is closed, so
-    only the current segment's few samples are held. ``fps`` (the average rate) turns ``min_shot_s`` into frames."""
+    gives) into segments, each with its keyframe at ``keyframe_size``; yields each as soon as it is known, so only
+    the current segment's few samples are held. ``fps`` (the average rate) turns durations into frames."""
     from scenedetect import FrameTimecode
 
     fps = float(fps) if fps > 0 else 25.0
-    detector = SHOT_DETECTORS[options.detector](options.threshold, max(1, int(round(options.min_shot_s * fps))))
-    times = array.array("d")  # frame index -> time: PySceneDetect reports cuts by frame index (8 bytes a frame)
-    samples = _Samples(options.sample_every_s, options.max_samples)
-    start: Optional[float] = None
-    cut = True
+    detector = SHOT_DETECTORS[options.detector](options, fps)
+    lag = (detector.event_buffer_length + 1) / fps  # how late a cut may be reported
+    current: Optional[_Segmenter] = None
     last, step = 0.0, 1.0 / fps
-
-    def close(at: float, next_is_cut: bool) -> Iterator[Segment]:
-        nonlocal start, cut
-        taken = samples.split(at)
-        if not taken:  # no frame was sampled since ``start`` (a sliver): it stays part of the next segment
-            return
-        when, picture = _nearest_middle(taken, start, at)
-        yield Segment(start, at, cut, picture, when)
-        start, cut = at, next_is_cut
-
     for index, frame in enumerate(frames):
-        times.append(frame.time)
-        if start is None:
-            start = frame.time
-        if index:
+        if current is None:
+            current = _Segmenter(options, frame.time)
+        elif frame.time > last:
             step = frame.time - last
         last = frame.time
+        current.times.append(frame.time)
         for found in detector.process_frame(FrameTimecode(index, fps=fps), frame.bgr):
-            at = times[found.frame_num]
-            if at > start:
-                yield from close(at, True)
-        if options.split_every_s is not None and frame.time - start >= options.split_every_s - 1e-6:
-            yield from close(frame.time, False)
-        samples.offer(frame, keyframe_size)
+            yield from current.cut_at(current.times[found.frame_num])
+        yield from current.pieces_before(frame.time - lag)
+        current.samples.offer(frame, keyframe_size)
         frame.release()
-    if start is None:
+    if current is None:
         return
-    end = last + max(step, 0.0)
-    for found in detector.post_process(FrameTimecode(len(times), fps=fps)):
-        at = times[min(found.frame_num, len(times) - 1)]
-        if at > start:
-            yield from close(at, True)
-    yield from close(end, False)
+    for found in detector.post_process(FrameTimecode(len(current.times), fps=fps)):
+        yield from current.cut_at(current.times[min(found.frame_num, len(current.times) - 1)])
+    end = last + step
+    yield from current.pieces_before(end)
+    last_segment = current.close(end, False)
+    if last_segment is not None:
+        yield last_segment
