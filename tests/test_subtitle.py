@@ -179,6 +179,17 @@ def test_long_shots_are_split_every_n_seconds(clip):
     assert max(s.end - s.start for s in segs) <= 0.5 + 1e-6
 
 
+@pytest.mark.parametrize("every", [0.3, 0.7, 0.9])
+def test_pieces_of_long_shots_keep_every_cut_and_leave_no_gap(clip, every):
+    """Cuts are reported a few frames late: a piece closed meanwhile must not swallow one, and a sliver between a
+    piece's end and a cut (no frame sampled in it) joins the piece before."""
+    reader = VideoReader(clip)
+    segs = list(segments(reader.frames((32, 24)), reader.info.fps, (16, 16), ShotOptions(split_every_s=every)))
+    assert [s.start for s in segs if s.cut] == [0.0, 1.0, 2.5]
+    assert all(a.end == b.start for a, b in zip(segs, segs[1:])) and segs[-1].end == pytest.approx(3.7)
+    assert max(s.end - s.start for s in segs) < every + ShotOptions().sample_every_s
+
+
 # -- cues and files --------------------------------------------------------------------------------------------
 def test_cues_merge_equal_captions_absorb_flashes_and_cap_their_duration():
     spans = [Captioned(0.0, 2.0, "a dog"), Captioned(2.0, 3.0, "a dog"), Captioned(3.0, 3.3, "a flash"),

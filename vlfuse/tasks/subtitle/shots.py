@@ -195,25 +195,34 @@ def _nearest_middle(samples: List[Tuple[float, np.ndarray]], start: float, end: 
 
 
 class _Segmenter:
-    """The segment being read: where it started, whether at a cut, and its keyframe samples. A cut closes it at
-    once; a long shot's pieces (``split_every_s``) are closed only once the detector can no longer report a cut
-    before them (it reports cuts up to its ``event_buffer_length`` frames late)."""
+    """The segment being read: where it started, whether at a cut, and its keyframe samples; and the segment closed
+    last, held back until the next one closes. A cut closes the current segment at once; a long shot's pieces
+    (``split_every_s``) are closed only once the detector can no longer report a cut before them (it reports cuts
+    up to its ``event_buffer_length`` frames late). A sliver with no sampled frame (a cut just after a piece's end)
+    is added to the held segment, so the timeline has no gap and the cut is kept."""
 
     def __init__(self, options: ShotOptions, start: float):
         self.options, self.start, self.cut = options, start, True
         self.samples = _Samples(options.sample_every_s, options.max_samples)
         self.times = array.array("d")  # frame index -> time (8 bytes a frame): cuts are reported by frame index
+        self.held: Optional[Segment] = None
 
-    def close(self, at: float, next_is_cut: bool) -> Optional[Segment]:
-        """The segment from ``start`` to ``at`` (then the next one starts there), or None where no frame was
-        sampled since ``start`` (a sliver: it stays part of the next segment)."""
+    def close(self, at: float, next_is_cut: bool) -> Iterator[Segment]:
+        """End the current segment at ``at`` (the next one starts there); yields the segment held before it."""
+        if at <= self.start:
+            self.cut = self.cut or (next_is_cut and at == self.start)
+            return
         taken = self.samples.split(at)
-        if not taken or at <= self.start:
-            return None
-        when, picture = _nearest_middle(taken, self.start, at)
-        segment = Segment(self.start, at, self.cut, picture, when)
+        if taken:
+            when, picture = _nearest_middle(taken, self.start, at)
+            if self.held is not None:
+                yield self.held
+            self.held = Segment(self.start, at, self.cut, picture, when)
+        elif self.held is not None:  # a sliver: the held segment takes it
+            self.held.end = at
+        else:  # a sliver at the very start: it stays part of the next segment
+            return
         self.start, self.cut = at, next_is_cut
-        return segment
 
     def pieces_before(self, limit: float) -> Iterator[Segment]:
         """Close pieces of ``split_every_s`` (each at the first frame at or after its length) that end before
@@ -223,23 +232,27 @@ class _Segmenter:
             at_index = bisect.bisect_left(self.times, self.start + every - 1e-6)
             if at_index >= len(self.times) or self.times[at_index] >= limit:
                 return
-            segment = self.close(self.times[at_index], False)
-            if segment is None:
+            start = self.start
+            yield from self.close(self.times[at_index], False)
+            if self.start == start:
                 return
-            yield segment
 
     def cut_at(self, at: float) -> Iterator[Segment]:
         yield from self.pieces_before(at)
-        segment = self.close(at, True)
-        if segment is not None:
-            yield segment
+        yield from self.close(at, True)
+
+    def finish(self, end: float) -> Iterator[Segment]:
+        yield from self.pieces_before(end)
+        yield from self.close(end, False)
+        if self.held is not None:
+            yield self.held
 
 
 def segments(frames: Iterable[Frame], fps: float, keyframe_size: Tuple[int, int],
              options: ShotOptions = ShotOptions()) -> Iterator[Segment]:
     """Cut the stream of ``frames`` (analysis-size pixels, as ``VideoReader.frames(options.analysis_size(...))``
-    gives) into segments, each with its keyframe at ``keyframe_size``; yields each as soon as it is known, so only
-    the current segment's few samples are held. ``fps`` (the average rate) turns durations into frames."""
+    gives) into segments, each with its keyframe at ``keyframe_size``; yields each once the next one is closed, so
+    only two segments' few samples are held. ``fps`` (the average rate) turns durations into frames."""
     from scenedetect import FrameTimecode
 
     fps = float(fps) if fps > 0 else 25.0
@@ -263,8 +276,4 @@ def segments(frames: Iterable[Frame], fps: float, keyframe_size: Tuple[int, int]
         return
     for found in detector.post_process(FrameTimecode(len(current.times), fps=fps)):
         yield from current.cut_at(current.times[min(found.frame_num, len(current.times) - 1)])
-    end = last + step
-    yield from current.pieces_before(end)
-    last_segment = current.close(end, False)
-    if last_segment is not None:
-        yield last_segment
+    yield from current.finish(last + step)
