@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Deque, Dict, List, Optional
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 from ...data.video import VideoInfo, VideoInput, VideoLimits, VideoReader
 from ...errors import ConfigError, ModelNotFoundError
@@ -146,7 +146,7 @@ class Subtitler:
         return cls(captioner, lang, options, decode, model_name=str(name))
 
     @property
-    def keyframe_size(self):
+    def keyframe_size(self) -> Tuple[int, int]:
         """(width, height) keyframes are scaled to: the caption model's input (its transform then keeps them)."""
         size = self.captioner.model.vision.transform.size
         return size, size
