@@ -27,7 +27,7 @@ from .formats import FORMATS
 from .shots import Segment, ShotOptions, segments
 
 DEFAULT_LANGUAGE = "en"
-CAPTION_MODELS: Dict[str, str] = {"en": "flickr8k-caption"}  # language -> its built-in caption model
+CAPTION_MODELS: Dict[str, str] = {"en": Captioner.default_model}  # language -> its built-in caption model
 LANGUAGE_NAMES = {"en": "English", "zh": "Chinese"}
 
 
