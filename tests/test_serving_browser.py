@@ -272,3 +272,61 @@ def test_page_caption_question_search(server):
         page.screenshot(path=str(screenshot), full_page=True)
     assert offsite == []  # the page fetched nothing from anywhere but this server
     assert screenshot.stat().st_size > 10_000
+
+
+def test_page_plays_a_picked_clip_with_its_shot_subtitles(server, tmp_path):
+    """Pick a clip in the video panel: the service's WebVTT becomes the video's text track (its cues listed beside
+    it), the clip plays, and at each moment the cue on screen (and highlighted in the list) is that moment's."""
+    from playwright.sync_api import expect
+    from video_helpers import shot_frames, write_video
+
+    from vlfuse.tasks.subtitle import Subtitler
+
+    base, _, captioner = server
+    clip = write_video(tmp_path / "three shots.webm", shot_frames([1.0, 1.5, 1.2], 10, (64, 48)), 10,
+                       codec="libvpx")  # VP8 in WebM: what any Chromium build plays
+    expected = Subtitler(captioner)(clip).cues
+    assert len(expected) >= 2
+    with browser_page(base) as (page, offsite):
+        page.goto(base + "/")
+        enter_key(page, KEY)
+        expect(page.locator("#models-status")).to_contain_text("caption: ready")
+        page.set_input_files("#video-input", str(clip))
+        expect(page.locator("#video")).to_be_visible()
+        items = page.locator("#cue-list li")
+        expect(items).to_have_count(len(expected), timeout=20_000)
+        expect(page.locator("#video-status")).to_have_text(f"{len(expected)} subtitle(s) for three shots.webm")
+        track = page.evaluate("""() => {
+            const t = document.querySelector('#video track');
+            return {kind: t.kind, mode: t.track.mode,
+                    cues: [...t.track.cues].map(c => [c.startTime, c.endTime, c.text])};
+        }""")
+        assert track["kind"] == "captions" and track["mode"] == "showing"
+        assert track["cues"] == [[pytest.approx(c.start), pytest.approx(c.end), "\n".join(c.lines)]
+                                 for c in expected]
+        page.evaluate("() => { const v = document.getElementById('video'); v.muted = true; return v.play(); }")
+        page.wait_for_function("() => document.getElementById('video').currentTime > 0.3", timeout=20_000)  # plays
+        for moment in (0.5, 1.7, 3.1):  # inside each shot: the cue on screen is that moment's
+            active = page.evaluate("""async (moment) => {
+                const v = document.getElementById('video'), t = v.textTracks[0];
+                v.pause();
+                await new Promise((done) => {
+                    v.addEventListener('seeked', done, {once: true});
+                    v.currentTime = moment;
+                });
+                await new Promise((done) => setTimeout(done, 100));  // cuechange runs after the seek
+                return [...t.activeCues].map(c => c.text);
+            }""", moment)
+            assert active == ["\n".join(c.lines) for c in expected if c.start <= moment < c.end]
+        expect(page.locator("#cue-list li.active")).to_have_count(1)
+        expect(page.locator("#vtt-link")).to_have_attribute("download", "three shots.vtt")
+        expect(page.locator("#error")).to_be_hidden()
+        page.set_input_files("#video-input", str(_not_a_video(tmp_path)))  # a bad clip: the service's message
+        expect(page.locator("#error")).to_contain_text("400 bad_video: notes.mp4: not a video file", timeout=20_000)
+    assert offsite == []
+
+
+def _not_a_video(folder: Path) -> Path:
+    path = folder / "notes.mp4"
+    path.write_text("these are not moving pictures\n")
+    return path

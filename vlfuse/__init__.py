@@ -1,4 +1,5 @@
-"""vlfuse: vision–language fusion — captioning, VQA, image–text retrieval and tagging on a plain CPU.
+"""vlfuse: vision–language fusion — captioning, VQA, image–text retrieval, tagging and video subtitles on a plain
+CPU.
 
 The public names are imported on first use, so ``import vlfuse.errors`` (say) stays light.
 """
@@ -15,6 +16,7 @@ _PUBLIC = {
     "Retriever": "vlfuse.tasks.retrieval", "RetrievalModel": "vlfuse.tasks.retrieval",
     "ImageIndex": "vlfuse.tasks.retrieval",
     "Tagger": "vlfuse.tasks.tagging",
+    "Subtitler": "vlfuse.tasks.subtitle",
     "load": "vlfuse.tasks.base",  # any model, as the pipeline its checkpoint's task calls for
 }
 __all__ = sorted(_PUBLIC) + ["__version__"]

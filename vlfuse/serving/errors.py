@@ -11,7 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ConfigError, ImageError, ImageTooLargeError, InputError, VlfuseError
+from ..errors import (ConfigError, ImageError, ImageTooLargeError, InputError, VideoError, VideoTooLongError,
+                      VlfuseError)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,10 @@ def library_error(exc: VlfuseError) -> ServiceError:
         return ServiceError(413, "image_too_large", str(exc))
     if isinstance(exc, ImageError):
         return ServiceError(400, "bad_image", str(exc))
+    if isinstance(exc, VideoTooLongError):
+        return ServiceError(413, "video_too_large", str(exc))
+    if isinstance(exc, VideoError):
+        return ServiceError(400, "bad_video", str(exc))
     if isinstance(exc, (InputError, ConfigError)):
         return ServiceError(422, "invalid_parameter", str(exc))
     return ServiceError(400, "bad_request", str(exc))

@@ -3,7 +3,7 @@ too), then the guard (API key, then body size) that refuses a request before any
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Dict, Optional
 
 from .errors import error_response
 from .metrics import ServiceMetrics
@@ -12,7 +12,7 @@ from .settings import APIKeys
 # endpoints counted under their own path; any other path is "/static" or "other", so that requests for made-up
 # paths cannot grow the number of series without bound
 KNOWN_ENDPOINTS = {"/", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/v1/models", "/v1/caption",
-                   "/v1/vqa", "/v1/search", "/v1/thumbnail", "/v1/tags"}
+                   "/v1/vqa", "/v1/search", "/v1/thumbnail", "/v1/tags", "/v1/subtitle"}
 
 
 def endpoint_label(path: str) -> str:
@@ -50,10 +50,12 @@ class MetricsMiddleware:
 
 
 class GuardMiddleware:
-    """401 before any work for protected paths; 413 for bodies over the limit (read at most limit+1 bytes)."""
+    """401 before any work for protected paths; 413 for bodies over the limit (read at most limit+1 bytes): that of
+    the path in ``path_limits`` (video uploads), else ``max_body_bytes``."""
 
-    def __init__(self, app, keys: APIKeys, max_body_bytes: int):
+    def __init__(self, app, keys: APIKeys, max_body_bytes: int, path_limits: Optional[Dict[str, int]] = None):
         self.app, self.keys, self.max_body = app, keys, max_body_bytes
+        self.path_limits = dict(path_limits or {})
 
     @staticmethod
     def _presented_key(scope) -> Optional[str]:
@@ -76,12 +78,12 @@ class GuardMiddleware:
             resp = error_response(401, "unauthorized", msg, {"WWW-Authenticate": "Bearer"})
             return await resp(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
+        limit = self.path_limits.get(scope["path"], self.max_body)
 
         def too_large():  # built only when needed: most requests are not
-            return error_response(413, "payload_too_large",
-                                  f"request body is over the limit of {self.max_body:,} bytes")
+            return error_response(413, "payload_too_large", f"request body is over the limit of {limit:,} bytes")
 
-        if length is not None and length.isdigit() and int(length) > self.max_body:
+        if length is not None and length.isdigit() and int(length) > limit:
             return await too_large()(scope, receive, send)
         if scope["method"] in ("POST", "PUT", "PATCH"):
             chunks, size, more = [], 0, True
@@ -91,7 +93,7 @@ class GuardMiddleware:
                     return
                 chunk = message.get("body", b"")
                 size += len(chunk)
-                if size > self.max_body:
+                if size > limit:
                     return await too_large()(scope, receive, send)
                 chunks.append(chunk)
                 more = message.get("more_body", False)

@@ -28,6 +28,7 @@ class Service:
         self.ready = False
         self._batchers: Dict[str, Batcher] = {}
         self._limiter: Optional[anyio.CapacityLimiter] = None
+        self._video_limiter: Optional[anyio.CapacityLimiter] = None
         for task, ok in models.loaded().items():
             metrics.model_loaded.labels(model=task).set(1.0 if ok else 0.0)
 
@@ -49,6 +50,7 @@ class Service:
         for b in self._batchers.values():
             b.start()
         self._limiter = anyio.CapacityLimiter(settings.image_workers)
+        self._video_limiter = anyio.CapacityLimiter(1)
         self.ready = True
         try:
             yield
@@ -73,10 +75,16 @@ class Service:
         bursts of uploads neither oversubscribe the cores nor multiply memory."""
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
-    async def within_timeout(self, work: Awaitable[T]) -> T:
-        """``work``'s result, or ServiceError 504 once the request has taken ``request_timeout_s``."""
+    async def offload_video(self, fn, *args):
+        """Run a video's work (decoding, shots, captions: seconds of CPU) in a worker thread, one video at a time,
+        so that a few uploads cannot starve the photo endpoints or multiply memory."""
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._video_limiter)
+
+    async def within_timeout(self, work: Awaitable[T], seconds: Optional[float] = None) -> T:
+        """``work``'s result, or ServiceError 504 once the request has taken ``seconds`` (default
+        ``request_timeout_s``)."""
+        seconds = seconds or self.settings.request_timeout_s
         try:
-            return await asyncio.wait_for(work, self.settings.request_timeout_s)
+            return await asyncio.wait_for(work, seconds)
         except asyncio.TimeoutError:
-            raise ServiceError(504, "timeout", f"request took longer than {self.settings.request_timeout_s:g} s "
-                                               "and was abandoned") from None
+            raise ServiceError(504, "timeout", f"request took longer than {seconds:g} s and was abandoned") from None

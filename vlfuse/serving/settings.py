@@ -27,6 +27,9 @@ class ServeSettings:
     max_beam: int = 8
     max_top_k: int = 10
     request_timeout_s: float = 30.0
+    max_video_bytes: int = 100 * 1024 * 1024   # one uploaded video (/v1/subtitle); larger -> 413
+    max_video_seconds: float = 300.0           # its duration; longer -> 413
+    video_timeout_s: float = 300.0             # a video is subtitled within this (a 5-minute one takes ~20 s)
     batch_wait_ms: float = 5.0                 # how long the first request of a batch waits for company
     max_batch_size: int = 16
     thumbnail_size: int = 192
@@ -39,8 +42,9 @@ class ServeSettings:
                      "inference_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.request_timeout_s <= 0:
-            raise ConfigError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
+        for name in ("request_timeout_s", "max_video_bytes", "max_video_seconds", "video_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.batch_wait_ms < 0:
             raise ConfigError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
 

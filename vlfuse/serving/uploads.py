@@ -1,6 +1,9 @@
-"""Uploaded photos: checked (size, type by their first bytes) before they are decoded, decoded off the event loop."""
+"""Uploads: photos checked (size, type by their first bytes) before they are decoded, decoded off the event loop;
+videos saved to a temporary file (PyAV reads files) within the size limit, then read by the video reader, which
+names what is wrong with one."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
 from starlette.datastructures import UploadFile
@@ -53,3 +56,26 @@ async def read_image_upload(upload: Any, settings: ServeSettings, offload: Offlo
         return await offload(lambda: prepare(load_image(data, settings.max_pixels)))
     except ImageError as exc:  # name the upload, not "<N bytes>"
         raise library_error(type(exc)(str(exc).replace(f"<{len(data)} bytes>", name))) from None
+
+
+VIDEO_CHUNK = 1024 * 1024
+
+
+async def save_video_upload(upload: Any, settings: ServeSettings, folder: Path, field: str = "video") -> Path:
+    """Write an uploaded video into ``folder`` (as ``video`` + the upload's suffix) -> its path, or ServiceError
+    413 (over ``max_video_bytes``), 400 (empty) or 422 (not a file)."""
+    if not isinstance(upload, UploadFile):
+        raise ServiceError(422, "invalid_parameter", f"{field}: must be an uploaded file (multipart/form-data)")
+    name = upload.filename or field
+    path = folder / ("video" + Path(name).suffix.lower()[:8])
+    size = 0
+    with open(path, "wb") as out:
+        while chunk := await upload.read(VIDEO_CHUNK):
+            size += len(chunk)
+            if size > settings.max_video_bytes:
+                raise ServiceError(413, "video_too_large",
+                                   f"{name}: upload is over the limit of {settings.max_video_bytes:,} bytes")
+            out.write(chunk)
+    if size == 0:
+        raise ServiceError(400, "bad_video", f"{name}: file is empty (0 bytes)")
+    return path

@@ -50,6 +50,8 @@ def router(service: Service) -> APIRouter:
                            "max_beam": settings.max_beam, "max_top_k": settings.max_top_k, "max_k": settings.max_k,
                            "max_question_chars": settings.max_question_chars,
                            "max_query_chars": settings.max_query_chars,
+                           "max_video_bytes": settings.max_video_bytes,
+                           "max_video_seconds": settings.max_video_seconds,
                            "request_timeout_s": settings.request_timeout_s},
                 "batching": {"max_batch_size": settings.max_batch_size, "batch_wait_ms": settings.batch_wait_ms,
                              "inference_workers": settings.inference_workers},

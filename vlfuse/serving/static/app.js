@@ -60,9 +60,9 @@ function showError(message) {
   box.hidden = !message;
 }
 
-// fetch + JSON, turning the service's {"error": {code, message}} into a thrown Error. A 401 asks for the key
-// and sends the request again with it.
-async function api(path, options = {}) {
+// fetch + JSON (or text: ``read``), turning the service's {"error": {code, message}} into a thrown Error. A 401
+// asks for the key and sends the request again with it.
+async function api(path, options = {}, read = (resp) => resp.json()) {
   let asked = false;
   for (;;) {
     const sent = apiKey;
@@ -72,11 +72,11 @@ async function api(path, options = {}) {
       if (await askForKey(sent)) { asked = true; continue; }
       throw new KeyNeeded("This service needs an API key: click “API key” at the top to enter one.");
     }
-    const body = await resp.json().catch(() => ({}));
     if (!resp.ok) {
-      const err = body.error || {};
+      const err = (await resp.json().catch(() => ({}))).error || {};
       throw new Error(`${resp.status} ${err.code || "error"}: ${err.message || resp.statusText}`);
     }
+    const body = await read(resp).catch(() => ({}));
     if (asked && path !== "/v1/models") loadModels();  // the status line may still say that a key is needed
     return body;
   }
@@ -268,5 +268,75 @@ $("search-photo-btn").addEventListener("click", () => {
   form.append("k", $("search-k").value);
   search(form, {});
 });
+
+// -- video: subtitles that describe each shot, played as the clip's text track ----------------------------------
+const videoUrls = [];  // the clip's and its track's object URLs, revoked when another clip is picked
+
+function clockTime(seconds) {
+  const m = Math.floor(seconds / 60), s = Math.floor(seconds % 60);
+  return `${m}:${String(s).padStart(2, "0")}`;
+}
+
+function listCues(track) {
+  const list = $("cue-list");
+  list.textContent = "";
+  for (const cue of track.cues) {
+    const item = document.createElement("li");
+    const time = document.createElement("span");
+    time.className = "time";
+    time.textContent = clockTime(cue.startTime);
+    item.append(time, cue.text.replace(/\n/g, " "));
+    item.addEventListener("click", () => { $("video").currentTime = cue.startTime; });
+    list.append(item);
+  }
+  track.addEventListener("cuechange", () => {  // the cue on screen is highlighted in the list
+    const active = new Set([...(track.activeCues || [])]);
+    [...track.cues].forEach((cue, i) => list.children[i].classList.toggle("active", active.has(cue)));
+  });
+}
+
+async function subtitleVideo(file) {
+  if (!file) return;
+  videoUrls.splice(0).forEach((u) => URL.revokeObjectURL(u));
+  const video = $("video");
+  video.querySelectorAll("track").forEach((t) => t.remove());
+  video.src = URL.createObjectURL(file);
+  videoUrls.push(video.src);
+  video.hidden = false;
+  $("cue-list").textContent = "";
+  $("vtt-link").hidden = true;
+  $("video-status").textContent = `Finding the shots of ${file.name} and describing them…`;
+  const form = new FormData();
+  form.append("video", file);
+  form.append("format", "vtt");
+  const ticket = startRequest("video");
+  try {
+    const vtt = await api("/v1/subtitle", { method: "POST", body: form }, (resp) => resp.text());
+    if (isStale("video", ticket)) return;
+    const url = URL.createObjectURL(new Blob([vtt], { type: "text/vtt" }));
+    videoUrls.push(url);
+    const track = document.createElement("track");
+    track.kind = "captions";  // shown on the picture (a "descriptions" track is for screen readers, not shown)
+    track.label = "Shot descriptions";
+    track.srclang = "en";
+    track.src = url;
+    track.default = true;
+    track.addEventListener("load", () => {
+      listCues(track.track);
+      $("video-status").textContent = `${track.track.cues.length} subtitle(s) for ${file.name}`;
+    });
+    video.append(track);
+    track.track.mode = "showing";
+    $("vtt-link").href = url;
+    $("vtt-link").download = file.name.replace(/\.[^.]*$/, "") + ".vtt";
+    $("vtt-link").hidden = false;
+    showError("");
+  } catch (e) {
+    if (isStale("video", ticket)) return;
+    $("video-status").textContent = "";
+    showError(e.message);
+  }
+}
+$("video-input").addEventListener("change", (e) => subtitleVideo(e.target.files[0]));
 
 loadModels();
