@@ -76,6 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--trained", metavar="DIR", help=f"for run '{AS_IS}': score the config as already trained into "
                    "DIR (its train.out_dir: summary.json and best/, e.g. by `vlfuse train --config ...`) instead "
                    "of training it again")
+    p.add_argument("--resume", action="store_true", help="continue each run from its checkpoints (an ensemble's "
+                   "finished members are not trained again)")
     p.add_argument("overrides", nargs="*", help="extra dotted config overrides for every run")
     args = p.parse_args(argv)
     names = args.runs or [*FUSIONS, *BASELINES]
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
                 summary = json.loads((Path(args.trained) / "summary.json").read_text())
                 record["trained_by"] = f"vlfuse train --config {args.config} (out_dir {args.trained})"
             else:
-                summary = train(raw)
+                summary = train(raw, resume=args.resume)
             model = QuestionAnswerer.from_pretrained(summary["best_dir"])
             for split, s in sets.items():
                 answers = predict_set(model, s, acts[split])
