@@ -71,8 +71,9 @@ class ChineseCharSegmenter:
 
 @SEGMENTERS.register("jieba")
 class JiebaSegmenter:
-    """Chinese words as jieba segments them with its bundled dictionary (as the Flickr8k-CN authors did), Latin words
-    and numbers kept whole and lower-cased; punctuation, emoji, symbols and spaces dropped.
+    """Chinese words by jieba's bundled dictionary (as Flickr8k-CN's authors split them); Latin words kept whole.
+
+    Latin words and numbers are lower-cased; punctuation, emoji, symbols and spaces are dropped.
 
     Deterministic and offline: the dictionary ships inside the ``jieba`` package, and its HMM guesser of unknown words
     is off, so every token is a dictionary word or a single character (a guess such as 裡玩 would only add rare
