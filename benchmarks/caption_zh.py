@@ -21,11 +21,12 @@ TARGETS = {"BLEU-1": 0.66, "BLEU-3": 0.30, "BLEU-4": 0.21}  # issue 22, val
 QUALITY_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr")
 
 
-def quality(cap, data: str, out_stem: str, batch_size: int) -> dict:
-    """Val scores of ``cap`` at its own decoding default (captions written to ``out_stem``.captions.json)."""
+def quality(cap, data: str, out_stem: str, batch_size: int, **decode) -> dict:
+    """Val scores of ``cap`` at its own decoding default, or with ``decode`` over it (captions written to
+    ``out_stem``.captions.json)."""
     from vlfuse.evaluation.caption import evaluate_captioner
 
-    m = evaluate_captioner(cap, data, "val", cap.decode_defaults, batch_size=batch_size,
+    m = evaluate_captioner(cap, data, "val", cap.decode_config(**decode), batch_size=batch_size,
                            results_path=out_stem + ".captions.json", progress=False)
     keep = {k: round(m[k], 4) for k in QUALITY_KEYS}
     keep.update({k: m[k] for k in ("images", "unavailable", "lang", "words", "decode")})
@@ -70,6 +71,7 @@ def main() -> None:
     result = {"model": args.model, "split": "val", **quality(zh, args.data, stem, args.batch_size)}
     result["targets"] = TARGETS
     result["meets_targets"] = {k: result[k] >= v for k, v in TARGETS.items()}
+    result["beam_3"] = quality(zh, args.data, stem + "_beam3", args.batch_size, beam=3)
     result["compared"] = {}
     for other in args.compare:
         cap = Captioner.from_pretrained(other)
