@@ -144,3 +144,16 @@ def test_caption_cli_lang(chinese_run, trained_run, capsys):
     assert "--model names one model" in capsys.readouterr().err
     assert main(["caption", photo, "--lang", "xx"]) == 2
     assert "unknown language 'xx'" in capsys.readouterr().err
+
+
+def test_caption_recipe_language_options_are_checked():
+    from vlfuse.config import from_dict
+    from vlfuse.training.caption import CaptionDataConfig
+
+    assert from_dict(CaptionDataConfig, {"lang": "zh"}).word_segmenter == "jieba"
+    assert from_dict(CaptionDataConfig, {"lang": "zh", "segmenter": "chinese-char"}).word_segmenter == "chinese-char"
+    assert from_dict(CaptionDataConfig, {}).word_segmenter == "english"
+    with pytest.raises(ConfigError, match="unknown language 'jp'"):
+        from_dict(CaptionDataConfig, {"lang": "jp"})
+    with pytest.raises(ConfigError, match="data.mirror swaps English 'left'/'right'"):
+        from_dict(CaptionDataConfig, {"lang": "zh", "mirror": 0.5})
