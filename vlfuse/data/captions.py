@@ -322,8 +322,7 @@ def read_captions(path: str | Path, split: Optional[str] = "train", fmt: str = "
     the reader (e.g. ``image_root`` for Karpathy/COCO, ``captions_file`` for the Flickr layout); an option the
     format lacks is a ConfigError.
     """
-    lang_ = language(lang)
-
+    captions_language = language(lang)
     path = Path(path)
     if not path.exists():
         raise DataError(f"caption data '{path}' does not exist")
@@ -339,7 +338,7 @@ def read_captions(path: str | Path, split: Optional[str] = "train", fmt: str = "
         path = _resolve_directory(path, split, fmt)
     reader = READERS[fmt]
     if fmt == "flickr":
-        kwargs.setdefault("captions_file", lang_.captions_file)
+        kwargs.setdefault("captions_file", captions_language.captions_file)
     check_kwargs(reader, kwargs, f"caption format '{fmt}'")
     data = reader(path, split=split, **kwargs)
-    return data.without_repeats() if lang_.drop_repeated else data
+    return data.without_repeats() if captions_language.drop_repeated else data

@@ -52,12 +52,12 @@ def score_captions(references: Dict[str, List[str]], hypotheses: Dict[str, str],
     hyps = {k: [hypotheses[k]] for k in keys}
     have_java = shutil.which("java") is not None
     unavailable = {"SPICE": "unavailable: SPICE needs a Stanford CoreNLP download, impossible offline"}
-    words = language(lang)
+    captions_language = language(lang)
     if lang != "en":
-        segmenter = SEGMENTERS.build(words.segmenter)
+        segmenter = SEGMENTERS.build(captions_language.segmenter)
         refs, hyps = _segment(refs, segmenter), _segment(hyps, segmenter)
         if "METEOR" in metrics:
-            unavailable["METEOR"] = METEOR_NOT_APPLICABLE.format(name=words.name)
+            unavailable["METEOR"] = METEOR_NOT_APPLICABLE.format(name=captions_language.name)
             metrics = [m for m in metrics if m != "METEOR"]
     elif tokenizer == "ptb" and have_java:
         refs, hyps = _ptb_tokenize(refs), _ptb_tokenize(hyps)

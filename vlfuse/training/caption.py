@@ -208,6 +208,9 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     from ..metrics.caption import score_captions
 
     exp = from_dict(CaptionExperiment, raw_config)
+    if exp.memory.build and exp.data.lang != "en":
+        raise ConfigError(f"memory.build: the caption memory is embedded by an English retrieval model, so it does "
+                          f"not serve captions in {exp.data.lang!r}; set memory.build to false")
     t_start = time.time()
     train_set = load_split(exp.data, exp.data.train_split, exp.data.train_limit)
     val_set = load_split(exp.data, exp.data.val_split, exp.data.val_limit)
