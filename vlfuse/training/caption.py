@@ -74,9 +74,10 @@ class CaptionExperiment:
     memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)  # optional last step: a caption memory
 
 
-def load_split(cfg: CaptionDataConfig, split: str, limit: int) -> CaptionSet:
+def load_split(cfg: CaptionDataConfig, split: str, limit: int, lang: str = "en") -> CaptionSet:
+    """The first ``limit`` images (0: all) of ``split`` with their captions in ``lang``."""
     extra = {"image_root": cfg.image_root} if cfg.image_root else {}
-    data = read_captions(cfg.path, split=split, fmt=cfg.format, lang=cfg.lang, **extra)
+    data = read_captions(cfg.path, split=split, fmt=cfg.format, lang=lang, **extra)
     return data.subset(limit) if limit else data
 
 
@@ -212,8 +213,8 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
         raise ConfigError(f"memory.build: the caption memory is embedded by an English retrieval model, so it does "
                           f"not serve captions in {exp.data.lang!r}; set memory.build to false")
     t_start = time.time()
-    train_set = load_split(exp.data, exp.data.train_split, exp.data.train_limit)
-    val_set = load_split(exp.data, exp.data.val_split, exp.data.val_limit)
+    train_set = load_split(exp.data, exp.data.train_split, exp.data.train_limit, exp.data.lang)
+    val_set = load_split(exp.data, exp.data.val_split, exp.data.val_limit, exp.data.lang)
     out = Path(exp.train.out_dir)
     init = _initial_model(exp)
     text_only = read_text_only(exp.data.text_only) if exp.data.text_only else []
