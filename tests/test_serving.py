@@ -583,6 +583,19 @@ def test_service_models_load_subset_and_errors(caption_dir):
     json.dumps(models.describe())
 
 
+def test_service_models_load_more_caption_languages(caption_dir):
+    """`vlfuse serve --caption-lang en,zh`: the caption model's language, and the built-in model of each other one."""
+    from vlfuse.errors import ModelNotFoundError
+
+    models = ServiceModels.load(ModelChoice(str(caption_dir)), NONE, NONE, tagging=NONE, caption_langs=["en", "zh"])
+    assert models.describe()["caption"]["langs"] == {"en": str(caption_dir), "zh": "flickr8k-caption-zh"}
+    assert models.captioners["zh"].lang == "zh" and models.caption_lang(None) == "en"
+    with pytest.raises(ConfigError, match="unknown language 'fr'"):
+        ServiceModels.load(ModelChoice(str(caption_dir)), NONE, NONE, tagging=NONE, caption_langs=["fr"])
+    with pytest.raises(ModelNotFoundError, match="captions in 'zh' were asked for, but no caption model is loaded"):
+        ServiceModels.load(NONE, NONE, NONE, tagging=NONE, caption_langs=["zh"])
+
+
 def test_vqa_endpoint_equals_shipped_easyvqa_model(captioner):
     vqa_module = pytest.importorskip("vlfuse.tasks.vqa.pipeline")  # merged from the vqa branch
     model = vqa_module.QuestionAnswerer.from_pretrained("easyvqa")
