@@ -4,10 +4,12 @@
 #   browser download (`playwright install`) is NOT used: the test drives /usr/bin/chromium.
 # - WordNet 3.0 (wordnet-base: /usr/share/wordnet), which WUPS in VQA evaluation reads through NLTK
 #   (vlfuse/metrics/wups.py, tests/test_wups.py).
+# - A font with Chinese characters (WenQuanYi Micro Hei, 5 MB), so that the browser shows Chinese captions as text,
+#   not boxes (the web page's language switch; tests/test_serving_browser.py).
 set -eu
 if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
 $SUDO apt-get update
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends chromium fonts-dejavu-core wordnet-base
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends chromium fonts-dejavu-core fonts-wqy-microhei wordnet-base
 python -m pip install playwright
 /usr/bin/chromium --version
 python -c "import playwright.sync_api; print('playwright for Python is installed')"

@@ -18,8 +18,9 @@ from PIL import Image
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
 
-def make_tiny_captioner(directory: Path) -> Path:
-    """A real (untrained, seeded) caption checkpoint small enough to load in a fraction of a second."""
+def make_tiny_captioner(directory: Path, lang: str = "en") -> Path:
+    """A real (untrained, seeded) caption checkpoint small enough to load in a fraction of a second; ``lang='zh'``:
+    a Chinese one (jieba words)."""
     import torch
 
     from vlfuse.config import Part
@@ -28,11 +29,15 @@ def make_tiny_captioner(directory: Path) -> Path:
     from vlfuse.tasks.caption.pipeline import Captioner
 
     torch.manual_seed(0)
-    tok = Tokenizer.build(["a dog runs on the grass", "a red ball", "two people walk on the beach"], min_count=1)
+    if lang == "zh":
+        tok = Tokenizer.build(["一只狗在草地上奔跑", "红色的球", "两个人在沙滩上散步"], min_count=1, segmenter="jieba")
+    else:
+        tok = Tokenizer.build(["a dog runs on the grass", "a red ball", "two people walk on the beach"], min_count=1)
     config = CaptionModelConfig(vision=Part("small-cnn", {"image_size": 32, "channels": 16, "num_layers": 2}),
                                 fusion=Part("cross-attention", {"dim": 32, "num_layers": 1, "num_heads": 2}),
                                 decoder=Part("transformer", {"dim": 32, "num_heads": 2}), max_len=8)
-    Captioner(CaptionModel(config, len(tok)), tok).save_pretrained(directory, half=False)
+    Captioner(CaptionModel(config, len(tok)), tok).save_pretrained(directory, half=False,
+                                                                   **({"lang": lang} if lang != "en" else {}))
     return directory
 
 

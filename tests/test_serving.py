@@ -121,6 +121,27 @@ def test_caption_without_options_uses_the_models_own_decoding(full, captioner):
     assert short["caption"] == captioner(Image.open(io.BytesIO(data)), max_len=2) and len(short["tokens"]) <= 2
 
 
+def test_caption_lang_picks_the_language_served(captioner, tmp_path):
+    chinese = Captioner.from_pretrained(make_tiny_captioner(tmp_path / "tiny-zh", lang="zh"))
+    models = ServiceModels(captioner, names={"caption": "tiny-caption"}, more_captioners=[chinese],
+                           more_caption_names=["tiny-zh"])
+    data = image_bytes("green", (50, 40))
+    with client_for(models) as client:
+        zh = post_image(client, data=data, lang="zh").json()
+        assert zh["lang"] == "zh" and zh["model"] == "tiny-zh"
+        assert zh["caption"] == chinese(Image.open(io.BytesIO(data))) and " " not in zh["caption"]
+        en = post_image(client, data=data).json()  # no lang: the caption model's own
+        assert en["lang"] == "en" and en["caption"] == captioner(Image.open(io.BytesIO(data)))
+        assert post_image(client, data=data, lang="en", beam=1).json()["lang"] == "en"
+        assert_error(post_image(client, data=data, lang="fr"), 422, "invalid_parameter", "unknown language 'fr'")
+        assert_error(post_image(client, data=data, lang="x" * 100), 422, "invalid_parameter", "lang")
+        caption = client.get("/v1/models").json()["models"]["caption"]
+        assert caption["lang"] == "en" and caption["langs"] == {"en": "tiny-caption", "zh": "tiny-zh"}
+    with client_for(build_models(captioner)) as client:
+        assert_error(post_image(client, data=data, lang="zh"), 422, "invalid_parameter",
+                     "this service captions in en, not 'zh' (start it with --caption-lang en,zh)")
+
+
 def test_vqa_answers_from_pixels(full):
     resp = post_image(full, "/v1/vqa", image_bytes("blue", fmt="JPEG"), "b.jpg", "image/jpeg",
                       question="  what colour is it?  ", top_k=2)
@@ -148,7 +169,8 @@ def test_search_by_text_and_by_image_with_thumbnails(full, index):
 
 def test_models_readyz_healthz(full):
     models = full.get("/v1/models").json()["models"]
-    assert models["caption"] == {"loaded": True, "model": "tiny-caption",  # its saved decoding default, and
+    assert models["caption"] == {"loaded": True, "model": "tiny-caption", "lang": "en",  # its language, the languages
+                                 "langs": {"en": "tiny-caption"},  # served, its saved decoding default, and
                                  "decode": dataclasses.asdict(CaptionDecodeConfig()),  # images encoded and decoding
                                  "image_encoder": "onnxruntime", "decoding_step": "onnxruntime"}  # steps run by ORT
     assert models["retrieval"]["index"]["images"] == 4
@@ -559,6 +581,19 @@ def test_service_models_load_subset_and_errors(caption_dir):
     with pytest.raises(ModelNotFoundError, match="needs a retrieval model"):
         ServiceModels.load(ModelChoice(str(caption_dir)), NONE, NONE, tagging=NONE, index="x.idx")
     json.dumps(models.describe())
+
+
+def test_service_models_load_more_caption_languages(caption_dir):
+    """`vlfuse serve --caption-lang en,zh`: the caption model's language, and the built-in model of each other one."""
+    from vlfuse.errors import ModelNotFoundError
+
+    models = ServiceModels.load(ModelChoice(str(caption_dir)), NONE, NONE, tagging=NONE, caption_langs=["en", "zh"])
+    assert models.describe()["caption"]["langs"] == {"en": str(caption_dir), "zh": "flickr8k-caption-zh"}
+    assert models.captioners["zh"].lang == "zh" and models.caption_lang(None) == "en"
+    with pytest.raises(ConfigError, match="unknown language 'fr'"):
+        ServiceModels.load(ModelChoice(str(caption_dir)), NONE, NONE, tagging=NONE, caption_langs=["fr"])
+    with pytest.raises(ModelNotFoundError, match="captions in 'zh' were asked for, but no caption model is loaded"):
+        ServiceModels.load(NONE, NONE, NONE, tagging=NONE, caption_langs=["zh"])
 
 
 def test_vqa_endpoint_equals_shipped_easyvqa_model(captioner):

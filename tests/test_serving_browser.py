@@ -330,3 +330,46 @@ def _not_a_video(folder: Path) -> Path:
     path = folder / "notes.mp4"
     path.write_text("these are not moving pictures\n")
     return path
+
+
+def test_language_switch_shows_chinese_captions_as_text_not_boxes(tmp_path):
+    """With an English and a Chinese caption model, the switch offers both; the Chinese caption is the Chinese
+    model's, marked lang=zh, and its characters are drawn from a font that has them (not the box of a missing
+    glyph)."""
+    _require_browser()
+    from playwright.sync_api import expect
+
+    from vlfuse.serving.app import create_app
+    from vlfuse.serving.models import ServiceModels
+    from vlfuse.tasks.caption.pipeline import Captioner
+
+    english = Captioner.from_pretrained(make_tiny_captioner(tmp_path / "tiny-caption"))
+    chinese = Captioner.from_pretrained(make_tiny_captioner(tmp_path / "tiny-zh", lang="zh"))
+    models = ServiceModels(english, names={"caption": "tiny-caption"}, more_captioners=[chinese],
+                           more_caption_names=["tiny-zh"])
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(image_bytes("blue", (240, 180)))
+    from PIL import Image
+
+    expected = chinese(Image.open(photo))
+    with serving(create_app(models)) as base, browser_page(base) as (page, offsite):
+        page.goto(base + "/")
+        expect(page.locator("#models-status")).to_contain_text("caption: ready")
+        expect(page.locator("#caption-lang option")).to_have_text(["English", "中文 (Chinese)"])
+        page.set_input_files("#file-input", str(photo))
+        expect(page.locator("#caption")).to_have_text(english(Image.open(photo)), timeout=20_000)
+        page.select_option("#caption-lang", "zh")
+        expect(page.locator("#caption")).to_have_text(expected, timeout=20_000)
+        expect(page.locator("#caption")).to_have_attribute("lang", "zh")
+        # a character the fonts lack is drawn as the same empty box as any other missing one; a real glyph is not
+        drawn = page.evaluate("""([text]) => {
+            const font = getComputedStyle(document.getElementById('caption')).fontFamily;
+            const pixels = (s) => { const c = document.createElement('canvas'); c.width = 60; c.height = 40;
+                const g = c.getContext('2d'); g.font = `30px ${font}`; g.fillText(s, 5, 32);
+                return Array.from(g.getImageData(0, 0, 60, 40).data).join(','); };
+            const box = pixels('\\u{10FFFD}');
+            return Array.from(text).map((ch) => pixels(ch) !== box); }""", [expected])
+        assert drawn and all(drawn), (expected, drawn)
+        page.screenshot(path=str(tmp_path / "chinese_caption.png"))
+        expect(page.locator("#error")).to_be_hidden()
+    assert offsite == []

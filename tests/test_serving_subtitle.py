@@ -87,5 +87,7 @@ def test_limits_and_parameters(client, tmp_path):
     assert_error(post_video(client, b"\0" * 300_000), 413, "payload_too_large", "over the limit")
     assert_error(post_video(client, long_clip.read_bytes(), format="ass"), 422, "invalid_parameter", "format")
     assert_error(post_video(client, long_clip.read_bytes(), lang="zh"), 422, "invalid_parameter",
-                 "writes English (en), not Chinese (zh)")
+                 "this service captions in en, not 'zh'")
+    assert_error(post_video(client, long_clip.read_bytes(), lang="xx"), 422, "invalid_parameter",
+                 "unknown language 'xx'")
     assert client.get("/v1/models").json()["limits"]["max_video_seconds"] == 10.0

@@ -54,3 +54,27 @@ def test_int8_decoder_captions_match_the_float_decoder(tmp_path):
     # the float model is what gets saved: an int8 captioner saves and reloads as the float model
     fast.save_pretrained(tmp_path / "copy")
     assert Captioner.from_pretrained(tmp_path / "copy", int8=False)(images[:6], strategy="greedy") == b[:6]
+
+
+def test_shipped_chinese_model_captions_in_chinese_and_meets_a_floor():
+    flickr = flickr_or_skip()
+    cap = Captioner.from_pretrained("flickr8k-caption-zh")
+    assert cap.lang == "zh" and cap.tokenizer.segmenter_name == "jieba"
+    assert Captioner.default_model_for("zh") == "flickr8k-caption-zh"
+    m = evaluate_captioner(cap, str(flickr), "val", cap.decode_defaults, limit=60, progress=False)
+    assert m["images"] == 60 and m["lang"] == "zh" and "not applicable" in m["unavailable"]["METEOR"]
+    assert m["CIDEr"] > 0.3 and m["BLEU-4"] > 0.1, m  # an untrained or broken model scores ~0 on both
+
+
+def test_caption_command_in_english_and_chinese_per_photo():
+    import json
+
+    photos = [str(p) for p in sample_photos()[:2]]
+    r = subprocess.run([sys.executable, "-m", "vlfuse", "caption", *photos, "--lang", "en,zh", "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["image"] for row in rows] == photos
+    for row in rows:
+        assert set(row["captions"]) == {"en", "zh"} and len(row["captions"]["en"].split()) >= 3
+        assert any("\u4e00" <= ch <= "\u9fff" for ch in row["captions"]["zh"]), row

@@ -13,7 +13,7 @@ from video_helpers import SHOT_COLOURS, shot_frames, with_unknown_codec, write_a
 
 from vlfuse.cli.main import main
 from vlfuse.data.video import VideoLimits, VideoReader
-from vlfuse.errors import ModelNotFoundError, VideoError, VideoTooLongError
+from vlfuse.errors import ConfigError, ModelNotFoundError, VideoError, VideoTooLongError
 from vlfuse.tasks.subtitle.cues import Captioned, CueOptions, build_cues, display_lines
 from vlfuse.tasks.subtitle.formats import timestamp
 from vlfuse.tasks.subtitle.shots import ShotOptions, segments
@@ -277,8 +277,18 @@ def test_subtitles_do_not_depend_on_the_batch_size(subtitler, clip):
 def test_a_language_without_a_caption_model_is_named():
     from vlfuse.tasks.subtitle import Subtitler
 
-    with pytest.raises(ModelNotFoundError, match=r"no Chinese \(zh\) caption model is installed yet"):
-        Subtitler.from_pretrained(lang="zh")
+    with pytest.raises(ModelNotFoundError, match=r"unknown language 'fr'.*write English \(en\), Chinese \(zh\)"):
+        Subtitler.from_pretrained(lang="fr")
+
+
+def test_chinese_subtitles_come_from_the_chinese_caption_model(clip):
+    from vlfuse.tasks.subtitle import Subtitler
+
+    subtitles = Subtitler.from_pretrained(lang="zh")(clip)
+    assert subtitles.model == "flickr8k-caption-zh" and subtitles.language == "zh"
+    assert subtitles.cues and all(any("\u4e00" <= ch <= "\u9fff" for ch in c.text) for c in subtitles.cues)
+    with pytest.raises(ConfigError, match=r"writes English \(en\), not Chinese \(zh\)"):
+        Subtitler(Subtitler.from_pretrained().captioner, "zh")
 
 
 # -- the command -----------------------------------------------------------------------------------------------
@@ -316,10 +326,10 @@ def test_cli_warns_about_a_truncated_video_and_writes_what_decoded(tmp_path, tin
     assert (tmp_path / "cut.srt").read_text().startswith("1\n00:00:00,000 --> ")
 
 
-def test_cli_chinese_without_a_model_exits_2_naming_it(capsys):
-    assert main(["subtitle", "--sample", "--lang", "zh"]) == 2
+def test_cli_language_without_a_model_exits_2_naming_it(capsys):
+    assert main(["subtitle", "--sample", "--lang", "fr"]) == 2
     err = capsys.readouterr().err
-    assert "no Chinese (zh) caption model is installed yet" in err and "Traceback" not in err
+    assert "unknown language 'fr'" in err and "Traceback" not in err
 
 
 def test_cli_sample_subtitles_scikit_videos_bikes_clip(tmp_path, capsys):

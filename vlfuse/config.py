@@ -64,7 +64,6 @@ REMOVED_OPTIONS: Dict[str, Any] = {
     "SCSTConfig.loss_average": "sequence",
     "SCSTConfig.sample_dropout": False,
     "CaptionDataConfig.captions_file": "",
-    "CaptionDataConfig.segmenter": "english",
     "CaptionDataConfig.hflip": 0.0,
     "CaptionModelConfig.gen_weight": 1.0,
     "CaptionModelConfig.align_weight": 0.0,

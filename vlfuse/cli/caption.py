@@ -44,8 +44,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("caption", help="caption images or folders of images")
     p.add_argument("paths", nargs="*", help="image files and/or folders")
     p.add_argument("--samples", action="store_true", help="also caption scikit-image's bundled sample photos")
-    p.add_argument("--model", default="flickr8k-caption", help="built-in model name or checkpoint directory")
-    p.add_argument("--json", action="store_true", help="one JSON object per line instead of 'path<TAB>caption'")
+    p.add_argument("--model", default=None,
+                   help="built-in model name or checkpoint directory (default: the --lang's built-in model; "
+                        "flickr8k-caption for English)")
+    p.add_argument("--lang", default=None,
+                   help="the captions' language: en, zh, or several comma-separated (en,zh: one caption per "
+                        "language per photo, each by that language's built-in model; default: the model's)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per line ({image, caption, score, lang}; several languages: {image, "
+                        "captions: {lang: caption}, scores}) instead of tab-separated lines: the path, then a "
+                        "caption per language in --lang's order")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--attention-map", metavar="PNG", help="save the per-word attention over the (first) image")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
@@ -58,34 +66,60 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def run(args) -> int:
+def load_captioners(args) -> list:
+    """The captioners ``--model`` and ``--lang`` ask for: the model given (checked against a single --lang), else
+    each language's built-in model."""
+    from ..data.languages import parse_languages
+    from ..errors import ConfigError
     from ..tasks.caption.pipeline import Captioner
     from .environment import runtime_options
 
-    captioner = Captioner.from_pretrained(args.model, device=args.device,
-                                          runtime=runtime_options(no_onnx=args.no_onnx, float32=args.float32))
-    decode = captioner.decode_config(**decode_options(args))
+    langs = parse_languages(args.lang) if args.lang else []
+    if args.model and len(langs) > 1:
+        raise ConfigError(f"--model names one model, which writes one language; with --lang {args.lang} each "
+                          f"language is captioned by its built-in model (leave out --model)")
+    names = [args.model] if args.model else [Captioner.default_model_for(lang) for lang in langs or ["en"]]
+    runtime = runtime_options(no_onnx=args.no_onnx, float32=args.float32)
+    captioners = [Captioner.from_pretrained(name, device=args.device, runtime=runtime) for name in names]
+    if langs and captioners[0].lang != langs[0]:
+        raise ConfigError(f"model '{args.model}' writes captions in '{captioners[0].lang}', not '{langs[0]}'")
+    return captioners
+
+
+def run(args) -> int:
+    captioners = load_captioners(args)
+    decodes = [c.decode_config(**decode_options(args)) for c in captioners]
     paths = list_images(args.paths)
     if args.samples:
         from ..data.samples import sample_photos
 
         paths += sample_photos()
     failed, first_ok = 0, None
-    for path, result, error in captioner.caption_files(paths, decode, batch_size=args.batch_size):
+    # each language's captions of the same photos, in the same order (a bad file fails for all of them alike)
+    streams = [c.caption_files(paths, d, batch_size=args.batch_size) for c, d in zip(captioners, decodes)]
+    for rows in zip(*streams):
+        path, _, error = rows[0]
         if error:
             failed += 1
             print(f"vlfuse caption: error: {error}", file=sys.stderr)
             continue
         first_ok = first_ok or path
-        if args.json:
-            print(json.dumps({"image": path, "caption": result.caption, "score": round(result.score, 4)},
-                             ensure_ascii=False), flush=True)
+        results = {c.lang: result for c, (_, result, _) in zip(captioners, rows)}
+        if len(captioners) == 1:
+            result = results[captioners[0].lang]
+            line = json.dumps({"image": path, "caption": result.caption, "score": round(result.score, 4),
+                               "lang": captioners[0].lang}, ensure_ascii=False) if args.json \
+                else f"{path}\t{result.caption}"
+        elif args.json:
+            line = json.dumps({"image": path, "captions": {k: r.caption for k, r in results.items()},
+                               "scores": {k: round(r.score, 4) for k, r in results.items()}}, ensure_ascii=False)
         else:
-            print(f"{path}\t{result.caption}", flush=True)
+            line = "\t".join([path] + [r.caption for r in results.values()])
+        print(line, flush=True)
     if args.attention_map and first_ok:
         from ..viz.attention import save_attention_figure
 
-        words, att = captioner.attention_map(first_ok, decode)
+        words, att = captioners[0].attention_map(first_ok, decodes[0])
         if att is None:
             print("vlfuse caption: this model's fusion module has no spatial attention to draw", file=sys.stderr)
         else:

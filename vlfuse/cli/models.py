@@ -28,6 +28,8 @@ def run(args) -> int:
         return 0
     print("Built-in models:")
     for name, task in models.items():
+        if "lang" in configs[name]:  # a caption model's language
+            task += f" in {configs[name]['lang']}"
         if "decode" in configs[name]:  # a caption model's own decoding default
             decode = from_dict(CaptionDecodeConfig, configs[name]["decode"], "decode")
             task += f"  (decodes: {decode.strategy}{f' {decode.width}' if decode.strategy == 'beam' else ''} by default)"

@@ -21,6 +21,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--index", metavar="FILE", help="image index to search (built with `vlfuse index`)")
     p.add_argument("--caption-model", metavar="M", help="caption model name or directory (default flickr8k-caption "
                                                         "if installed)")
+    p.add_argument("--caption-lang", metavar="LANGS", default="",
+                   help="more caption languages, comma-separated (en,zh): each one the caption model does not write "
+                        "is captioned by its built-in model (zh: flickr8k-caption-zh); requests pick one with 'lang'")
     p.add_argument("--vqa-model", metavar="M", help="VQA model name or directory (default flickr8k-vqa if installed)")
     p.add_argument("--retrieval-model", metavar="M", help="retrieval model name or directory (default "
                                                           "flickr8k-retrieval if installed)")
@@ -104,6 +107,7 @@ def run(args) -> int:
         return 2
     from ..serving.models import ModelChoice, ServiceModels
     from ..serving.settings import ServeSettings, check_bind_allowed, load_api_keys
+    from ..data.languages import parse_languages
     from .environment import runtime_options
 
     if args.threads < 1:
@@ -129,7 +133,8 @@ def run(args) -> int:
     models = ServiceModels.load(ModelChoice(args.caption_model), ModelChoice(args.vqa_model),
                                 ModelChoice(args.retrieval_model), index=args.index, device=args.device,
                                 thumbnail_size=settings.thumbnail_size, runtime=runtime_options(no_onnx=args.no_onnx),
-                                caption_rerank=args.caption_rerank, tagging=ModelChoice(args.tagging_model))
+                                caption_rerank=args.caption_rerank, tagging=ModelChoice(args.tagging_model),
+                                caption_langs=parse_languages(args.caption_lang) if args.caption_lang else ())
     release_free_heap()
     loaded = [task for task, ok in models.loaded().items() if ok]
     if not loaded:

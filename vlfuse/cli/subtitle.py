@@ -22,8 +22,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--format", choices=sorted(FORMATS), default="srt", help="srt (default), vtt or json")
     p.add_argument("-o", "--output", help="the file to write ('-' = standard output; default: VIDEO's name with the "
                                           "format's suffix, or bikes.srt in this folder for --sample)")
-    p.add_argument("--lang", default="en", help="the subtitles' language (default en; the built-in caption model "
-                                               "writes English)")
+    p.add_argument("--lang", default="en", help="the subtitles' language: en (default) or zh, each written by its "
+                                               "built-in caption model")
     p.add_argument("--model", default=None, help="a caption model (built-in name or checkpoint directory; default: "
                                                  "the built-in model of --lang)")
     p.add_argument("--detector", choices=sorted(SHOT_DETECTORS), default=shots.detector,

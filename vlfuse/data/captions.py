@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional
 
 from ..errors import DataError
 from ..registry import check_kwargs
+from .languages import language
 
 
 @dataclasses.dataclass
@@ -41,6 +42,10 @@ class CaptionSet:
 
     def subset(self, n: int) -> "CaptionSet":
         return CaptionSet(self.images[:n], self.captions[:n], self.name)
+
+    def without_repeats(self) -> "CaptionSet":
+        """The same images, each caption that repeats an earlier one of the same image dropped."""
+        return CaptionSet(self.images, [list(dict.fromkeys(caps)) for caps in self.captions], self.name)
 
 
 def _group(rows, image_root: Path) -> CaptionSet:
@@ -307,13 +312,17 @@ def _resolve_directory(path: Path, split: Optional[str], fmt: str) -> Path:
     raise DataError(f"{path}: no {want} in this directory")
 
 
-def read_captions(path: str | Path, split: Optional[str] = "train", fmt: str = "auto", **kwargs) -> CaptionSet:
+def read_captions(path: str | Path, split: Optional[str] = "train", fmt: str = "auto", lang: str = "en",
+                  **kwargs) -> CaptionSet:
     """Read a caption dataset from a directory or file in any supported format.
 
-    ``split`` None, '' or 'all' takes every image. Extra ``kwargs`` go to the reader (e.g. ``image_root`` for
-    Karpathy/COCO, ``captions_file`` for the Flickr layout); an option the format lacks is a ConfigError.
+    ``split`` None, '' or 'all' takes every image. ``lang`` is the captions' language (``vlfuse.data.languages``):
+    in the Flickr layout it picks the captions file (zh: captions_zh.txt) unless ``captions_file`` is given, and
+    a language with ``drop_repeated`` loses each caption that repeats another of its image. Extra ``kwargs`` go to
+    the reader (e.g. ``image_root`` for Karpathy/COCO, ``captions_file`` for the Flickr layout); an option the
+    format lacks is a ConfigError.
     """
-
+    captions_language = language(lang)
     path = Path(path)
     if not path.exists():
         raise DataError(f"caption data '{path}' does not exist")
@@ -328,5 +337,8 @@ def read_captions(path: str | Path, split: Optional[str] = "train", fmt: str = "
     if path.is_dir() and fmt != "flickr":
         path = _resolve_directory(path, split, fmt)
     reader = READERS[fmt]
+    if fmt == "flickr":
+        kwargs.setdefault("captions_file", captions_language.captions_file)
     check_kwargs(reader, kwargs, f"caption format '{fmt}'")
-    return reader(path, split=split, **kwargs)
+    data = reader(path, split=split, **kwargs)
+    return data.without_repeats() if captions_language.drop_repeated else data

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from ..config import save_json
 from ..data.captions import read_captions
+from ..data.languages import language
 from ..generation import DecodeConfig
 from ..metrics.caption import score_captions
 from ..tasks.caption import Captioner
@@ -18,7 +19,9 @@ from . import EvaluationRequest
 def evaluate_captioner(captioner, data_path: str, split: str, decode: DecodeConfig, fmt: str = "auto",
                        limit: int = 0, batch_size: int = 32, results_path: str | None = None,
                        progress: bool = True, **reader_kwargs) -> Dict:
-    data = read_captions(data_path, split=split, fmt=fmt, **reader_kwargs)
+    """Caption the split's images and score them against the references in the captioner's language (a Chinese
+    model: the Flickr layout's captions_zh.txt, scored on jieba words, see ``vlfuse.metrics.caption``)."""
+    data = read_captions(data_path, split=split, fmt=fmt, lang=captioner.lang, **reader_kwargs)
     if limit:
         data = data.subset(limit)
     refs, hyps, failed = {}, {}, []
@@ -34,8 +37,8 @@ def evaluate_captioner(captioner, data_path: str, split: str, decode: DecodeConf
         refs[key], hyps[key] = by_path[path], result.caption
     bar.close()
     seconds = time.time() - t0
-    metrics = score_captions(refs, hyps)
-    metrics.update({"split": split, "failed_images": len(failed), "decode": decode.__dict__,
+    metrics = score_captions(refs, hyps, lang=captioner.lang)
+    metrics.update({"lang": captioner.lang, "words": language(captioner.lang).segmenter, "split": split, "failed_images": len(failed), "decode": decode.__dict__,
                     "seconds_per_image": seconds / max(1, len(data))})
     if results_path:
         save_json([{"image_id": k, "caption": v} for k, v in hyps.items()], results_path)

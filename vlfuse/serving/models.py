@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..data.images import load_image
-from ..errors import ModelNotFoundError, VlfuseError
+from ..data.languages import language
+from ..errors import ConfigError, ModelNotFoundError, VlfuseError
 from ..generation import DecodeConfig
 from ..runtime import RuntimeOptions
 
@@ -167,10 +168,17 @@ class ServiceModels:
     """Loaded models (any of them may be None) and the batch functions over them."""
 
     def __init__(self, captioner=None, vqa=None, retriever=None, index=None, names: Optional[Dict[str, str]] = None,
-                 problems: Optional[Dict[str, str]] = None, thumbnail_size: int = 192, tagger=None):
+                 problems: Optional[Dict[str, str]] = None, thumbnail_size: int = 192, tagger=None,
+                 more_captioners: Sequence[Any] = (), more_caption_names: Sequence[str] = ()):
         self.captioner, self.vqa, self.retriever, self.index = captioner, vqa, retriever, index
+        # the captioner of each language served: ``captioner``'s (the default of a request without ``lang``), then
+        # ``more_captioners``' (one per other language, named ``more_caption_names``)
+        self.captioners = {c.lang: c for c in ([captioner] if captioner is not None else []) + list(more_captioners)}
         self.tagger = tagger
         self.names = dict(names or {})
+        self.caption_names = dict(zip([c.lang for c in more_captioners], more_caption_names))
+        if captioner is not None:
+            self.caption_names[captioner.lang] = self.names.get("caption", "")
         self.problems = dict(problems or {})  # task -> why it is not loaded
         self.thumbnail_size = thumbnail_size
         self._index_paths = frozenset(index.paths) if index is not None else frozenset()
@@ -180,13 +188,16 @@ class ServiceModels:
     def load(cls, caption: ModelChoice = ModelChoice(), vqa: ModelChoice = ModelChoice(),
              retrieval: ModelChoice = ModelChoice(), index: Optional[str] = None, device: Optional[str] = None,
              thumbnail_size: int = 192, runtime: RuntimeOptions = RuntimeOptions(),
-             caption_rerank: bool = False, tagging: ModelChoice = ModelChoice()) -> "ServiceModels":
+             caption_rerank: bool = False, tagging: ModelChoice = ModelChoice(),
+             caption_langs: Sequence[str] = ()) -> "ServiceModels":
         """Load the chosen models. Raises VlfuseError if an explicitly chosen model or the index fails.
         ``runtime`` is every model's (``from_pretrained``): by default ONNX Runtime's image encoders and decoding
         step on a CPU where it is installed; ``RuntimeOptions(onnx=False)``: PyTorch's encoders and TorchScript's
         step.
         ``caption_rerank`` keeps a caption model's rerank decoding default (else it decodes greedily).
-        ``tagging`` names the backbone whose concept head tags photos (default efficientnet-lite0)."""
+        ``tagging`` names the backbone whose concept head tags photos (default efficientnet-lite0).
+        ``caption_langs`` are more languages to caption in, each by its built-in model (``Captioner.default_models``)
+        beside the caption model's own; a language that cannot be served fails the start."""
         loaded: Dict[str, Any] = {}
         names: Dict[str, str] = {}
         problems: Dict[str, str] = {}
@@ -219,8 +230,21 @@ class ServiceModels:
             problems["retrieval"] = "no image index given (start with --index FILE)"
             loaded.pop("retrieval")
             names.pop("retrieval")
-        return cls(loaded.get("caption"), loaded.get("vqa"), loaded.get("retrieval"), idx, names, problems,
-                   thumbnail_size, tagger=loaded.get("tagging"))
+        more, more_names = [], []
+        primary = loaded.get("caption")
+        for lang in caption_langs:
+            if primary is not None and language(lang).code == primary.lang:
+                continue
+            if primary is None:
+                raise ModelNotFoundError(f"captions in {lang!r} were asked for, but no caption model is loaded "
+                                         f"({problems.get('caption', '')})")
+            from ..tasks.caption.pipeline import Captioner
+
+            name = Captioner.default_model_for(lang)
+            more.append(_load_captioner(name, device, runtime, rerank=caption_rerank))
+            more_names.append(name)
+        return cls(primary, loaded.get("vqa"), loaded.get("retrieval"), idx, names, problems,
+                   thumbnail_size, tagger=loaded.get("tagging"), more_captioners=more, more_caption_names=more_names)
 
     # -- status ---------------------------------------------------------------------------------------
     def loaded(self) -> Dict[str, bool]:
@@ -238,6 +262,8 @@ class ServiceModels:
                 entry["reason"] = self.problems.get(task, "not loaded")
             out[task] = entry
         if out["caption"]["loaded"]:
+            out["caption"]["lang"] = self.captioner.lang  # a request without ``lang`` gets this language
+            out["caption"]["langs"] = {lang: self.caption_names.get(lang, "") for lang in self.captioners}
             out["caption"]["decode"] = dataclasses.asdict(self.captioner.decode_defaults)
             # what runs the image encoder and the decoding step: "onnxruntime", "torchscript" or "torch"
             out["caption"].update(self.captioner.runtime.backends())
@@ -251,23 +277,36 @@ class ServiceModels:
         return out
 
     # -- captioning -----------------------------------------------------------------------------------
-    def caption_pixels(self, image) -> Any:
-        """Decoded PIL image -> the captioner's (1, 3, H, W) input (runs in the request's worker thread)."""
-        return self.captioner.preprocess([image])
+    def caption_lang(self, lang: Optional[str]) -> str:
+        """A request's ``lang`` (None: the caption model's own) checked: ConfigError for a language vlfuse does not
+        know or this service does not caption in."""
+        if lang is None:
+            return self.captioner.lang
+        code = language(lang.strip()).code
+        if code not in self.captioners:
+            raise ConfigError(f"this service captions in {', '.join(self.captioners)}, not {code!r} (start it "
+                              f"with --caption-lang {','.join([*self.captioners, code])})")
+        return code
 
-    def caption_decode(self, beam: Optional[int], max_len: Optional[int]) -> DecodeConfig:
-        """The caption model's own decoding default with a request's ``beam`` / ``max_len`` (None = keep)."""
-        return self.captioner.decode_config(beam=beam, max_len=max_len)
+    def caption_pixels(self, lang: str, image) -> Any:
+        """Decoded PIL image -> the ``lang`` captioner's (1, 3, H, W) input (runs in the request's worker thread)."""
+        return self.captioners[lang].preprocess([image])
 
-    def caption_batch(self, decode: DecodeConfig, pixels: Sequence[Any]) -> List[Any]:
-        """Encode and decode in chunks of ``captioner.cpu_beam_chunk`` images: beam search gains up to
-        about 16 on a CPU, and a chunk's activations are freed before the next one, which keeps the server's peak
-        memory low."""
+    def caption_decode(self, lang: str, beam: Optional[int], max_len: Optional[int]) -> DecodeConfig:
+        """The ``lang`` caption model's own decoding default with a request's ``beam`` / ``max_len`` (None = keep)."""
+        return self.captioners[lang].decode_config(beam=beam, max_len=max_len)
+
+    def caption_batch(self, key: Tuple[str, DecodeConfig], pixels: Sequence[Any]) -> List[Any]:
+        """key: (language, decoding). Encode and decode in chunks of ``captioner.cpu_beam_chunk`` images: beam
+        search gains up to about 16 on a CPU, and a chunk's activations are freed before the next one, which keeps
+        the server's peak memory low."""
         import torch
 
-        step, out = self.captioner.cpu_beam_chunk, []
+        lang, decode = key
+        captioner = self.captioners[lang]
+        step, out = captioner.cpu_beam_chunk, []
         for i in range(0, len(pixels), step):
-            out += self.captioner.caption_pixels(torch.cat(list(pixels[i:i + step])), decode)
+            out += captioner.caption_pixels(torch.cat(list(pixels[i:i + step])), decode)
         return out
 
     # -- VQA ------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ class CaptionResponse(BaseModel):
     score: float
     tokens: List[str]
     beam: int
+    lang: str = Field(description="the caption's language (en, zh)")
     model: str
 
 

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import load_weights
 from ..config import from_dict, save_json, to_dict
 from ..data.captions import CaptionSet, read_captions
+from ..data.languages import language
 from ..data.mirror import check_mirror_probability, draw_mirrored, mirror_text
 from ..data.tokenizer import PAD, Tokenizer
 from ..errors import ConfigError, DataError
@@ -28,6 +29,9 @@ from .trainer import TrainConfig, Trainer, is_main_process, seed_everything
 class CaptionDataConfig:
     path: str = "../shared/data/flickr8k"
     format: str = "auto"
+    lang: str = "en"               # the captions' language (en, zh: the Flickr layout's captions_zh.txt)
+    segmenter: str = ""            # how captions split into tokens (default: the language's; zh: jieba words,
+                                   # chinese-char: characters); validation scores on the language's words either way
     train_split: str = "train"
     val_split: str = "val"
     image_root: str = ""           # Karpathy/COCO only: folder the image paths are relative to (default: the JSON's)
@@ -46,6 +50,14 @@ class CaptionDataConfig:
 
     def __post_init__(self):
         check_mirror_probability(self.mirror)
+        language(self.lang)  # an unknown language fails here, naming the known ones
+        if self.mirror and self.lang != "en":
+            raise ConfigError(f"data.mirror swaps English 'left'/'right' in captions; it does not know {self.lang!r}")
+
+    @property
+    def word_segmenter(self) -> str:
+        """The segmenter of the vocabulary: ``segmenter``, or the language's."""
+        return self.segmenter or language(self.lang).segmenter
 
 
 @dataclasses.dataclass
@@ -62,9 +74,10 @@ class CaptionExperiment:
     memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)  # optional last step: a caption memory
 
 
-def load_split(cfg: CaptionDataConfig, split: str, limit: int) -> CaptionSet:
+def load_split(cfg: CaptionDataConfig, split: str, limit: int, lang: str = "en") -> CaptionSet:
+    """The first ``limit`` images (0: all) of ``split`` with their captions in ``lang``."""
     extra = {"image_root": cfg.image_root} if cfg.image_root else {}
-    data = read_captions(cfg.path, split=split, fmt=cfg.format, **extra)
+    data = read_captions(cfg.path, split=split, fmt=cfg.format, lang=lang, **extra)
     return data.subset(limit) if limit else data
 
 
@@ -196,9 +209,12 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     from ..metrics.caption import score_captions
 
     exp = from_dict(CaptionExperiment, raw_config)
+    if exp.memory.build and exp.data.lang != "en":
+        raise ConfigError(f"memory.build: the caption memory is embedded by an English retrieval model, so it does "
+                          f"not serve captions in {exp.data.lang!r}; set memory.build to false")
     t_start = time.time()
-    train_set = load_split(exp.data, exp.data.train_split, exp.data.train_limit)
-    val_set = load_split(exp.data, exp.data.val_split, exp.data.val_limit)
+    train_set = load_split(exp.data, exp.data.train_split, exp.data.train_limit, exp.data.lang)
+    val_set = load_split(exp.data, exp.data.val_split, exp.data.val_limit, exp.data.lang)
     out = Path(exp.train.out_dir)
     init = _initial_model(exp)
     text_only = read_text_only(exp.data.text_only) if exp.data.text_only else []
@@ -209,7 +225,8 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     elif resume and (out / "vocab.json").is_file():
         tokenizer = Tokenizer.load(out)
     else:
-        tokenizer = Tokenizer.build((c for caps in train_set.captions + text_only for c in caps), exp.data.min_count)
+        tokenizer = Tokenizer.build((c for caps in train_set.captions + text_only for c in caps), exp.data.min_count,
+                                    segmenter=exp.data.word_segmenter)
     seed_everything(exp.train.seed)  # initial weights too, not only the training order, follow train.seed
     model = init.model.train() if init is not None else CaptionModel(exp.model, len(tokenizer))
     if exp.model.concepts and init is None:
@@ -247,12 +264,13 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     def evaluate(m: CaptionModel) -> Dict[str, float]:
         caps = generate_captions(m, tokenizer, val_feats, exp.val_decode)
         refs, hyps = references_and_hypotheses(val_set, caps)
-        scores = score_captions(refs, hyps, metrics=("BLEU", "CIDEr"), tokenizer="simple")
+        scores = score_captions(refs, hyps, metrics=("BLEU", "CIDEr"), tokenizer="simple", lang=exp.data.lang)
         return {k: v for k, v in scores.items() if isinstance(v, float)}
 
     def save_best(m: CaptionModel, directory: Path) -> None:
         # the model's decoding default is the decoding it was selected with on val
-        Captioner(m, tokenizer).save_pretrained(directory, training=resolved, decode=to_dict(exp.val_decode))
+        Captioner(m, tokenizer).save_pretrained(directory, training=resolved, decode=to_dict(exp.val_decode),
+                                                lang=exp.data.lang)
 
     if init is not None:  # SCST only: the given model stands in for the cross-entropy phase's best
         if not (resume and (out / "best" / "model.safetensors").is_file()):

@@ -1,6 +1,7 @@
 """``POST /v1/caption``: caption an uploaded photo."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 from fastapi import APIRouter, File, Form, UploadFile
@@ -20,12 +21,17 @@ def router(service: Service) -> APIRouter:
                                                  description="beam width, 1 = greedy (default: the model's own "
                                                              "decoding, see /v1/models)"),
                       max_len: Optional[int] = Form(None, ge=1, le=50,
-                                                    description="at most this many words (default: the model's)")):
+                                                    description="at most this many words (default: the model's)"),
+                      lang: Optional[str] = Form(None, max_length=16,
+                                                 description="the caption's language: en, zh (default: the caption "
+                                                             "model's; /v1/models lists those served)")):
         b = service.batcher("caption")
-        decode = models.caption_decode(beam, max_len)  # batched with the requests that decode alike
-        pixels = await read_image_upload(image, settings, service.offload, prepare=models.caption_pixels)
-        result = await service.within_timeout(b.submit(pixels, key=decode))
+        lang = models.caption_lang(lang)  # ConfigError -> 422 naming the languages served
+        decode = models.caption_decode(lang, beam, max_len)  # batched with the requests that decode alike
+        pixels = await read_image_upload(image, settings, service.offload,
+                                         prepare=functools.partial(models.caption_pixels, lang))
+        result = await service.within_timeout(b.submit(pixels, key=(lang, decode)))
         return {"caption": result.caption, "score": float(result.score), "tokens": list(result.tokens),
-                "beam": decode.width, "model": models.names.get("caption", "")}
+                "beam": decode.width, "lang": lang, "model": models.caption_names.get(lang, "")}
 
     return r

@@ -31,10 +31,11 @@ def router(service: Service) -> APIRouter:
                                                              f"{settings.max_video_bytes:,} bytes and "
                                                              f"{settings.max_video_seconds:g} s)"),
                        format: str = Form("vtt", pattern=f"^({formats})$", description="vtt (default), srt or json"),
-                       lang: str = Form("en", description="the subtitles' language")):
+                       lang: str = Form(None, description="the subtitles' language: one the service captions in "
+                                                          "(/v1/models: caption.langs); default the caption model's")):
         service.batcher("caption")  # 503 when no caption model is loaded
-        # (ConfigError, so 422, where the caption model writes another language than ``lang``)
-        subtitler = Subtitler(models.captioner, lang, options, model_name=models.names.get("caption", ""))
+        lang = models.caption_lang(lang)  # ConfigError (422) for a language not served
+        subtitler = Subtitler(models.captioners[lang], lang, options, model_name=models.caption_names.get(lang, ""))
         name = video.filename or "video"
         with tempfile.TemporaryDirectory(prefix="vlfuse-upload-") as folder:
             path = await save_video_upload(video, settings, Path(folder))

@@ -92,6 +92,7 @@ async function loadModels() {
   try {
     const info = await api("/v1/models");
     tagging = Boolean(info.models.tagging && info.models.tagging.loaded);
+    showCaptionLanguages(info.models.caption);
     const parts = Object.entries(info.models).map(([task, m]) => `${task}: ${m.loaded ? "ready" : "not loaded"}`);
     $("models-status").textContent = parts.join(" · ");
     showError("");
@@ -133,17 +134,35 @@ zone.addEventListener("drop", (e) => {
 });
 zone.addEventListener("keydown", (e) => { if (e.key === "Enter") $("file-input").click(); });
 
+// the languages the service captions in (/v1/models), offered in the language switch
+const LANGUAGE_NAMES = { en: "English", zh: "中文 (Chinese)" };
+function showCaptionLanguages(caption) {
+  const select = $("caption-lang");
+  const langs = caption && caption.loaded ? Object.keys(caption.langs || {}) : [];
+  const chosen = select.value;
+  select.replaceChildren(...langs.map((lang) => {
+    const option = document.createElement("option");
+    option.value = lang;
+    option.textContent = LANGUAGE_NAMES[lang] || lang;
+    return option;
+  }));
+  select.value = langs.includes(chosen) ? chosen : (caption && caption.lang) || "";
+  select.disabled = langs.length < 2;
+}
+
 async function captionPhoto() {
   if (!photo) return;
   const form = new FormData();
   form.append("image", photo);
   if ($("beam").value) form.append("beam", $("beam").value);  // empty: the model's own decoding
+  if ($("caption-lang").value) form.append("lang", $("caption-lang").value);
   $("caption").textContent = "Captioning…";
   const ticket = startRequest("caption");
   try {
     const r = await api("/v1/caption", { method: "POST", body: form });
     if (isStale("caption", ticket)) return;
     $("caption").textContent = r.caption;
+    $("caption").lang = r.lang;  // so the browser picks a font that has the language's characters
     $("caption").title = `score ${r.score.toFixed(3)}, beam ${r.beam}`;
     showError("");
   } catch (e) {
@@ -173,6 +192,7 @@ async function tagPhoto() {
   }
 }
 $("beam").addEventListener("change", captionPhoto);
+$("caption-lang").addEventListener("change", captionPhoto);
 
 // -- question -------------------------------------------------------------------------------------
 async function askQuestion() {

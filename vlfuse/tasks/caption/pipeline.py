@@ -14,6 +14,7 @@ from torch import nn
 from ...checkpoint import load_weights, save_checkpoint
 from ...config import from_dict, to_dict
 from ...data.images import ImageInput, load_image
+from ...data.languages import LANGUAGES, language
 from ...data.tokenizer import BOS, Tokenizer
 from ...errors import ConfigError, ImageError
 from ...generation import content_seeds
@@ -47,6 +48,9 @@ class Captioner(Pipeline):
     batch or the batch size: sampling (the ``sample`` and ``rerank`` strategies) draws each image's random
     numbers from a seed made of its pixels and ``seed`` (``content_seeds``).
 
+    A checkpoint names the language its captions are in (``"lang"`` in its config.json, ``self.lang``: 'en' where it
+    has none); each language has its built-in default model (``default_models``).
+
     A checkpoint may also carry a caption memory (``"rerank"`` in its config.json, see ``caption_memory``) for
     the ``rerank`` strategy; ``memory_dir`` is the directory its files are in (``from_pretrained`` sets it).
 
@@ -57,13 +61,15 @@ class Captioner(Pipeline):
     """
 
     task = "caption"
-    default_model = "flickr8k-caption"
+    default_models = {"en": "flickr8k-caption", "zh": "flickr8k-caption-zh"}  # the built-in model of each language
+    default_model = default_models["en"]
 
     def __init__(self, model: CaptionModel, tokenizer: Tokenizer, extra_config: Optional[dict] = None,
                  runtime: RuntimeOptions = RuntimeOptions(), memory_dir: Optional[Path] = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.extra_config = extra_config or {}
+        self.lang = language(self.extra_config.get("lang", "en")).code
         self.decode_defaults = from_dict(CaptionDecodeConfig, self.extra_config.get("decode", {}), "decode")
         self.rerank_config = rerank_config(self.extra_config.get("rerank"))
         self.memory_dir = memory_dir
@@ -77,6 +83,13 @@ class Captioner(Pipeline):
         self.runtime = Runtime(runtime, vision=model.vision, decoder=model.decoder)
         self._threads: Optional[ThreadPoolExecutor] = None  # decodes images at once (int8 copies: _generate)
         self._dropped_device: Optional[torch.device] = None  # set by drop_unused_weights
+
+    @classmethod
+    def default_model_for(cls, lang: str) -> str:
+        """The built-in caption model of language ``lang``; a language without one is a ConfigError."""
+        if language(lang).code not in cls.default_models:
+            raise ConfigError(f"no built-in caption model writes {LANGUAGES[lang].name}")
+        return cls.default_models[lang]
 
     @property
     def generator(self) -> nn.Module:

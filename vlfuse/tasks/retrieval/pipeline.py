@@ -9,6 +9,7 @@ symmetric InfoNCE loss with a learned temperature, plus an optional VSE++ hardes
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
@@ -80,6 +81,11 @@ class RetrievalImageTower(nn.Module):
 # Config fields removed after models shipped, which the model id hashed: they enter it at the value every
 # checkpoint that still loads has (config.REMOVED_OPTIONS), so the ids that indexes and caption memories recorded
 # stay valid. (mirror_average, also removed, was left out of the id at that value.)
+# A query written in Chinese with no Latin word: the English text tower never learnt those characters and would rank
+# the photos arbitrarily, so it is refused with a message instead (a Chinese text tower is not built yet, issue 22)
+_HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_LATIN = re.compile("[A-Za-z]")
+
 _REMOVED_FIELDS = ("init_temperature", "hard_negative_weight", "hard_negative_margin")
 
 
@@ -193,6 +199,9 @@ class Retriever(Pipeline):
         for t in texts:
             if not isinstance(t, str) or not t.strip():
                 raise InputError("the text query is empty; type some words to search for")
+            if _HAN.search(t) and not _LATIN.search(t):
+                raise InputError(f"this retrieval model reads English, and search in Chinese is not available yet; "
+                                 f"describe the photo in English (query: {t[:40]!r})")
         ids, mask = pad_batch([self.tokenizer.encode(t, self.model.config.max_len) for t in texts])
         return ids.to(self.device), mask.to(self.device)
 

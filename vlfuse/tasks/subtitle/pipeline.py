@@ -17,6 +17,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Deque, Dict, List, Optional, Tuple
 
+from ...data.languages import LANGUAGES
 from ...data.video import VideoInfo, VideoInput, VideoLimits, VideoReader
 from ...errors import ConfigError, ModelNotFoundError
 from ...runtime import RuntimeOptions
@@ -27,18 +28,17 @@ from .formats import FORMATS
 from .shots import Segment, ShotOptions, segments
 
 DEFAULT_LANGUAGE = "en"
-CAPTION_MODELS: Dict[str, str] = {"en": Captioner.default_model}  # language -> its built-in caption model
-LANGUAGE_NAMES = {"en": "English", "zh": "Chinese"}
 
 
-def caption_model_for(language: str) -> str:
-    """The built-in caption model that writes ``language``, or ModelNotFoundError saying none is installed."""
-    if language in CAPTION_MODELS:
-        return CAPTION_MODELS[language]
-    name = LANGUAGE_NAMES.get(language, language)
-    raise ModelNotFoundError(f"no {name} ({language}) caption model is installed yet: the built-in caption models "
-                             f"write {', '.join(f'{LANGUAGE_NAMES[k]} ({k})' for k in CAPTION_MODELS)}; give a "
-                             f"{name} caption checkpoint as the model, or choose another language")
+def caption_model_for(lang: str) -> str:
+    """The built-in caption model that writes ``lang`` (``Captioner.default_models``), or ModelNotFoundError saying
+    none is installed."""
+    try:
+        return Captioner.default_model_for(lang)
+    except ConfigError as exc:
+        written = ", ".join(f"{LANGUAGES[k].name} ({k})" for k in Captioner.default_models)
+        raise ModelNotFoundError(f"{exc}: the built-in caption models write {written}; give a caption checkpoint "
+                                 "in that language as the model, or choose another language") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,10 +126,9 @@ class Subtitler:
     def __init__(self, captioner: Captioner, language: str = DEFAULT_LANGUAGE,
                  options: SubtitleOptions = SubtitleOptions(), decode: Optional[CaptionDecodeConfig] = None,
                  model_name: str = ""):
-        written = captioner.extra_config.get("language", DEFAULT_LANGUAGE)
-        if written != language:
-            raise ConfigError(f"the caption model writes {LANGUAGE_NAMES.get(written, written)} ({written}), "
-                              f"not {LANGUAGE_NAMES.get(language, language)} ({language})")
+        if captioner.lang != language:
+            raise ConfigError(f"the caption model writes {LANGUAGES[captioner.lang].name} ({captioner.lang}), not "
+                              f"{LANGUAGES[language].name if language in LANGUAGES else language} ({language})")
         self.captioner, self.language, self.options, self.model_name = captioner, language, options, model_name
         self.decode = decode or default_decode(captioner)
 
