@@ -14,7 +14,7 @@ from vlfuse.cli.main import main
 from vlfuse.data.captions import CaptionSet, read_captions
 from vlfuse.data.questions import generate_questions
 from vlfuse.hub import builtin_models
-from vlfuse.tasks.vqa.pipeline import QuestionAnswerer
+from vlfuse.tasks.vqa.pipeline import AnswerEnsemble, QuestionAnswerer
 
 COCO = FLICKR.parent / "coco_ood_dev"
 
@@ -40,6 +40,10 @@ def test_default_is_the_shipped_photo_model(vqa):
     assert "flickr8k-vqa" in builtin_models() and QuestionAnswerer.default_model == "flickr8k-vqa"
     assert vqa.network.config.vision.name == "efficientnet-lite0" and len(vqa.answers) > 100
     assert vqa.calibration.temperature != 1.0 and vqa.calibration.words and vqa.calibration.openings
+    # an ensemble: a GRU and two MiniLM readers of the question (one MiniLM in memory), over one image encoder
+    assert isinstance(vqa, AnswerEnsemble) and list(vqa.members) == ["gru", "minilm", "minilm_light"]
+    gru, minilm, light = vqa.members.values()
+    assert minilm.network.text is light.network.text and gru.network.vision is minilm.network.vision
 
 
 def test_answers_real_val_questions_better_than_the_answer_prior(vqa, val_questions):
