@@ -131,6 +131,17 @@ def test_train_cli_on_jsonl_with_bad_lines(tmp_path, capsys):
     assert model(tmp_path / "0.png", "what color is it?").answer in {"red", "blue", "yes", "no"}
 
 
+def frozen_lite0_config(tmp_path, questions: str, val_fraction: float, fusion: str, batch_size: int) -> dict:
+    """A one-epoch VQA config over the questions file ``tmp_path/questions``: frozen EfficientNet-Lite0 (its stem
+    outputs cached in tmp_path/cache), a bag-of-embeddings question encoder, a tiny head; output in tmp_path/run."""
+    return {"task": "vqa", "data": {"path": str(tmp_path / questions), "val_fraction": val_fraction, "test_split": "",
+                                    "cache_dir": str(tmp_path / "cache")},
+            "model": {"vision": {"name": "efficientnet-lite0"}, "text": {"name": "embedding", "embed_dim": 8},
+                      "fusion": {"name": fusion, "dim": 16}, "head": {"name": "classifier", "hidden_dim": 16}},
+            "train": {"epochs": 1, "batch_size": batch_size, "warmup_steps": 1, "out_dir": str(tmp_path / "run"),
+                      "progress": False, "threads": 1}}
+
+
 def test_training_a_pretrained_encoder_reads_the_feature_cache(tmp_path):
     """A frozen EfficientNet's stem outputs go through the FeatureCache (keyed by file content, so the photos
     differ): a second run computes none again."""
@@ -142,12 +153,7 @@ def test_training_a_pretrained_encoder_reads_the_feature_cache(tmp_path):
         lines.append(json.dumps({"image": f"{i}.png", "question": "what color is it?",
                                  "answer": "red" if i % 2 else "blue", "type": "color"}))
     (tmp_path / "qa.jsonl").write_text("\n".join(lines) + "\n")
-    config = {"task": "vqa", "data": {"path": str(tmp_path / "qa.jsonl"), "val_fraction": 0.34, "test_split": "",
-                                      "cache_dir": str(tmp_path / "cache")},
-              "model": {"vision": {"name": "efficientnet-lite0"}, "text": {"name": "embedding", "embed_dim": 8},
-                        "fusion": {"name": "mul", "dim": 16}, "head": {"name": "classifier", "hidden_dim": 16}},
-              "train": {"epochs": 1, "batch_size": 2, "warmup_steps": 1, "out_dir": str(tmp_path / "run"),
-                        "progress": False, "threads": 1}}
+    config = frozen_lite0_config(tmp_path, "qa.jsonl", val_fraction=0.34, fusion="mul", batch_size=2)
     summary = train(json.loads(json.dumps(config)))
     entries = sorted((tmp_path / "cache").rglob("*.npy"))
     assert len(entries) == 6 and summary["train_questions"] + summary["val_questions"] == 6
@@ -169,13 +175,8 @@ def test_training_an_ensemble_trains_each_member_then_calibrates_them_together(t
         lines.append(json.dumps({"image": f"{i}.png", "question": "what color is it?", "answer": name}))
         lines.append(json.dumps({"image": f"{i}.png", "question": "is it red?", "answer": "yes" if i % 2 else "no"}))
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
-    config = {"task": "vqa", "data": {"path": str(tmp_path / "train.jsonl"), "val_fraction": 0.25, "test_split": "",
-                                      "cache_dir": str(tmp_path / "cache")},
-              "model": {"vision": {"name": "efficientnet-lite0"}, "text": {"name": "embedding", "embed_dim": 8},
-                        "fusion": {"name": "concat", "dim": 16}, "head": {"name": "classifier", "hidden_dim": 16}},
-              "train": {"epochs": 1, "batch_size": 4, "warmup_steps": 1, "out_dir": str(tmp_path / "run"),
-                        "progress": False, "threads": 1},
-              "members": {"bag": {}, "gru": {"model": {"text": {"name": "gru", "embed_dim": 8, "hidden_dim": 8}}}}}
+    config = frozen_lite0_config(tmp_path, "train.jsonl", val_fraction=0.25, fusion="concat", batch_size=4)
+    config["members"] = {"bag": {}, "gru": {"model": {"text": {"name": "gru", "embed_dim": 8, "hidden_dim": 8}}}}
     (tmp_path / "cfg.json").write_text(json.dumps(config))
     assert main(["train", "--config", str(tmp_path / "cfg.json")]) == 0
     out = capsys.readouterr().out
@@ -187,6 +188,8 @@ def test_training_an_ensemble_trains_each_member_then_calibrates_them_together(t
     model = QuestionAnswerer.from_pretrained(tmp_path / "run" / "best")
     assert isinstance(model, AnswerEnsemble) and list(model.members) == ["bag", "gru"]
     assert model.calibration.temperature == summary["calibration"]["temperature"]
+    assert model.calibration.words == ["color", "is", "it", "red", "what"]  # the training questions' words
+    assert sorted(model.calibration.openings) == ["is it", "what color"]
     assert model(tmp_path / "0.png", "what color is it?").answer in {"red", "blue", "yes", "no"}
     stamp = (tmp_path / "run" / "gru" / "summary.json").stat().st_mtime_ns
     assert main(["train", "--config", str(tmp_path / "cfg.json"), "--resume"]) == 0

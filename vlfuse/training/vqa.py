@@ -275,7 +275,8 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     t_train = time.time()
     result = trainer.fit()
     train_minutes = (time.time() - t_train) / 60
-    summary = {"calibration": calibrate(out / "best", train_set, val_set, val_acts, exp.calibration)}
+    calibration = with_training_questions(exp.calibration, train_set)
+    summary = {"calibration": calibrate(out / "best", val_set, val_acts, calibration)}
     summary.update({"best_val_" + exp.train.select_metric: result["best"], "best_epoch": result["best_epoch"],
                "epochs_run": len(result["history"]), "train_images": len(train_set.images),
                "train_questions": len(train_set), "val_questions": len(val_set), "answers": len(answers),
@@ -315,10 +316,13 @@ def train_ensemble(raw_config: dict, exp: VQAExperiment, resume: bool = False) -
     members = {name: QuestionAnswerer.from_pretrained(out / name / "best") for name in exp.members}
     ensemble = AnswerEnsemble(members, {"training": to_dict(exp)})
     ensemble.save_pretrained(out / "best")
-    train_set, val_set = load_splits(exp.data)
+    # the members were trained on the same questions: the first one's calibration already lists their words
+    first = next(iter(members.values())).calibration
+    calibration = dataclasses.replace(exp.calibration, words=first.words, openings=first.openings)
+    val_set = read_vqa(exp.data.path, exp.data.val_split) if exp.data.val_split else load_splits(exp.data)[1]
     val_acts, _, val_set = prepare_images(next(iter(members.values())).network, val_set, exp.train.progress,
                                           cache_dir=exp.data.cache_dir)
-    summary = {"calibration": calibrate(out / "best", train_set, val_set, val_acts, exp.calibration)}
+    summary = {"calibration": calibrate(out / "best", val_set, val_acts, calibration)}
     best = QuestionAnswerer.from_pretrained(out / "best")
     scores = score_answers(val_set, [a.answer for a in predict_set(best, val_set, val_acts)])
     summary.update({"best_val_accuracy": scores["accuracy"], "val": scores,
@@ -338,18 +342,22 @@ TEMPERATURES = torch.logspace(-2, 3, 81, base=2.0)  # 0.25 ... 8, a grid fine en
 OPENING_MIN_COUNT = 3  # a question opening (first two words) seen this often in training counts as known
 
 
-@torch.inference_mode()
-def calibrate(best_dir: Path, train: VQASet, val: VQASet, val_acts: torch.Tensor,
-              calibration: AnswerCalibration) -> Dict:
-    """Temperature scaling (Guo et al. 2017): the temperature that minimises the negative log-likelihood of the
-    validation answers, written into the best checkpoint's config with ``calibration``'s thresholds and the words
-    and openings of the training questions (``AnswerCalibration``). Returns the fitted temperature and the
-    validation ECE before and after."""
-    model = QuestionAnswerer.from_pretrained(best_dir)
+def with_training_questions(calibration: AnswerCalibration, train: VQASet) -> AnswerCalibration:
+    """``calibration`` with the words and openings of the training questions (what ``AnswerCalibration.doubt``
+    compares a question with)."""
     asked = [QUESTION_WORDS(q.question) for q in train.questions]
     openings = Counter(" ".join(words[:2]) for words in asked if len(words) >= 2)
-    calibration = dataclasses.replace(calibration, words=sorted({w for words in asked for w in words}),
-                                      openings=[o for o, c in openings.most_common() if c >= OPENING_MIN_COUNT])
+    return dataclasses.replace(calibration, words=sorted({w for words in asked for w in words}),
+                               openings=[o for o, c in openings.most_common() if c >= OPENING_MIN_COUNT])
+
+
+@torch.inference_mode()
+def calibrate(best_dir: Path, val: VQASet, val_acts: torch.Tensor, calibration: AnswerCalibration) -> Dict:
+    """Temperature scaling (Guo et al. 2017): the temperature that minimises the negative log-likelihood of the
+    validation answers, written into the best checkpoint's config with ``calibration`` (its thresholds and the
+    training questions' words and openings: ``with_training_questions``). Returns the fitted temperature and the
+    validation ECE before and after."""
+    model = QuestionAnswerer.from_pretrained(best_dir)
     logits = logits_set(model, val, val_acts)
     index = {a: i for i, a in enumerate(model.answers)}
     targets = torch.tensor([index.get(majority_answer(q.answers), -1) for q in val.questions])
