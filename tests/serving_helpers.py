@@ -119,9 +119,12 @@ def _colour_vector(rgb) -> np.ndarray:
 
 
 class ColourRetriever:
-    """Retriever's ``embed_texts``/``embed_images`` API over a 3-d colour space."""
+    """Retriever's ``languages``/``embed_texts``/``embed_images`` API over a 3-d colour space; reads English only."""
 
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+    languages = ("en",)
+
+    def embed_texts(self, texts: Sequence[str], lang=None) -> np.ndarray:
+        assert lang in (None, "en")
         rows = []
         for t in texts:
             hit = next((c for c in COLOURS if c in t.lower()), "yellow")

@@ -327,6 +327,8 @@ def test_vqa_model_input_error_fails_only_that_request(captioner):
     ({"text": "x" * 501}, 422, "invalid_parameter", "over the limit of 500"),
     ({"text": "red", "limit": 3}, 422, "invalid_parameter", "unknown field"),
     (["red"], 422, "invalid_parameter", "JSON object"),
+    ({"text": "red", "lang": "fr"}, 422, "invalid_parameter", "lang: must be 'auto' or one of en"),
+    ({"text": "红色", "lang": "zh"}, 422, "invalid_parameter", "one of en, got 'zh'"),  # this model reads English
 ])
 def test_search_bad_json(full, body, status, code, words):
     assert_error(full.post("/v1/search", json=body), status, code, words)
@@ -338,7 +340,8 @@ def test_search_bad_requests(full):
     assert_error(full.post("/v1/search", content=b"text=red", headers={"content-type": "text/plain"}),
                  415, "unsupported_media_type", "application/json")
     assert_error(post_image(full, "/v1/search", image_bytes(), k=0), 422, "invalid_parameter", "k")
-    assert full.post("/v1/search", json={"text": "blue"}).json()["query"] == {"text": "blue", "k": 5}
+    assert full.post("/v1/search", json={"text": "blue"}).json()["query"] == {"text": "blue", "k": 5, "lang": "auto"}
+    assert full.post("/v1/search", json={"text": "blue", "lang": "en"}).json()["hits"][0]["path"].endswith("blue.png")
 
 
 def test_thumbnails_only_for_indexed_paths(full, index, tmp_path):

@@ -30,6 +30,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--results", default=None, help="write generated outputs here (default: next to --out)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None)
+    p.add_argument("--lang", default=None, help="the captions' language: retrieval's queries and targets (en, zh; "
+                                                 "default en); a caption model scores in its own language")
     add_decode_arguments(p)
     return p
 
@@ -41,7 +43,7 @@ def run(args) -> int:
     request = EvaluationRequest(model=args.model or default_model, data=args.data, split=args.split,
                                 fmt=args.format, limit=args.limit, out=args.out, results=args.results,
                                 batch_size=args.batch_size, device=args.device, runtime=runtime_options(),
-                                decode=decode_options(args), wordnet=wordnet_root())
+                                decode=decode_options(args), wordnet=wordnet_root(), lang=args.lang)
     metrics = importlib.import_module(module).evaluate(request)
     text = json.dumps(metrics, indent=2, ensure_ascii=False)
     print(text)

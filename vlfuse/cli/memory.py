@@ -8,7 +8,8 @@ import argparse
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("memory", help="build a caption model's memory for consensus reranking (--rerank)")
     p.add_argument("--model", required=True, help="caption checkpoint directory or built-in name (written in place)")
-    p.add_argument("--data", required=True, help="captions the memory holds: a dataset directory or file")
+    p.add_argument("--data", required=True, help="captions the memory holds: a dataset directory or file (in the "
+                                                 "caption model's language: captions_zh.txt for a Chinese model)")
     p.add_argument("--split", default="train", help="their split (default train; never the split you evaluate on)")
     p.add_argument("--format", default="auto", help="dataset format (default: detected)")
     p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
@@ -27,7 +28,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    from ..checkpoint import read_config
     from ..data.captions import read_captions
+    from ..hub import resolve_model
     from ..tasks.caption.rerank import MemoryConfig, RerankConfig, build_and_attach
 
     config = MemoryConfig(build=True, rerank=RerankConfig(retriever=args.retriever, neighbours=args.neighbours,
@@ -35,7 +38,8 @@ def run(args) -> int:
                                                           logprob_weight=args.logprob_weight),
                           default=args.default, candidates=args.candidates, temperature=args.temperature,
                           seed=args.seed)
-    data = read_captions(args.data, split=args.split, fmt=args.format)
+    lang = read_config(resolve_model(args.model)).get("lang", "en")
+    data = read_captions(args.data, split=args.split, fmt=args.format, lang=lang)
     if args.limit:
         data = data.subset(args.limit)
     memory = build_and_attach(args.model, data, config)

@@ -1,4 +1,5 @@
-"""``vlfuse search photos.idx "a dog in the snow" -k 10`` or ``--image q.jpg [--grid results.png]``."""
+"""``vlfuse search photos.idx "a dog in the snow" -k 10`` (or "两只狗在雪地里玩": any language the model reads) or
+``--image q.jpg [--grid results.png]``."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +16,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     p.add_argument("--grid", default=None, metavar="PNG", help="also save a contact sheet of the hits")
     p.add_argument("--json", action="store_true", help="one JSON object per hit")
+    p.add_argument("--lang", default="auto", help="the query's language: auto (told from its script: "
+                                                  "'两只狗在雪地里玩' is Chinese), en or zh")
     p.add_argument("--model", default=None, help="retrieval model (default: the one that built the index)")
     p.add_argument("--device", default=None)
     return p
@@ -41,7 +44,7 @@ def run(args) -> int:
     if query_image is not None:
         vector = retriever.embed_images([query_image])
     else:
-        vector = retriever.embed_texts([args.query])
+        vector = retriever.embed_texts([args.query], lang=None if args.lang == "auto" else args.lang)
     hits = index.search(vector, args.k)[0]
     for rank, hit in enumerate(hits, 1):
         if args.json:

@@ -12,6 +12,8 @@ from ..errors import ConfigError
 TASK_MODULES = {"caption": "vlfuse.training.caption"}
 TASK_MODULES["vqa"] = "vlfuse.training.vqa"
 TASK_MODULES["retrieval"] = "vlfuse.training.retrieval"
+# a text tower in another language for an existing retrieval model (vlfuse.tasks.retrieval.languages)
+TASK_MODULES["retrieval-language"] = "vlfuse.training.retrieval_languages"
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

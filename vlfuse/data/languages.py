@@ -3,6 +3,7 @@ into words (vocabularies, rewards and metrics all split it this way), and how it
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Dict, List
 
 from ..errors import ConfigError
@@ -41,3 +42,16 @@ def parse_languages(codes: str) -> List[str]:
     if not out:
         raise ConfigError(f"no language in {codes!r}; give one or more of {', '.join(LANGUAGES)}, comma-separated")
     return out
+
+
+# Han characters (the unified block, extension A, the compatibility block) and Latin words
+_HAN_CHARACTER = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_LATIN_WORD = re.compile("[A-Za-z]+")
+
+
+def detect_language(text: str) -> str:
+    """The language a query is written in, told by its script: 'zh' when it has more Han characters than Latin
+    words ('两只狗在雪地里玩', 'a dog 在草地上跑'), else 'en' ('a dog', 'a 狗', digits, emoji). A Chinese word is
+    one to three characters, so a mixed query goes to the language it has more of."""
+    han = len(_HAN_CHARACTER.findall(text))
+    return "zh" if han and han > len(_LATIN_WORD.findall(text)) else "en"

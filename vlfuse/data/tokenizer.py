@@ -41,9 +41,31 @@ _HAN_OR_LATIN = re.compile(f"[{_HAN}]+|[a-z0-9]+")
 _LATIN_END = re.compile(r"[a-z0-9]$")
 
 
+_T2S = None  # OpenCC's traditional -> simplified converter, made on first use
+_T2S_LOCK = threading.Lock()
+
+
+def _simplified(text: str) -> str:
+    """Traditional characters written as simplified ones (OpenCC's 't2s' tables: 兩隻狗 -> 两只狗); simplified text
+    is unchanged. Vocabularies are built from simplified captions, so without it a traditional query would be
+    mostly unknown words."""
+    global _T2S
+    if _T2S is None:
+        with _T2S_LOCK:
+            if _T2S is None:
+                try:
+                    import opencc
+                except ImportError:
+                    raise ConfigError("Chinese text needs OpenCC to read traditional characters: pip install opencc "
+                                      "(or pip install 'vlfuse[zh]')") from None
+                _T2S = opencc.OpenCC("t2s")
+    return _T2S.convert(text)
+
+
 def _chinese_text(text: str) -> str:
-    """NFKC (full-width Latin letters and digits become ASCII ones), lower-cased."""
-    return unicodedata.normalize("NFKC", text).lower()
+    """NFKC (full-width Latin letters and digits become ASCII ones), lower-cased, traditional characters as
+    simplified ones."""
+    return _simplified(unicodedata.normalize("NFKC", text).lower())
 
 
 def _join_chinese(tokens: Sequence[str]) -> str:
@@ -77,9 +99,8 @@ class JiebaSegmenter:
 
     Deterministic and offline: the dictionary ships inside the ``jieba`` package, and its HMM guesser of unknown words
     is off, so every token is a dictionary word or a single character (a guess such as 裡玩 would only add rare
-    words to a vocabulary). Traditional characters are segmented as they are: the dictionary knows common traditional
-    words, the rest become single characters. One private ``jieba.Tokenizer`` per segmenter, loaded on first use
-    (~1 s, cached by jieba in the temporary folder)."""
+    words to a vocabulary). Traditional characters are read as simplified ones (OpenCC). One private
+    ``jieba.Tokenizer`` per segmenter, loaded on first use (~1 s, cached by jieba in the temporary folder)."""
 
     _lock = threading.Lock()
 

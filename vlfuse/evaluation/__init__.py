@@ -24,6 +24,8 @@ class EvaluationRequest:
     runtime: RuntimeOptions = RuntimeOptions()  # how the model runs inference (ONNX Runtime, int8, graph cache)
     decode: Dict[str, Any] = dataclasses.field(default_factory=dict)  # captioning: decoding options over the model's
     wordnet: Optional[str] = None         # VQA: the WordNet folder WUPS reads (None: Debian's /usr/share/wordnet)
+    lang: Optional[str] = None            # the captions' language: retrieval's queries and targets (default en);
+                                          # a caption model scores in its own, and refuses another
 
     def results_path(self, suffix: str) -> Optional[str]:
         """``results``, or next to ``out`` with ``suffix`` (e.g. ".captions.json"), or None."""

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from ..config import save_json
 from ..data.captions import read_captions
 from ..data.languages import language
+from ..errors import ConfigError
 from ..generation import DecodeConfig
 from ..metrics.caption import score_captions
 from ..tasks.caption import Captioner
@@ -49,6 +50,9 @@ def evaluate(request: EvaluationRequest) -> Dict:
     """``vlfuse evaluate --task caption``: caption the split's images with the model's decoding default
     overridden by ``request.decode``, score them against the references."""
     captioner = Captioner.from_pretrained(request.model, device=request.device, runtime=request.runtime)
+    if request.lang and request.lang != captioner.lang:
+        raise ConfigError(f"caption model '{request.model}' writes '{captioner.lang}' captions and is scored in that "
+                          f"language, not '{request.lang}' (Chinese: --model flickr8k-caption-zh)")
     decode = captioner.decode_config(**request.decode)
     metrics = evaluate_captioner(captioner, request.data, request.split, decode, fmt=request.fmt,
                                  limit=request.limit, batch_size=request.batch_size,

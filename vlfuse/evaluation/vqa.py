@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ..config import save_json
 from ..data.vqa import VQASet, load_pixels, majority_answer, read_vqa
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..metrics.vqa import answer_accuracy, expected_calibration_error
 from ..metrics.wups import Wups
 from ..tasks.vqa import QuestionAnswerer
@@ -113,6 +113,8 @@ def evaluate_model(model, data: VQASet, batch_size: int = 512, progress: bool = 
 def evaluate(request: EvaluationRequest) -> Dict:
     """``vlfuse evaluate --task vqa --model M --data easy-vqa|file.jsonl|FOLDER --split S [--limit N] [--out m.json]``;
     a captioned Flickr-layout FOLDER is asked the questions ``vlfuse data make-qa`` makes from its split."""
+    if request.lang not in (None, "en"):
+        raise ConfigError(f"VQA models answer English questions; --lang {request.lang} does not apply")
     model = QuestionAnswerer.from_pretrained(request.model, device=request.device, runtime=request.runtime)
     data_arg = request.data or "easy-vqa"
     split = request.split

@@ -331,10 +331,17 @@ class ServiceModels:
         return list(self.tagger.probabilities_of_pixels(torch.cat(list(pixels))))
 
     # -- retrieval ------------------------------------------------------------------------------------
-    def search_batch(self, kind: str, items: Sequence[Tuple[Any, int]]) -> List[List[Any]]:
-        """kind 'text' (items: (query, k)) or 'image' (items: (PIL image, k)) -> hits per item."""
+    def search_languages(self) -> Tuple[str, ...]:
+        """The languages text queries may be in (the retrieval model's text towers); none without retrieval."""
+        return self.retriever.languages if self.retriever is not None else ()
+
+    def search_batch(self, key: Tuple[str, Optional[str]], items: Sequence[Tuple[Any, int]]) -> List[List[Any]]:
+        """key ('text', lang or None: told from each text) with items (query, k), or ('image', None) with items
+        (PIL image, k) -> hits per item."""
+        kind, lang = key
         queries = [q for q, _ in items]
-        vectors = self.retriever.embed_texts(queries) if kind == "text" else self.retriever.embed_images(queries)
+        vectors = (self.retriever.embed_texts(queries, lang=lang) if kind == "text"
+                   else self.retriever.embed_images(queries))
         k_max = min(max(k for _, k in items), len(self.index.paths))
         hits = self.index.search(vectors, k_max)
         return [h[:k] for h, (_, k) in zip(hits, items)]

@@ -60,6 +60,8 @@ class SearchResponse(BaseModel):
 class SearchRequest(BaseModel):
     text: str
     k: int = 5
+    lang: str = Field("auto", description="the text's language: 'auto' (told from its script) or one the retrieval "
+                                          "model reads (en, zh)")
 
 
 class ErrorBody(BaseModel):

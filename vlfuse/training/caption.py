@@ -9,7 +9,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_weights
+from ..checkpoint import load_weights, read_config
 from ..config import from_dict, save_json, to_dict
 from ..data.captions import CaptionSet, read_captions
 from ..data.languages import language
@@ -17,6 +17,7 @@ from ..data.mirror import check_mirror_probability, draw_mirrored, mirror_text
 from ..data.tokenizer import PAD, Tokenizer
 from ..errors import ConfigError, DataError
 from ..generation import DecodeConfig
+from ..hub import resolve_model
 from ..nn.vision import ImageFeatures
 from ..tasks.caption.pipeline import Captioner, CaptionModel, CaptionModelConfig
 from ..tasks.caption.rerank import MemoryConfig, build_and_attach
@@ -209,9 +210,12 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
     from ..metrics.caption import score_captions
 
     exp = from_dict(CaptionExperiment, raw_config)
-    if exp.memory.build and exp.data.lang != "en":
-        raise ConfigError(f"memory.build: the caption memory is embedded by an English retrieval model, so it does "
-                          f"not serve captions in {exp.data.lang!r}; set memory.build to false")
+    if exp.memory.build and exp.data.lang != "en":  # fail now, not after training
+        retriever_languages = ["en"] + read_config(resolve_model(exp.memory.rerank.retriever)).get("languages", [])
+        if exp.data.lang not in retriever_languages:
+            raise ConfigError(f"memory.build: retrieval model '{exp.memory.rerank.retriever}' reads "
+                              f"{', '.join(retriever_languages)}, so it cannot embed {exp.data.lang!r} captions; "
+                              f"name one with a {exp.data.lang} text tower or set memory.build to false")
     t_start = time.time()
     train_set = load_split(exp.data, exp.data.train_split, exp.data.train_limit, exp.data.lang)
     val_set = load_split(exp.data, exp.data.val_split, exp.data.val_limit, exp.data.lang)

@@ -3,7 +3,7 @@ thumbnail."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Sequence
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Query, Request
@@ -32,24 +32,25 @@ def router(service: Service) -> APIRouter:
                 raise ServiceError(400, "bad_request", f"body is not valid JSON ({exc})") from None
             if not isinstance(body, dict):
                 raise ServiceError(422, "invalid_parameter", 'body must be a JSON object {"text": ..., "k": ...}')
-            unknown = sorted(set(body) - {"text", "k"})
+            unknown = sorted(set(body) - {"text", "k", "lang"})
             if unknown:
-                raise ServiceError(422, "invalid_parameter", f"unknown field(s) {unknown}; expected text and k")
+                raise ServiceError(422, "invalid_parameter", f"unknown field(s) {unknown}; expected text, k and lang")
             text, k = body.get("text"), check_k(body.get("k", 5), settings)
+            lang = check_lang(body.get("lang", "auto"), models.search_languages())
             if not isinstance(text, str) or not text.strip():
                 raise ServiceError(422, "invalid_parameter", "text: give a non-empty search text")
             text = text.strip()
             if len(text) > settings.max_query_chars:
                 raise ServiceError(422, "invalid_parameter", f"text: is {len(text)} characters long, over the "
                                    f"limit of {settings.max_query_chars}")
-            kind, query, echo = "text", text, {"text": text, "k": k}
+            kind, query, echo = ("text", None if lang == "auto" else lang), text, {"text": text, "k": k, "lang": lang}
         elif ctype == "multipart/form-data":
             form = await request.form(max_files=1, max_fields=4)
             if "image" not in form:
                 raise ServiceError(422, "invalid_parameter", "image: this field is required")
             k = check_k(form.get("k", 5), settings)
             query = await read_image_upload(form["image"], settings, service.offload)
-            kind, echo = "image", {"image": getattr(form["image"], "filename", None) or "image", "k": k}
+            kind, echo = ("image", None), {"image": getattr(form["image"], "filename", None) or "image", "k": k}
         else:
             raise ServiceError(415, "unsupported_media_type", "send application/json {\"text\": ..., \"k\": ...} "
                                "or multipart/form-data with an image field")
@@ -83,3 +84,10 @@ def check_k(value: Any, settings: ServeSettings) -> int:
     if not 1 <= k <= settings.max_k:
         raise ServiceError(422, "invalid_parameter", f"k: must be between 1 and {settings.max_k}, got {k}")
     return k
+
+
+def check_lang(value: Any, languages: Sequence[str]) -> str:
+    """A text search's ``lang``: 'auto' (told from the text) or one of the languages the served model reads."""
+    if value == "auto" or value in languages:
+        return value
+    raise ServiceError(422, "invalid_parameter", f"lang: must be 'auto' or one of {', '.join(languages)}, got {value!r}")

@@ -282,9 +282,10 @@ class ConsensusReranker:
 
 
 def build_memory(retriever, data: CaptionSet, tokenizer: Tokenizer, batch_size: int = 256,
-                 progress: bool = True) -> CaptionMemory:
-    """Embed every caption of ``data`` with ``retriever`` (a ``Retriever``: its text tower) into a memory whose
-    texts are tokenised by ``tokenizer`` (the caption model's, so candidates and neighbours compare alike)."""
+                 progress: bool = True, lang: str = "en") -> CaptionMemory:
+    """Embed every caption of ``data`` (in language ``lang``) with ``retriever`` (a ``Retriever``: its text tower
+    in that language) into a memory whose texts are tokenised by ``tokenizer`` (the caption model's, so candidates
+    and neighbours compare alike)."""
     from tqdm import tqdm
 
     texts = [c for caps in data.captions for c in caps]
@@ -292,7 +293,7 @@ def build_memory(retriever, data: CaptionSet, tokenizer: Tokenizer, batch_size: 
     chunks = []
     bar = tqdm(total=len(texts), desc="memory captions", unit="cap", disable=not progress)
     for s in range(0, len(texts), batch_size):
-        chunks.append(torch.from_numpy(retriever.embed_texts(texts[s:s + batch_size])))
+        chunks.append(torch.from_numpy(retriever.embed_texts(texts[s:s + batch_size], lang=lang)))
         bar.update(min(batch_size, len(texts) - s))
     bar.close()
     tokenised = [" ".join(tokenizer.tokenize(t)) for t in texts]
@@ -320,16 +321,17 @@ def attach_memory(directory: Union[str, Path], memory: CaptionMemory, config: Re
 
 def build_and_attach(directory: Union[str, Path], data: CaptionSet, config: MemoryConfig,
                      progress: bool = True) -> CaptionMemory:
-    """Embed ``data``'s captions with ``config.rerank.retriever`` and attach them to the caption checkpoint in
-    ``directory`` (with the decoding default ``config`` asks for)."""
+    """Embed ``data``'s captions (in the caption model's language) with ``config.rerank.retriever`` and attach them
+    to the caption checkpoint in ``directory`` (with the decoding default ``config`` asks for)."""
     from ..retrieval.pipeline import RetrievalImageTower, Retriever
 
     directory = resolve_model(directory)  # a built-in name is written in place too
-    base = from_dict(CaptionDecodeConfig, read_config(directory).get("decode", {}), "decode")
+    raw = read_config(directory)
+    base = from_dict(CaptionDecodeConfig, raw.get("decode", {}), "decode")
     rerank = dataclasses.replace(config.rerank,
                                  tower_digest=RetrievalImageTower.from_pretrained(config.rerank.retriever).digest())
     memory = build_memory(Retriever.from_pretrained(rerank.retriever), data, Tokenizer.load(directory),
-                          progress=progress)
+                          progress=progress, lang=raw.get("lang", "en"))
     decode = config.default_decode(base)
     attach_memory(directory, memory, rerank, to_dict(decode) if decode else None)
     return memory

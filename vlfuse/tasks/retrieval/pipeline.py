@@ -9,7 +9,6 @@ symmetric InfoNCE loss with a learned temperature, plus an optional VSE++ hardes
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
@@ -20,6 +19,7 @@ from torch import nn
 from ...checkpoint import _storable_state, load_weights, save_checkpoint
 from ...config import REMOVED_OPTIONS, from_dict, to_dict
 from ...data.images import ImageInput, load_image
+from ...data.languages import detect_language, language
 from ...errors import ImageError, InputError
 from ...io import tensors_digest
 from ...nn.pooling import AttentionPool, Projection
@@ -28,6 +28,7 @@ from ...registry import VISION_ENCODERS
 from ...runtime import Runtime, RuntimeOptions
 from ..base import Pipeline, read_checkpoint
 from .concepts import ConceptEmbedding, concepts_config, load_concepts, save_concepts
+from .languages import LanguageTower
 from .model import RetrievalModel, RetrievalModelConfig
 
 
@@ -81,11 +82,6 @@ class RetrievalImageTower(nn.Module):
 # Config fields removed after models shipped, which the model id hashed: they enter it at the value every
 # checkpoint that still loads has (config.REMOVED_OPTIONS), so the ids that indexes and caption memories recorded
 # stay valid. (mirror_average, also removed, was left out of the id at that value.)
-# A query written in Chinese with no Latin word: the English text tower never learnt those characters and would rank
-# the photos arbitrarily, so it is refused with a message instead (a Chinese text tower is not built yet, issue 22)
-_HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-_LATIN = re.compile("[A-Za-z]")
-
 _REMOVED_FIELDS = ("init_temperature", "hard_negative_weight", "hard_negative_margin")
 
 
@@ -113,14 +109,24 @@ class Retriever(Pipeline):
     Runtime on a CPU by default: the same recall@K on Flickr8k val as PyTorch's CNN, docs/retrieval.md). A
     checkpoint with a ``concepts`` section (``vlfuse.tasks.retrieval.concepts``) adds the backbone's ImageNet
     concepts to every image vector (``self.concepts``); text vectors are the same either way.
+
+    Texts in English go through the model's own text tower; a checkpoint listing ``languages`` has a text tower for
+    each of them trained into the same space (``vlfuse.tasks.retrieval.languages``: ``self.towers``), so the same
+    image vectors answer queries in all of them:
+
+    >>> r.languages                                              # ('en', 'zh') for flickr8k-retrieval
+    >>> q = r.embed_texts(["两只狗在雪地里玩"])                    # the language is told from the text
+    >>> q = r.embed_texts(["两只狗在雪地里玩"], lang="zh")         # or named
     """
 
     task = "retrieval"
     default_model = "flickr8k-retrieval"
 
     def __init__(self, model: RetrievalModel, tokenizer, name: str = "retrieval", extra_config: Optional[dict] = None,
-                 runtime: RuntimeOptions = RuntimeOptions(), concepts: Optional[ConceptEmbedding] = None):
+                 runtime: RuntimeOptions = RuntimeOptions(), concepts: Optional[ConceptEmbedding] = None,
+                 towers: Optional[Dict[str, LanguageTower]] = None):
         self.model = model.eval()
+        self.towers: Dict[str, LanguageTower] = {k: t.to(self.device) for k, t in (towers or {}).items()}
         self.tokenizer = tokenizer
         self.name = name
         self.extra_config = extra_config or {}
@@ -139,9 +145,10 @@ class Retriever(Pipeline):
         tokenizer = WordPieceTokenizer.load(directory)
         concept_config = concepts_config(raw.get("concepts"))
         concepts = load_concepts(directory, concept_config, config.vision) if concept_config else None
-        extra = {k: v for k, v in raw.items() if k not in ("task", "model", "concepts")}
+        towers = {lang: LanguageTower.load(directory, lang) for lang in raw.get("languages", [])}
+        extra = {k: v for k, v in raw.items() if k not in ("task", "model", "concepts", "languages")}
         return cls(model.to(device or "cpu"), tokenizer, raw.get("name") or Path(directory).name, extra, runtime,
-                   concepts)
+                   concepts, towers)
 
     @classmethod
     def from_config(cls, config: RetrievalModelConfig, name: str = "retrieval") -> "Retriever":
@@ -151,8 +158,9 @@ class Retriever(Pipeline):
 
     def _saved_config(self) -> dict:
         concepts = {"concepts": to_dict(self.concepts.config)} if self.concepts is not None else {}
+        languages = {"languages": sorted(self.towers)} if self.towers else {}
         return {"task": "retrieval", "name": self.name, "model": to_dict(self.model.config),
-                "transform": self.model.vision.transform.to_dict(), **concepts, **self.extra_config}
+                "transform": self.model.vision.transform.to_dict(), **concepts, **languages, **self.extra_config}
 
     def save_pretrained(self, directory: Union[str, Path], half: bool = True, **extra) -> Path:
         self.extra_config.update(extra)
@@ -160,6 +168,8 @@ class Retriever(Pipeline):
                                     half=half)
         if self.concepts is not None:
             save_concepts(directory, self.concepts)
+        for tower in self.towers.values():
+            tower.save(directory)
         self.tokenizer.save(directory)
         self._model_id = None
         return directory
@@ -193,23 +203,48 @@ class Retriever(Pipeline):
         return self.model.config.embed_dim
 
     # -- text ---------------------------------------------------------------------------------------
+    @property
+    def languages(self) -> Tuple[str, ...]:
+        """The languages this model reads queries in: English, and each language it has a text tower for."""
+        return ("en",) + tuple(sorted(self.towers))
+
+    def query_language(self, text: str, lang: Optional[str] = None) -> str:
+        """The language ``text`` is read in: ``lang`` where given (one of ``languages``), else the one its script
+        tells (``vlfuse.data.languages.detect_language``). A text in a language the model cannot read is an
+        InputError saying which it reads."""
+        if not isinstance(text, str) or not text.strip():
+            raise InputError("the text query is empty; type some words to search for")
+        code = lang or detect_language(text)
+        if code not in self.languages:
+            raise InputError(f"retrieval model '{self.name}' reads {', '.join(language(c).name for c in self.languages)}"
+                             f" queries, not {language(code).name if code in ('en', 'zh') else repr(code)} "
+                             f"(query: {text[:40]!r})")
+        return code
+
     def tokenize(self, texts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(texts, str):
-            raise InputError("embed_texts takes a list of strings, not one string")
-        for t in texts:
-            if not isinstance(t, str) or not t.strip():
-                raise InputError("the text query is empty; type some words to search for")
-            if _HAN.search(t) and not _LATIN.search(t):
-                raise InputError(f"this retrieval model reads English, and search in Chinese is not available yet; "
-                                 f"describe the photo in English (query: {t[:40]!r})")
+        """English texts -> the English tower's padded token ids and mask."""
         ids, mask = pad_batch([self.tokenizer.encode(t, self.model.config.max_len) for t in texts])
         return ids.to(self.device), mask.to(self.device)
 
     @torch.inference_mode()
-    def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-        """Texts -> (B, D) float32, L2-normalised. Raises InputError for an empty text."""
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 256, lang: Optional[str] = None) -> np.ndarray:
+        """Texts -> (B, D) float32, L2-normalised, in the order given. Each text is read in ``lang`` where given,
+        else in the language its script tells; raises InputError for an empty text or one in a language the model
+        does not read."""
+        if isinstance(texts, str):
+            raise InputError("embed_texts takes a list of strings, not one string")
         if len(texts) == 0:
             raise InputError("no text given to embed")
+        codes = [self.query_language(t, lang) for t in texts]
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for code in dict.fromkeys(codes):
+            rows = [i for i, c in enumerate(codes) if c == code]
+            out[rows] = self._embed_in(code, [texts[i] for i in rows], batch_size)
+        return out
+
+    def _embed_in(self, code: str, texts: Sequence[str], batch_size: int) -> np.ndarray:
+        if code != "en":
+            return self.towers[code].embed(texts, batch_size)
         out = []
         for s in range(0, len(texts), batch_size):
             ids, mask = self.tokenize(texts[s:s + batch_size])
