@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -56,10 +57,15 @@ LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """A local Ray cluster on loopback with 2 CPUs for the module; its address (HOST:PORT) for subprocesses."""
-    saved = {k: os.environ.get(k) for k in LOOPBACK_ONLY}
-    os.environ.update(LOOPBACK_ONLY)  # before Ray is imported: it reads it then
+def cluster(tmp_path_factory):
+    """A local Ray cluster on loopback with 2 CPUs for the module; its address (HOST:PORT) for subprocesses. Its
+    authentication token is a file of its own (RAY_AUTH_TOKEN_PATH), not the ~/.ray/auth_token that other Ray
+    clusters on the machine share, so a process of ours connecting by address presents the right one."""
+    token = tmp_path_factory.mktemp("ray") / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {**LOOPBACK_ONLY, "RAY_AUTH_TOKEN_PATH": str(token)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # before Ray is imported: it reads them then
     try:
         ray = pytest.importorskip("ray")
         ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
@@ -67,7 +73,8 @@ def cluster():
         assert address.startswith("127.0.0.1:"), address
         yield address
     finally:
-        ray.shutdown()
+        if "ray" in sys.modules:
+            sys.modules["ray"].shutdown()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -164,6 +164,10 @@ def caption_rows(args, captioners, decodes, paths) -> Iterator[Tuple[str, Option
 
 
 def run(args) -> int:
+    if args.engine == "ray":
+        from ..scale.cluster import require_ray
+
+        require_ray()  # before loading any model: say at once how to install it
     captioners = load_captioners(args)
     decodes = [c.decode_config(**decode_options(args)) for c in captioners]
     paths = list_images(args.paths)
@@ -183,7 +187,7 @@ def run(args) -> int:
         for path, results, error in caption_rows(args, captioners, decodes, paths):
             if error:
                 failed += 1
-                print(f"vlfuse caption: error: {error}", file=sys.stderr)
+                tqdm.write(f"vlfuse caption: error: {error}", file=sys.stderr)  # (above --engine ray's progress line)
                 continue
             first_ok = first_ok or path
             line = format_line(path, {c.lang: r for c, r in zip(captioners, results)}, args.json)

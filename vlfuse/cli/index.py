@@ -68,6 +68,10 @@ def run(args) -> int:
     from ..tasks.retrieval.pipeline import Retriever
     from .environment import runtime_options
 
+    if getattr(args, "engine", "local") == "ray":
+        from ..scale.cluster import require_ray
+
+        require_ray()  # before loading any model: say at once how to install it
     paths = list_images(args.paths)
     if args.action == "build":
         if not paths:
