@@ -58,7 +58,7 @@ def main(argv=None):
 
     token = Path(tempfile.mkdtemp()) / "auth_token"  # this cluster's own token (tests/test_ray_batch.py says why)
     token.write_text(secrets.token_hex(32))
-    os.environ.update({**LOOPBACK_ONLY, "RAY_AUTH_TOKEN_PATH": str(token)})
+    os.environ.update({**LOOPBACK_ONLY, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
     import ray
 
     data = Path(args.data)

@@ -58,12 +58,13 @@ LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A local Ray cluster on loopback with 2 CPUs for the module; its address (HOST:PORT) for subprocesses. Its
-    authentication token is a file of its own (RAY_AUTH_TOKEN_PATH), not the ~/.ray/auth_token that other Ray
-    clusters on the machine share, so a process of ours connecting by address presents the right one."""
+    """A local Ray cluster on loopback with 2 CPUs for the module; its address (HOST:PORT) for subprocesses. Token
+    authentication is asked for explicitly (RAY_AUTH_MODE=token) with a token file of its own (RAY_AUTH_TOKEN_PATH):
+    left to Ray, a process connecting by address decided from the machine's shared Ray state, which other
+    engineers' clusters change, and was refused now and then ("Missing authorization header")."""
     token = tmp_path_factory.mktemp("ray") / "auth_token"
     token.write_text(secrets.token_hex(32))
-    env = {**LOOPBACK_ONLY, "RAY_AUTH_TOKEN_PATH": str(token)}
+    env = {**LOOPBACK_ONLY, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # before Ray is imported: it reads them then
     try:
