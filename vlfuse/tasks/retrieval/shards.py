@@ -21,7 +21,7 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -99,6 +99,7 @@ class ShardedIndex:
         self.offsets = np.cumsum([0] + [len(p) for p in self.paths])  # global id of each shard's first photo
         for shard in self.shards:
             shard.nprobe = params.nprobe
+        self._pool: Optional[ThreadPoolExecutor] = None  # searches the shards at once (made on first use)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -143,8 +144,12 @@ class ShardedIndex:
             scores, ids = self.shards[s].search(queries, k)
             return scores, np.where(ids >= 0, ids + self.offsets[s], -1)
 
-        with ThreadPoolExecutor(max_workers=min(len(self.shards), os.cpu_count() or 1)) as pool:
-            answers = list(pool.map(one, range(len(self.shards))))
+        if len(self.shards) == 1:
+            answers = [one(0)]
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(min(len(self.shards), os.cpu_count() or 1), "vlfuse-shards")
+            answers = list(self._pool.map(one, range(len(self.shards))))
         return np.stack([a[0] for a in answers]), np.stack([a[1] for a in answers])
 
     def search(self, query_vectors: np.ndarray, k: int = 10) -> List[List[SearchHit]]:
