@@ -17,10 +17,12 @@ def test_import_linter_contracts_hold():
 
 
 def test_importing_the_library_stays_light():
-    # PyAV, PySceneDetect and OpenCV (the optional video extra) are imported only when a video is read
+    # PyAV, PySceneDetect and OpenCV (the optional video extra) are imported only when a video is read; Ray (the
+    # optional ray extra) only when a batch job runs on it; faiss only when an index needs it
     code = ("import sys, vlfuse, vlfuse.tasks.caption, vlfuse.tasks.vqa, vlfuse.tasks.retrieval, vlfuse.metrics.wups, "
-            "vlfuse.tasks.subtitle, vlfuse.data.video; "
+            "vlfuse.tasks.subtitle, vlfuse.data.video, vlfuse.scale.batch, vlfuse.scale.cluster, "
+            "vlfuse.tasks.retrieval.shards, vlfuse.cli.caption, vlfuse.cli.index; "
             "heavy = [m for m in ('fastapi', 'uvicorn', 'pycocoevalcap', 'matplotlib', 'playwright', 'nltk', 'av', "
-            "'scenedetect', 'cv2') if m in sys.modules]; print(','.join(heavy))")
+            "'scenedetect', 'cv2', 'ray', 'faiss') if m in sys.modules]; print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"importing vlfuse imported {out.stdout.strip()}"

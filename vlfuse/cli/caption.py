@@ -3,9 +3,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
+from typing import Iterator, Optional, Set, TextIO, Tuple
+
+from tqdm.auto import tqdm
 
 from ..data.images import list_images
+from .engine import add_engine_arguments, ray_job
 
 
 def add_decode_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,6 +61,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "captions: {lang: caption}, scores}) instead of tab-separated lines: the path, then a "
                         "caption per language in --lang's order")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--resume", metavar="FILE",
+                   help="append to FILE (an earlier run's output, same --json or not) the photos it does not hold "
+                        "yet; a line cut off by a killed run is dropped and its photo done again")
+    p.add_argument("--no-progress", action="store_true", help="with --engine ray: no progress line on stderr")
+    add_engine_arguments(p)
     p.add_argument("--attention-map", metavar="PNG", help="save the per-word attention over the (first) image")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default cpu)")
     p.add_argument("--float32", action="store_true",
@@ -86,7 +97,77 @@ def load_captioners(args) -> list:
     return captioners
 
 
+def format_line(path: str, results: dict, as_json: bool) -> str:
+    """One photo's output line: {lang: CaptionResult} as JSON or tab-separated (one caption per language)."""
+    if len(results) == 1:
+        (lang, result), = results.items()
+        return json.dumps({"image": path, "caption": result.caption, "score": round(result.score, 4), "lang": lang},
+                          ensure_ascii=False) if as_json else f"{path}\t{result.caption}"
+    if as_json:
+        return json.dumps({"image": path, "captions": {k: r.caption for k, r in results.items()},
+                           "scores": {k: round(r.score, 4) for k, r in results.items()}}, ensure_ascii=False)
+    return "\t".join([path] + [r.caption for r in results.values()])
+
+
+def line_path(line: str) -> str:
+    """The photo an output line is about (a JSON line's "image", else the first tab-separated field)."""
+    if line.startswith("{"):
+        try:
+            return json.loads(line)["image"]
+        except (ValueError, KeyError, TypeError):
+            pass
+    return line.split("\t", 1)[0]
+
+
+def open_resumed(path: str) -> Tuple[Set[str], TextIO]:
+    """The photos ``path`` already holds, and ``path`` open for appending. A last line without its newline (a run
+    killed while writing it) is cut off, so its photo is done again."""
+    done: Set[str] = set()
+    if os.path.exists(path):
+        with open(path, "rb+") as f:
+            data = f.read()
+            complete = data[:data.rfind(b"\n") + 1]
+            if len(complete) < len(data):
+                f.truncate(len(complete))
+        done = {line_path(line) for line in complete.decode("utf-8").splitlines() if line.strip()}
+    return done, open(path, "a", encoding="utf-8")
+
+
+def caption_rows(args, captioners, decodes, paths) -> Iterator[Tuple[str, Optional[list], Optional[str]]]:
+    """(path, [CaptionResult per captioner] or None, error or None) for every path, in order, by --engine."""
+    if args.engine == "local":
+        # each language's captions of the same photos, in the same order (a bad file fails for all of them alike)
+        streams = [c.caption_files(paths, d, batch_size=args.batch_size) for c, d in zip(captioners, decodes)]
+        for rows in zip(*streams):
+            path, _, error = rows[0]
+            yield path, None if error else [r for _, r, _ in rows], error
+        return
+    from ..scale.batch import caption_files
+    from ..scale.cluster import ray_session
+    from .environment import runtime_options
+
+    job = ray_job(args)
+    if not paths:
+        return
+    resolved = [str(Path(p).resolve()) for p in paths]  # workers get absolute paths; lines show them as given
+    shown = dict(zip(resolved, map(str, paths)))
+    models = [str(Path(m).resolve()) if m and Path(m).is_dir() else m
+              for m in ([args.model] if args.model else [c.default_model_for(c.lang) for c in captioners])]
+    with ray_session(job.address), tqdm(total=len(paths), desc="captioning", unit="photo", file=sys.stderr,
+                                        disable=args.no_progress or not paths, dynamic_ncols=True) as bar:
+        rows = caption_files(models, resolved, job, decode_options(args),
+                             runtime_options(no_onnx=args.no_onnx, float32=args.float32), args.device)
+        for path, results, error in rows:
+            bar.update(1)
+            given = shown[path]
+            yield given, results, error and error.replace(path, given, 1)
+
+
 def run(args) -> int:
+    if args.engine == "ray":
+        from ..scale.cluster import require_ray
+
+        require_ray()  # before loading any model: say at once how to install it
     captioners = load_captioners(args)
     decodes = [c.decode_config(**decode_options(args)) for c in captioners]
     paths = list_images(args.paths)
@@ -94,28 +175,26 @@ def run(args) -> int:
         from ..data.samples import sample_photos
 
         paths += sample_photos()
+    out, done = sys.stdout, set()
+    if args.resume:
+        done, out = open_resumed(args.resume)
+        skipped = sum(str(p) in done for p in paths)
+        paths = [p for p in paths if str(p) not in done]
+        print(f"vlfuse caption: {args.resume} holds {skipped} of these photos; captioning the other {len(paths)}",
+              file=sys.stderr)
     failed, first_ok = 0, None
-    # each language's captions of the same photos, in the same order (a bad file fails for all of them alike)
-    streams = [c.caption_files(paths, d, batch_size=args.batch_size) for c, d in zip(captioners, decodes)]
-    for rows in zip(*streams):
-        path, _, error = rows[0]
-        if error:
-            failed += 1
-            print(f"vlfuse caption: error: {error}", file=sys.stderr)
-            continue
-        first_ok = first_ok or path
-        results = {c.lang: result for c, (_, result, _) in zip(captioners, rows)}
-        if len(captioners) == 1:
-            result = results[captioners[0].lang]
-            line = json.dumps({"image": path, "caption": result.caption, "score": round(result.score, 4),
-                               "lang": captioners[0].lang}, ensure_ascii=False) if args.json \
-                else f"{path}\t{result.caption}"
-        elif args.json:
-            line = json.dumps({"image": path, "captions": {k: r.caption for k, r in results.items()},
-                               "scores": {k: round(r.score, 4) for k, r in results.items()}}, ensure_ascii=False)
-        else:
-            line = "\t".join([path] + [r.caption for r in results.values()])
-        print(line, flush=True)
+    try:
+        for path, results, error in caption_rows(args, captioners, decodes, paths):
+            if error:
+                failed += 1
+                tqdm.write(f"vlfuse caption: error: {error}", file=sys.stderr)  # (above --engine ray's progress line)
+                continue
+            first_ok = first_ok or path
+            line = format_line(path, {c.lang: r for c, r in zip(captioners, results)}, args.json)
+            print(line, file=out, flush=True)
+    finally:
+        if out is not sys.stdout:
+            out.close()
     if args.attention_map and first_ok:
         from ..viz.attention import save_attention_figure
 
@@ -125,7 +204,7 @@ def run(args) -> int:
         else:
             save_attention_figure(first_ok, words, att, args.attention_map)
             print(f"attention map written to {args.attention_map}", file=sys.stderr)
-    if not paths:
+    if not paths and not done:
         print("vlfuse caption: error: no image files found", file=sys.stderr)
         return 2
     return 2 if failed else 0

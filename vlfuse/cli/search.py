@@ -10,7 +10,7 @@ from ..errors import InputError
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="search an image index by text or by an example image")
-    p.add_argument("index", help="index file made by 'vlfuse index build'")
+    p.add_argument("index", help="index file (or --kind ivfpq folder) made by 'vlfuse index build'")
     p.add_argument("query", nargs="?", default=None, help="text to search for")
     p.add_argument("--image", default=None, help="search with this image instead of text")
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
@@ -25,7 +25,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from ..data.images import load_image
-    from ..tasks.retrieval.index import ImageIndex
+    from ..tasks.retrieval.shards import load_any_index
     from ..tasks.retrieval.pipeline import Retriever
     from .environment import runtime_options
     from .index import matching_retriever, model_for
@@ -36,7 +36,7 @@ def run(args) -> int:
         raise InputError("the text query is empty; type some words to search for")
     if args.k < 1:
         raise InputError(f"-k must be at least 1, got {args.k}")
-    index = ImageIndex.load(args.index)
+    index = load_any_index(args.index)
     query_image = load_image(args.image) if args.image else None  # fail on a bad query before loading the model
     retriever = Retriever.from_pretrained(model_for(index, args.model), device=args.device,
                                           runtime=runtime_options())

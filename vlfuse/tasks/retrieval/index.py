@@ -13,7 +13,7 @@ import json
 import os
 import zipfile
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -22,6 +22,8 @@ from ...errors import DataError, InputError, VlfuseError
 from ...io import atomic_path
 
 FORMAT_VERSION = 1
+# (absolute paths) -> (path, vector (D,) or None, error or None) for each, in order: Retriever.embed_files' contract
+EmbedFiles = Callable[[List[str]], Iterator[Tuple[str, Optional[np.ndarray], Optional[str]]]]
 DEFAULT_ANN_THRESHOLD = 200_000
 
 
@@ -81,16 +83,20 @@ class ImageIndex:
     # -- building -------------------------------------------------------------------------------------
     @classmethod
     def build(cls, retriever, paths: Iterable[Union[str, os.PathLike]], progress: bool = True,
-              batch_size: int = 32) -> "ImageIndex":
+              batch_size: int = 32, embed: Optional[EmbedFiles] = None) -> "ImageIndex":
         """Embed every image in ``paths``; unreadable files are skipped and listed in ``last_report.failed``."""
         index = cls(retriever.model_id, retriever.dim)
-        index.add(retriever, paths, progress=progress, batch_size=batch_size, prune=False)
+        index.add(retriever, paths, progress=progress, batch_size=batch_size, prune=False, embed=embed)
         return index
 
     def add(self, retriever, paths: Iterable[Union[str, os.PathLike]], progress: bool = True, batch_size: int = 32,
-            prune: bool = True) -> UpdateReport:
+            prune: bool = True, embed: Optional[EmbedFiles] = None) -> UpdateReport:
         """Bring the index up to date with ``paths``: embed new or changed files (size or mtime differ) and,
-        with ``prune``, drop indexed files that no longer exist. Returns (and keeps) an UpdateReport."""
+        with ``prune``, drop indexed files that no longer exist. Returns (and keeps) an UpdateReport.
+
+        ``embed`` embeds the files to do (absolute paths, in order) as ``retriever.embed_files`` does, yielding
+        (path, vector, error) in the same order; by default that method itself, ``batch_size`` files at a time (a
+        batch job on a cluster passes its own: ``vlfuse.scale.batch.embed_files``)."""
         self.check_compatible(retriever)
         report = UpdateReport()
         where: Dict[str, int] = {p: i for i, p in enumerate(self.paths)}
@@ -121,7 +127,8 @@ class ImageIndex:
         new_paths, new_vecs = [], []
         bar = tqdm(total=len(todo), desc="embedding images", unit="img", disable=not progress or not todo,
                    dynamic_ncols=True)
-        for path, vec, error in retriever.embed_files([t[0] for t in todo], batch_size=batch_size):
+        embed = embed or (lambda files: retriever.embed_files(files, batch_size=batch_size))
+        for path, vec, error in embed([t[0] for t in todo]):
             bar.update(1)
             if error:
                 report.failed.append((path, error))

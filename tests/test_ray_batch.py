@@ -1,0 +1,222 @@
+"""Batch jobs on Ray (``--engine ray``): the same output as the local commands, photo for photo; a bad file is an
+error line, not a failed job; ``--resume``; a worker killed mid-run loses and repeats nothing; without Ray the
+command says how to install it. One local Ray cluster (loopback, 2 CPUs) serves the whole module."""
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vlfuse.cli.main import main
+
+ROOT = Path(__file__).resolve().parents[1]
+FLICKR = ROOT.parent / "shared" / "data" / "flickr8k" / "images"
+if not FLICKR.is_dir():
+    FLICKR = Path("/work/shared/data/flickr8k/images")
+pytestmark = pytest.mark.skipif(not FLICKR.is_dir(), reason="needs the Flickr8k photos in ../shared/data")
+
+N_PHOTOS = 10
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """10 Flickr8k photos, a truncated JPEG and a text file named .jpg."""
+    folder = tmp_path_factory.mktemp("photos")
+    names = sorted(os.listdir(FLICKR))[:N_PHOTOS + 1]
+    for name in names[:N_PHOTOS]:
+        shutil.copy(FLICKR / name, folder / name)
+    (folder / "truncated.jpg").write_bytes((FLICKR / names[N_PHOTOS]).read_bytes()[:3000])
+    (folder / "text.jpg").write_text("not a photo\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The local commands on one thread, as the Ray workers run (--threads 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# On Linux Ray replaces 127.0.0.1 by the machine's address unless this is off (its name notwithstanding); with it
+# off every Ray process listens on loopback only
+LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A local Ray cluster on loopback with 2 CPUs for the module; its address (HOST:PORT) for subprocesses. Token
+    authentication is asked for explicitly (RAY_AUTH_MODE=token) with a token file of its own (RAY_AUTH_TOKEN_PATH):
+    left to Ray, a process connecting by address decided from the machine's shared Ray state, which other
+    engineers' clusters change, and was refused now and then ("Missing authorization header")."""
+    token = tmp_path_factory.mktemp("ray") / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {**LOOPBACK_ONLY, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # before Ray is imported: it reads them then
+    try:
+        ray = pytest.importorskip("ray")
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
+        address = ray.get_runtime_context().gcs_address
+        assert address.startswith("127.0.0.1:"), address
+        yield address
+    finally:
+        if "ray" in sys.modules:
+            sys.modules["ray"].shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_cli(argv, capsys):
+    status = main(argv)
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def error_lines(stderr: str):
+    return sorted(line for line in stderr.splitlines() if line.startswith("vlfuse caption: error:"))
+
+
+@pytest.fixture(scope="module")
+def local_captions(photos, one_thread):
+    """The local command's --json output and its error lines (one thread)."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        status = main(["caption", str(photos), "--json", "--batch-size", "4"])
+    assert status == 2  # two bad files
+    return out.getvalue(), error_lines(err.getvalue())
+
+
+def test_without_ray_the_command_says_how_to_install_it(photos, monkeypatch, capsys):
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError(f"No module named '{name}'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    status, out, err = run_cli(["caption", str(photos), "--engine", "ray"], capsys)
+    assert status == 2 and out == ""
+    assert "pip install 'vlfuse[ray]'" in err
+
+
+def test_caption_on_ray_equals_local_with_error_lines_for_bad_files(photos, local_captions, cluster):
+    # the real entry point in its own process, connecting to the cluster by address
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-m", "vlfuse", "caption", str(photos), "--json", "--batch-size", "4",
+                          "--engine", "ray", "--address", cluster, "--actors", "2", "--threads", "1"],
+                         capture_output=True, text=True, env=env, timeout=240)
+    expected, expected_errors = local_captions
+    assert out.returncode == 2, out.stderr[-3000:]  # the bad files, as locally
+    assert out.stdout == expected  # every line, byte for byte: same captions, same scores, same order
+    assert len(expected.splitlines()) == N_PHOTOS
+    assert error_lines(out.stderr) == expected_errors and len(expected_errors) == 2
+    assert "photo/s" in out.stderr  # the progress line
+
+
+def test_resume_appends_only_what_is_missing(photos, local_captions, cluster, tmp_path, capsys):
+    expected = local_captions[0].splitlines(keepends=True)
+    done = tmp_path / "captions.jsonl"
+    done.write_text("".join(expected[:3]) + expected[3][:25])  # three done, the fourth cut off by a killed run
+    status, out, err = run_cli(["caption", str(photos), "--json", "--batch-size", "4", "--engine", "ray",
+                                "--resume", str(done), "--no-progress"], capsys)
+    assert status == 2 and out == ""
+    assert done.read_text() == "".join(expected)  # nothing lost, nothing twice, in order
+    assert "holds 3 of these photos" in err
+
+
+def test_index_on_ray_equals_local_bitwise(photos, one_thread, cluster, tmp_path, capsys):
+    from vlfuse.tasks.retrieval.index import ImageIndex
+
+    local, ray_out = tmp_path / "local.idx", tmp_path / "ray.idx"
+    assert run_cli(["index", "build", str(photos), "--out", str(local), "--batch-size", "4", "--no-progress"],
+                   capsys)[0] == 0
+    status, _, err = run_cli(["index", "build", str(photos), "--out", str(ray_out), "--engine", "ray",
+                              "--actors", "2", "--batch-size", "4", "--no-progress"], capsys)
+    assert status == 0, err
+    a, b = ImageIndex.load(local), ImageIndex.load(ray_out)
+    assert len(a) == N_PHOTOS and a.paths == b.paths and a.model_id == b.model_id
+    assert np.array_equal(a.vectors, b.vectors)  # bit for bit (same chunks, same thread count)
+    assert np.array_equal(a.sizes, b.sizes) and np.array_equal(a.mtimes, b.mtimes)
+    assert "skipped 2" in err
+
+
+def worker_pids(name: str):
+    """Processes under this one (the cluster's raylet and its workers) running Ray actor ``name``."""
+    mine = {os.getpid()}
+    found, procs = [], {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        procs[int(pid)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmd)
+    for pid, (_, cmd) in procs.items():
+        ancestor, seen = pid, 0
+        while ancestor in procs and ancestor not in mine and seen < 50:
+            ancestor, seen = procs[ancestor][0], seen + 1
+        if ancestor in mine and name in cmd:
+            found.append(pid)
+    return found
+
+
+def test_a_worker_killed_mid_run_loses_and_repeats_nothing(photos, local_captions, cluster, tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    originals = sorted(p for p in os.listdir(photos) if p not in ("truncated.jpg", "text.jpg"))
+    for i in range(40):  # 40 files, copies of the 10 photos: 20 chunks for one worker
+        shutil.copy(photos / originals[i % N_PHOTOS], folder / f"{i:02d}_{originals[i % N_PHOTOS]}")
+    out = tmp_path / "captions.jsonl"
+    result = {}
+
+    def job():
+        result["status"] = main(["caption", str(folder), "--json", "--batch-size", "2", "--engine", "ray",
+                                 "--actors", "1", "--resume", str(out), "--no-progress"])
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    killed, lines_then = None, None
+    deadline = time.monotonic() + 120
+    while thread.is_alive() and killed is None and time.monotonic() < deadline:
+        lines = out.read_text().count("\n") if out.exists() else 0
+        pids = worker_pids("CaptionWorker")
+        if lines >= 2 and pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed, lines_then = pids[0], lines
+        time.sleep(0.01)
+    restarted = set()
+    while thread.is_alive() and time.monotonic() < deadline:  # Ray starts the worker again, and it finishes the job
+        restarted.update(worker_pids("CaptionWorker"))
+        time.sleep(0.05)
+    thread.join(timeout=180)
+    print(f"killed worker {killed} after {lines_then} of 40 lines; worker(s) after: {sorted(restarted - {killed})}")
+    assert not thread.is_alive() and result["status"] == 0
+    assert killed is not None and lines_then < 40, "the worker was not killed while the job ran"
+    assert restarted - {killed}, "Ray did not start the worker again"
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["image"] for r in rows] == [str(folder / name) for name in sorted(os.listdir(folder))]  # each once
+    local = {Path(r["image"]).name: r for r in map(json.loads, local_captions[0].splitlines())}
+    for r in rows:  # and what the local command wrote for the same photo
+        same = local[Path(r["image"]).name.split("_", 1)[1]]
+        assert (r["caption"], r["score"]) == (same["caption"], same["score"])
