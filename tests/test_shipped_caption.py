@@ -61,6 +61,11 @@ def test_shipped_chinese_model_captions_in_chinese_and_meets_a_floor():
     cap = Captioner.from_pretrained("flickr8k-caption-zh")
     assert cap.lang == "zh" and cap.tokenizer.segmenter_name == "jieba"
     assert Captioner.default_model_for("zh") == "flickr8k-caption-zh"
+    # its default is consensus reranking against a memory of Chinese training captions, embedded by the retrieval
+    # model's Chinese text tower (the image tower finds the neighbours)
+    assert cap.decode_defaults.strategy == "rerank"
+    memory = cap.reranker.memory
+    assert len(memory) > 20000 and all(any("\u4e00" <= ch <= "\u9fff" for ch in t) for t in memory.texts[:50])
     m = evaluate_captioner(cap, str(flickr), "val", cap.decode_defaults, limit=60, progress=False)
     assert m["images"] == 60 and m["lang"] == "zh" and "not applicable" in m["unavailable"]["METEOR"]
     assert m["CIDEr"] > 0.3 and m["BLEU-4"] > 0.1, m  # an untrained or broken model scores ~0 on both
