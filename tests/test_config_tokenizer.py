@@ -112,10 +112,12 @@ RECIPES = sorted((REPO / "configs").rglob("*.yaml"))
 def parse_recipe(raw: dict):
     """The typed experiment of a recipe mapping, as ``vlfuse train`` builds it for the recipe's task."""
     from vlfuse.training.retrieval import RetrievalExperiment
+    from vlfuse.training.retrieval_languages import LanguageTowerExperiment
     from vlfuse.training.vqa import parse_experiment
 
     parse = {"caption": lambda r: from_dict(CaptionExperiment, r), "vqa": parse_experiment,
-             "retrieval": lambda r: from_dict(RetrievalExperiment, r)}
+             "retrieval": lambda r: from_dict(RetrievalExperiment, r),
+             "retrieval-language": lambda r: from_dict(LanguageTowerExperiment, r)}
     return parse[raw.get("task", "caption")](raw)
 
 
