@@ -141,7 +141,8 @@ class ColourIndex:
         self.paths = []
         for name in COLOURS:
             p = directory / f"{name}.png"
-            p.write_bytes(image_bytes(name, (64, 48)))
+            if not p.exists():  # several processes (Ray Serve replicas) may build the same index
+                p.write_bytes(image_bytes(name, (64, 48)))
             self.paths.append(str(p))
         self.vectors = np.stack([_colour_vector(COLOURS[n]) for n in COLOURS])
 
@@ -149,3 +150,14 @@ class ColourIndex:
         scores = vectors @ self.vectors.T  # (B, N)
         order = np.argsort(-scores, axis=1)[:, :k]
         return [[Hit(self.paths[j], float(scores[i, j])) for j in row] for i, row in enumerate(order)]
+
+
+def colour_service_models(caption_dir: Path, photos_dir: Path):
+    """ServiceModels over the tiny caption checkpoint in ``caption_dir`` and the colour stand-ins (an index of
+    swatches written to ``photos_dir``): a loader each Ray Serve replica can call for itself."""
+    from vlfuse.serving.models import ServiceModels
+    from vlfuse.tasks.caption.pipeline import Captioner
+
+    names = {"caption": "tiny-caption", "vqa": "colour-vqa", "retrieval": "colour-retrieval"}
+    return ServiceModels(Captioner.from_pretrained(caption_dir), ColourVQA(), ColourRetriever(),
+                         ColourIndex(photos_dir), names)

@@ -21,6 +21,6 @@ def test_importing_the_library_stays_light():
     code = ("import sys, vlfuse, vlfuse.tasks.caption, vlfuse.tasks.vqa, vlfuse.tasks.retrieval, vlfuse.metrics.wups, "
             "vlfuse.tasks.subtitle, vlfuse.data.video; "
             "heavy = [m for m in ('fastapi', 'uvicorn', 'pycocoevalcap', 'matplotlib', 'playwright', 'nltk', 'av', "
-            "'scenedetect', 'cv2') if m in sys.modules]; print(','.join(heavy))")
+            "'scenedetect', 'cv2', 'ray', 'schemathesis') if m in sys.modules]; print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"importing vlfuse imported {out.stdout.strip()}"
