@@ -26,6 +26,7 @@ from ray import serve
 
 from ..errors import ConfigError
 from .app import create_app
+from .memory import MALLOC_ARENAS, MALLOC_MMAP_THRESHOLD, release_free_heap
 from .models import ServiceModels
 from .settings import APIKeys, ServeSettings
 
@@ -83,6 +84,7 @@ class ServiceReplica:
 
         torch.set_num_threads(threads)
         self.models = load_models()
+        release_free_heap()  # as `vlfuse serve` does after loading
         if not any(self.models.loaded().values()):
             reasons = "; ".join(f"{t}: {why}" for t, why in self.models.problems.items())
             raise ConfigError(f"no model could be loaded ({reasons})")
@@ -103,11 +105,14 @@ class ServiceReplica:
 
 def replica_env() -> Dict[str, str]:
     """Environment of the replicas: they import vlfuse from the tree this process imported it from (a source
-    checkout or site-packages; on other nodes of a cluster, vlfuse must be installed at the same version)."""
+    checkout or site-packages; on other nodes of a cluster, vlfuse must be installed at the same version), and
+    glibc's malloc is tuned from the process' start as ``memory.tune_malloc`` tunes `vlfuse serve`'s (a replica's
+    process already runs Ray's threads when its code starts)."""
     import vlfuse
 
     root = str(Path(vlfuse.__file__).resolve().parents[1])
-    return {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    return {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+            "MALLOC_ARENA_MAX": str(MALLOC_ARENAS), "MALLOC_MMAP_THRESHOLD_": str(MALLOC_MMAP_THRESHOLD)}
 
 
 def deployment(load_models: Callable[[], ServiceModels], settings: ServeSettings, keys: APIKeys,
