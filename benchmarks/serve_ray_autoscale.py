@@ -138,7 +138,12 @@ def main(argv=None) -> int:
                  "requests_per_s": round(len(results) / (load_end - load_start), 1),
                  **latency_summary([r[3] for r in results])},
         "replicas": {"at_start": timeline[0]["running"], "peak": peak,
-                     "first_upscale_after_s": next((round(e["t_s"] - load_timeline[0]["t_s"], 1)
+                     # Ray Serve decided to add replicas (they were starting: loading the models) ...
+                     "replicas_added_after_s": next((round(e["t_s"] - load_timeline[0]["t_s"], 1)
+                                                     for e in load_timeline
+                                                     if sum(e["replicas"].values()) > args.min_replicas), None),
+                     # ... and the first of them answered
+                     "more_replicas_running_after_s": next((round(e["t_s"] - load_timeline[0]["t_s"], 1)
                                                     for e in load_timeline if e["running"] > args.min_replicas),
                                                    None),
                      "peak_reached_after_s": next((round(e["t_s"] - load_timeline[0]["t_s"], 1)
