@@ -52,8 +52,9 @@ def _with_image(body: dict, data: bytes) -> dict:  # a named function: Hypothesi
 
 
 def run_schemathesis(base_url: str, key: str, max_examples: int, report_dir: Path, seed: int = 0,
-                     timeout_s: float = 900.0, extra: List[str] = ()) -> dict:
+                     timeout_s: float = 900.0, workers: int = 2, extra: List[str] = ()) -> dict:
     """``st run`` against ``base_url``'s schema with ``key``, every phase that applies; the HAR's verdict."""
+    report_dir = Path(report_dir).resolve()
     report_dir.mkdir(parents=True, exist_ok=True)
     har = report_dir / "schemathesis.har.json"
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks",
@@ -61,9 +62,10 @@ def run_schemathesis(base_url: str, key: str, max_examples: int, report_dir: Pat
     cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{base_url}/openapi.json",
            "-H", f"Authorization: Bearer {key}", "--checks", "not_a_server_error", "--max-examples",
            str(max_examples), "--seed", str(seed), "--report", "har", "--report-har-path", str(har),
-           "--no-color", "--workers", "2", "--request-timeout", "60", *extra]
+           "--no-color", "--workers", str(workers), "--request-timeout", "60", *extra]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    # run in the report folder: Schemathesis and Hypothesis keep their caches in the working directory
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, cwd=report_dir)
     verdict = har_verdict(har)
     verdict.update(seconds=round(time.perf_counter() - start, 1), exit_code=proc.returncode,
                    summary=proc.stdout[-3000:])

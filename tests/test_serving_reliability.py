@@ -31,7 +31,10 @@ def base_url(tmp_path_factory):
 
 
 def test_schemathesis_gets_no_server_error_and_a_json_body_with_every_4xx(base_url, tmp_path):
-    verdict = run_schemathesis(base_url, KEY, max_examples=40, report_dir=tmp_path, seed=24, timeout_s=120)
+    # one worker: with two, the operations' runs interleave and /v1/caption's few valid generated bodies (a real
+    # photo, and lang absent or "en") were sometimes none; with one, two runs gave it 18 and 19
+    verdict = run_schemathesis(base_url, KEY, max_examples=40, report_dir=tmp_path, seed=24, timeout_s=120,
+                               workers=1)
     assert verdict["server_errors"] == 0 and verdict["non_json_4xx"] == 0, verdict["examples"]
     assert verdict["requests"] >= 200, verdict["summary"]
     statuses = verdict["statuses"]
