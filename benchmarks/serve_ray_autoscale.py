@@ -65,7 +65,8 @@ def main(argv=None) -> int:
                               upscale_delay_s=args.upscale_delay, downscale_delay_s=args.downscale_delay,
                               max_ongoing_requests=args.max_ongoing_requests, replica_cpus=args.replica_cpus)
     os.environ["PYTHONPATH"] = str(REPO)
-    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, configure_logging=False,
+             log_to_driver=False)
     timeline, phase, stop = [], {"name": "starting"}, threading.Event()
     done = []  # the load's results, as they complete
     try:
@@ -130,7 +131,8 @@ def main(argv=None) -> int:
         "machine": {"cpus": os.cpu_count(), "ray_cpus": args.ray_cpus, "platform": platform.platform(),
                     "python": platform.python_version(), "ray": ray.__version__,
                     "load_average_at_end": os.getloadavg()},
-        "model": args.caption_model, "scaling": {**scaling.autoscaling_config(), "look_back_period_s": "30 (Ray Serve's default)"},
+        "model": args.caption_model,
+        "scaling": {**scaling.autoscaling_config(), "look_back_period_s": "30 (Ray Serve's default)"},
         "replica": {"cpus": args.replica_cpus, "max_ongoing_requests": args.max_ongoing_requests,
                     "inference_workers": 1, "torch_threads": 1},
         "load": {"concurrency": args.concurrency, "seconds": round(load_end - load_start, 1),

@@ -29,7 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 from serve_load import DATA, HOST, QUESTIONS, QUERIES, _exchange, _multipart, build_index, current_rss_mb, free_port, \
     wait_ready
@@ -191,7 +190,8 @@ class RayServer:
 
         self.ray, self.ray_app = ray, ray_app
         os.environ["PYTHONPATH"] = str(REPO)
-        ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False,
+                 log_to_driver=False)
         load = functools.partial(ServiceModels.load, ModelChoice(MODELS["caption"]), ModelChoice(MODELS["vqa"]),
                                  ModelChoice(MODELS["retrieval"]), index=index, runtime=RuntimeOptions(),
                                  tagging=ModelChoice(MODELS["tagging"]))

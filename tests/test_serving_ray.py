@@ -52,7 +52,8 @@ def served(tmp_path_factory):
     # the replicas import the tests' helpers (the loader above) beside vlfuse
     old_path = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS, old_path) if p)
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    # "local": a Ray of its own, even where a `ray start` on this machine left its address in /tmp/ray
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         app = ray_app.deployment(load, settings, keys,
                                  ray_app.Scaling(min_replicas=2, max_replicas=2, replica_cpus=0.5))

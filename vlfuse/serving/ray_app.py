@@ -153,7 +153,8 @@ def serve_forever(app, host: str, port: int, address: Optional[str] = None, num_
     import ray
 
     joined = address is not None
-    ray.init(address=address, include_dashboard=False, configure_logging=False,
+    # "local": a Ray of its own, even where a `ray start` on this machine left its address behind
+    ray.init(address=address if joined else "local", include_dashboard=False, configure_logging=False,
              **({} if joined else {"num_cpus": num_cpus}))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
