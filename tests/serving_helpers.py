@@ -3,6 +3,7 @@ VQA and retrieval models with the same API (``predict`` / ``embed_texts`` / ``em
 whose answers follow from the pixels, so the tests can check real values end to end."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import struct
@@ -144,7 +145,8 @@ class ColourIndex:
         self.paths = []
         for name in COLOURS:
             p = directory / f"{name}.png"
-            p.write_bytes(image_bytes(name, (64, 48)))
+            if not p.exists():  # several processes (Ray Serve replicas) may build the same index
+                p.write_bytes(image_bytes(name, (64, 48)))
             self.paths.append(str(p))
         self.vectors = np.stack([_colour_vector(COLOURS[n]) for n in COLOURS])
 
@@ -152,3 +154,49 @@ class ColourIndex:
         scores = vectors @ self.vectors.T  # (B, N)
         order = np.argsort(-scores, axis=1)[:, :k]
         return [[Hit(self.paths[j], float(scores[i, j])) for j in row] for i, row in enumerate(order)]
+
+
+def colour_service_models(caption_dir: Path, photos_dir: Path, tagger: bool = True):
+    """ServiceModels over the tiny caption checkpoint in ``caption_dir``, the colour stand-ins (an index of
+    swatches written to ``photos_dir``) and, with ``tagger``, the real EfficientNet-Lite0 tagger: every endpoint
+    served. A loader each Ray Serve replica can call for itself."""
+    from vlfuse.serving.models import ServiceModels
+    from vlfuse.tasks.caption.pipeline import Captioner
+
+    names = {"caption": "tiny-caption", "vqa": "colour-vqa", "retrieval": "colour-retrieval"}
+    tag = None
+    if tagger:
+        from vlfuse.tasks.tagging import Tagger
+
+        tag, names["tagging"] = Tagger.from_pretrained("efficientnet-lite0"), "efficientnet-lite0"
+    return ServiceModels(Captioner.from_pretrained(caption_dir), ColourVQA(), ColourRetriever(),
+                         ColourIndex(photos_dir), names, tagger=tag)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def live_server(app, port: int = 0):
+    """``app`` under uvicorn on a free loopback port, in a thread of this process; yields its base URL."""
+    import uvicorn
+
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -23,6 +23,6 @@ def test_importing_the_library_stays_light():
             "vlfuse.tasks.subtitle, vlfuse.data.video, vlfuse.scale.batch, vlfuse.scale.cluster, "
             "vlfuse.tasks.retrieval.shards, vlfuse.cli.caption, vlfuse.cli.index; "
             "heavy = [m for m in ('fastapi', 'uvicorn', 'pycocoevalcap', 'matplotlib', 'playwright', 'nltk', 'av', "
-            "'scenedetect', 'cv2', 'ray', 'faiss') if m in sys.modules]; print(','.join(heavy))")
+            "'scenedetect', 'cv2', 'ray', 'faiss', 'schemathesis') if m in sys.modules]; print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"importing vlfuse imported {out.stdout.strip()}"

@@ -61,80 +61,91 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="inference workers: batches that run at once, each with --threads torch threads (default: "
                         "the CPU count divided by --threads, at most 4)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ray = p.add_argument_group("elastic serving on Ray Serve (--engine ray; pip install 'vlfuse[ray]')")
+    ray.add_argument("--engine", default="local", choices=["local", "ray"],
+                     help="local (default): one process; ray: replicas of the same app under Ray Serve, added and "
+                          "removed with the load")
+    ray.add_argument("--address", metavar="HOST:PORT",
+                     help="the Ray cluster to join (`ray start --head` prints it); default: start Ray on this machine")
+    ray.add_argument("--num-cpus", type=int, default=None,
+                     help="CPUs of the Ray started on this machine without --address (default: all)")
+    ray.add_argument("--min-replicas", type=int, default=1, help="replicas kept when idle (default 1)")
+    ray.add_argument("--max-replicas", type=int, default=8, help="most replicas under load (default 8)")
+    ray.add_argument("--target-ongoing-requests", type=float, default=4.0,
+                     help="requests in flight per replica the autoscaler aims at (default 4)")
+    ray.add_argument("--max-ongoing-requests", type=int, default=16,
+                     help="requests a replica holds at once, the largest batch it can gather (default 16)")
+    ray.add_argument("--replica-cpus", type=float, default=1.0,
+                     help="Ray CPUs reserved per replica (default 1; 0.5 fits two replicas on a core)")
+    ray.add_argument("--upscale-delay", type=float, default=5.0,
+                     help="seconds the load must stay above the target before replicas are added (default 5)")
+    ray.add_argument("--downscale-delay", type=float, default=60.0,
+                     help="seconds the load must stay below the target before replicas are removed (default 60)")
     return p
-
-
-def _libc():
-    import ctypes
-    import ctypes.util
-
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-
-
-def tune_malloc(arenas: int = 2, mmap_threshold: int = 1 << 20) -> bool:
-    """glibc's malloc, set before the worker threads start. No-op off glibc.
-
-    - At most ``arenas`` arenas (M_ARENA_MAX): each thread that allocates otherwise gets an arena of its own,
-      and freed memory stranded in them raised the server's peak RSS by ~30 MB under load (measured with
-      MALLOC_ARENA_MAX=2: 479 vs 506 MB, same throughput).
-    - Blocks of ``mmap_threshold`` bytes or more are mapped on their own and unmapped when freed (M_MMAP_THRESHOLD;
-      glibc otherwise raises the threshold to 32 MB as large blocks are freed, and then keeps freed batches of
-      pixels resident in its heaps). Two A/B runs of serve_load: peak 575-579 vs 589-595 MB at 1 MiB, with no
-      measurable loss of throughput; at 256 KiB the peak was ~550 MB but the page faults cost ~15 % of it."""
-    try:
-        libc = _libc()
-        # -8 = M_ARENA_MAX, -3 = M_MMAP_THRESHOLD
-        return bool(libc.mallopt(-8, arenas)) and bool(libc.mallopt(-3, mmap_threshold))
-    except (OSError, AttributeError):
-        return False
-
-
-def release_free_heap() -> bool:
-    """Hand the heap memory that loading the models freed back to the system (glibc's malloc_trim): building
-    the ONNX Runtime image encoder alone leaves ~30 MB of freed copies of its weights resident. No-op off glibc."""
-    try:
-        return bool(_libc().malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
 
 
 def run(args) -> int:
     try:
-        from ..serving.app import create_app
-        from ..serving.server import run_server
+        from ..serving.app import create_app  # noqa: F401  (fastapi is needed by both engines)
     except ImportError as exc:  # fastapi/uvicorn are the optional "serve" extra
         print(f"vlfuse serve: error: {exc.name} is not installed; pip install 'vlfuse[serve]'", file=sys.stderr)
         return 2
-    from ..serving.models import ModelChoice, ServiceModels
-    from ..serving.settings import ServeSettings, check_bind_allowed, load_api_keys
-    from ..data.languages import parse_languages
-    from .environment import runtime_options
+    from ..serving.settings import check_bind_allowed, load_api_keys
 
     if args.threads < 1:
         print(f"vlfuse serve: error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
         return 2
-    workers = args.workers if args.workers is not None else max(1, min(4, (os.cpu_count() or 1) // args.threads))
+    cpus = args.replica_cpus if args.engine == "ray" else (os.cpu_count() or 1)
+    workers = args.workers if args.workers is not None else max(1, min(4, int(cpus // args.threads)))
     if workers < 1:
         print(f"vlfuse serve: error: --workers must be at least 1, got {workers}", file=sys.stderr)
         return 2
+    keys = load_api_keys(args.api_keys_file)
+    check_bind_allowed(args.host, keys)  # before loading anything: fail fast
+    settings = build_settings(args, workers)
+    logging.getLogger("vlfuse").setLevel(args.log_level.upper())
+    if args.engine == "ray":
+        return run_on_ray(args, settings, keys)
+    return run_local(args, settings, keys)
+
+
+def build_settings(args, workers: int):
+    from ..serving.settings import ServeSettings
+
+    return ServeSettings(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
+                         max_question_chars=args.max_question_chars, max_k=args.max_k,
+                         request_timeout_s=args.request_timeout, batch_wait_ms=args.batch_wait_ms,
+                         max_batch_size=args.max_batch_size, inference_workers=workers,
+                         max_video_bytes=int(args.max_video_mb * 1024 * 1024),
+                         max_video_seconds=args.max_video_seconds, video_timeout_s=args.video_timeout)
+
+
+def model_loader(args, settings):
+    """``ServiceModels.load`` with the models the arguments name, as a call to make (here, or in each replica)."""
+    import functools
+
+    from ..data.languages import parse_languages
+    from ..serving.models import ModelChoice, ServiceModels
+    from .environment import runtime_options
+
+    return functools.partial(
+        ServiceModels.load, ModelChoice(args.caption_model), ModelChoice(args.vqa_model),
+        ModelChoice(args.retrieval_model), index=args.index, device=args.device,
+        thumbnail_size=settings.thumbnail_size, runtime=runtime_options(no_onnx=args.no_onnx),
+        caption_rerank=args.caption_rerank, tagging=ModelChoice(args.tagging_model),
+        caption_langs=parse_languages(args.caption_lang) if args.caption_lang else ())
+
+
+def run_local(args, settings, keys) -> int:
+    from ..serving.app import create_app
+    from ..serving.memory import release_free_heap, tune_malloc
+    from ..serving.server import run_server
+
     tune_malloc()
     import torch
 
     torch.set_num_threads(args.threads)
-    keys = load_api_keys(args.api_keys_file)
-    check_bind_allowed(args.host, keys)  # before loading anything: fail fast
-    settings = ServeSettings(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
-                             max_question_chars=args.max_question_chars, max_k=args.max_k,
-                             request_timeout_s=args.request_timeout, batch_wait_ms=args.batch_wait_ms,
-                             max_batch_size=args.max_batch_size, inference_workers=workers,
-                             max_video_bytes=int(args.max_video_mb * 1024 * 1024),
-                             max_video_seconds=args.max_video_seconds, video_timeout_s=args.video_timeout)
-    logging.getLogger("vlfuse").setLevel(args.log_level.upper())
-    models = ServiceModels.load(ModelChoice(args.caption_model), ModelChoice(args.vqa_model),
-                                ModelChoice(args.retrieval_model), index=args.index, device=args.device,
-                                thumbnail_size=settings.thumbnail_size, runtime=runtime_options(no_onnx=args.no_onnx),
-                                caption_rerank=args.caption_rerank, tagging=ModelChoice(args.tagging_model),
-                                caption_langs=parse_languages(args.caption_lang) if args.caption_lang else ())
+    models = model_loader(args, settings)()
     release_free_heap()
     loaded = [task for task, ok in models.loaded().items() if ok]
     if not loaded:
@@ -143,12 +154,42 @@ def run(args) -> int:
         return 2
     app = create_app(models, settings, keys)
     auth = f"{len(keys)} API key(s)" if keys.enabled else "no API keys (loopback only)"
-    print(f"vlfuse serve: {', '.join(loaded)} loaded; {auth}; {workers} inference worker(s) x {args.threads} "
-          f"thread(s); http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
+    print(f"vlfuse serve: {', '.join(loaded)} loaded; {auth}; {settings.inference_workers} inference worker(s) x "
+          f"{args.threads} thread(s); http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
     started = run_server(app, args.host, args.port, grace_s=settings.request_timeout_s + 5,
                          log_level=args.log_level)
     if not started:
         print(f"vlfuse serve: error: could not listen on {args.host}:{args.port} (is the port in use?)",
               file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_on_ray(args, settings, keys) -> int:
+    try:
+        from ..serving import ray_app
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] != "ray":
+            raise
+        print("vlfuse serve: error: --engine ray needs Ray Serve; pip install 'vlfuse[ray]'", file=sys.stderr)
+        return 2
+    scaling = ray_app.Scaling(min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                              target_ongoing_requests=args.target_ongoing_requests,
+                              upscale_delay_s=args.upscale_delay, downscale_delay_s=args.downscale_delay,
+                              max_ongoing_requests=args.max_ongoing_requests, replica_cpus=args.replica_cpus,
+                              threads=args.threads)
+    app = ray_app.deployment(model_loader(args, settings), settings, keys, scaling)
+    auth = f"{len(keys)} API key(s)" if keys.enabled else "no API keys (loopback only)"
+
+    def ready():
+        print(f"vlfuse serve: Ray Serve, {scaling.min_replicas}-{scaling.max_replicas} replica(s) of "
+              f"{scaling.replica_cpus:g} CPU ({settings.inference_workers} inference worker(s) x {args.threads} "
+              f"thread(s) each); {auth}; http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
+
+    try:
+        ray_app.serve_forever(app, args.host, args.port, address=args.address, num_cpus=args.num_cpus,
+                              on_ready=ready)
+    except RuntimeError as exc:  # Ray Serve could not deploy the app (a replica failed to load the models)
+        print(f"vlfuse serve: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 from fastapi import APIRouter, File, Form, UploadFile
 
@@ -16,15 +15,17 @@ def router(service: Service) -> APIRouter:
     r = APIRouter()
 
     @r.post("/v1/caption", summary="Caption an uploaded photo", response_model=CaptionResponse, responses=ERRORS)
+    # optional fields are typed without None: a form cannot send a null (the schema would offer one, and "null"
+    # was then refused with a 422), an absent field is the default
     async def caption(image: UploadFile = File(..., description=f"the photo ({ACCEPTED_TYPES})"),
-                      beam: Optional[int] = Form(None, ge=1, le=settings.max_beam,
-                                                 description="beam width, 1 = greedy (default: the model's own "
-                                                             "decoding, see /v1/models)"),
-                      max_len: Optional[int] = Form(None, ge=1, le=50,
-                                                    description="at most this many words (default: the model's)"),
-                      lang: Optional[str] = Form(None, max_length=16,
-                                                 description="the caption's language: en, zh (default: the caption "
-                                                             "model's; /v1/models lists those served)")):
+                      beam: int = Form(None, ge=1, le=settings.max_beam,
+                                       description="beam width, 1 = greedy (default: the model's own decoding, see "
+                                                   "/v1/models)"),
+                      max_len: int = Form(None, ge=1, le=50, description="at most this many words (default: the "
+                                                                         "model's)"),
+                      lang: str = Form(None, max_length=16,
+                                       description="the caption's language: en, zh (default: the caption model's; "
+                                                   "/v1/models lists those served)")):
         b = service.batcher("caption")
         lang = models.caption_lang(lang)  # ConfigError -> 422 naming the languages served
         decode = models.caption_decode(lang, beam, max_len)  # batched with the requests that decode alike
