@@ -4,22 +4,17 @@ model as it was."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import FLICKR as DATA
 
 from vlfuse.data.captions import read_captions
 from vlfuse.data.languages import detect_language
 from vlfuse.errors import ConfigError, InputError
 from vlfuse.metrics.retrieval import recall_metrics
 from vlfuse.tasks.retrieval.pipeline import Retriever
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / ".." / "shared" / "data" / "flickr8k"
-if not DATA.is_dir():
-    DATA = Path("/work/shared/data/flickr8k")
 
 
 @pytest.fixture(scope="module")

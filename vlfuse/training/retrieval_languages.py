@@ -38,7 +38,7 @@ from ..metrics.retrieval import recall_metrics
 from ..nn.text import pad_batch
 from ..tasks.retrieval.languages import LanguageTower, LanguageTowerConfig
 from ..tasks.retrieval.pipeline import Retriever
-from .trainer import TrainConfig, Trainer, seed_everything
+from .trainer import TrainConfig, Trainer, best_val_scores, seed_everything
 
 
 @dataclasses.dataclass
@@ -213,8 +213,7 @@ def train(raw_config: dict, resume: bool = False) -> Dict:
                "parameters": sum(p.numel() for p in tower.parameters()),
                "cache_minutes": cache_minutes, "total_minutes": (time.time() - t_start) / 60,
                "best_dir": str(out / "best")}
-    best = [h for h in result["history"] if h["epoch"] == result["best_epoch"]]
-    if best:
-        summary["best_val"] = {k[4:]: v for k, v in best[0].items() if k.startswith("val_")}
+    if best_val_scores(result):
+        summary["best_val"] = best_val_scores(result)
     save_json(summary, out / "summary.json")
     return summary

@@ -89,6 +89,13 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def best_val_scores(result: Dict[str, Any]) -> Dict[str, float]:
+    """The validation scores of ``Trainer.fit()``'s best epoch, without their ``val_`` prefix (empty when no epoch
+    was validated)."""
+    best = [h for h in result["history"] if h["epoch"] == result["best_epoch"]]
+    return {k[4:]: v for k, v in best[0].items() if k.startswith("val_")} if best else {}
+
+
 class Trainer:
     def __init__(self, model: nn.Module, train_items: Sequence[Any], collate: Callable[[List[Any]], Any],
                  loss_fn: Callable[[nn.Module, Any], Dict[str, torch.Tensor]],

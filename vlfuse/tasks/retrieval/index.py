@@ -56,6 +56,17 @@ def _file_stat(path: str) -> Tuple[int, float]:
     return st.st_size, st.st_mtime
 
 
+def checked_queries(query_vectors: np.ndarray, dim: int, k: int) -> np.ndarray:
+    """Query vectors as a contiguous float32 (B, D) array for a search of ``k`` hits in a ``dim``-d index; a wrong
+    dimension or k < 1 is an InputError."""
+    q = np.ascontiguousarray(np.atleast_2d(query_vectors), dtype=np.float32)
+    if q.shape[1] != dim:
+        raise InputError(f"query vectors have {q.shape[1]} dimensions, the index has {dim}")
+    if k < 1:
+        raise InputError(f"k must be at least 1, got {k}")
+    return q
+
+
 class ImageIndex:
     """Vectors of image files from one retrieval model, searchable by text or image vectors."""
 
@@ -184,11 +195,7 @@ class ImageIndex:
 
     def search(self, query_vectors: np.ndarray, k: int = 10) -> List[List[SearchHit]]:
         """query_vectors (B, D) -> for each query the ``k`` best images, highest score first."""
-        q = np.ascontiguousarray(np.atleast_2d(query_vectors), dtype=np.float32)
-        if q.shape[1] != self.dim:
-            raise InputError(f"query vectors have {q.shape[1]} dimensions, the index has {self.dim}")
-        if k < 1:
-            raise InputError(f"k must be at least 1, got {k}")
+        q = checked_queries(query_vectors, self.dim, k)
         k = min(k, len(self))
         if k == 0:
             return [[] for _ in range(len(q))]

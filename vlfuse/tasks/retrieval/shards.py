@@ -28,7 +28,7 @@ import numpy as np
 from ...config import from_dict, to_dict
 from ...errors import ConfigError, InputError
 from ...io import atomic_path
-from .index import ImageIndex, IndexFileError, SearchHit
+from .index import ImageIndex, IndexFileError, SearchHit, checked_queries
 
 MANIFEST = "manifest.json"
 FORMAT = "vlfuse-sharded-index"
@@ -154,11 +154,7 @@ class ShardedIndex:
 
     def search(self, query_vectors: np.ndarray, k: int = 10) -> List[List[SearchHit]]:
         """query_vectors (B, D) -> for each query the ``k`` best images over all shards, highest score first."""
-        q = np.ascontiguousarray(np.atleast_2d(query_vectors), dtype=np.float32)
-        if q.shape[1] != self.dim:
-            raise InputError(f"query vectors have {q.shape[1]} dimensions, the index has {self.dim}")
-        if k < 1:
-            raise InputError(f"k must be at least 1, got {k}")
+        q = checked_queries(query_vectors, self.dim, k)
         scores, ids = merge_topk(*self.search_shards(q, k), k)
         return [[SearchHit(self.path(j), float(s)) for s, j in zip(srow, irow) if j >= 0]
                 for srow, irow in zip(scores, ids)]
