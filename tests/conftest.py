@@ -1,8 +1,13 @@
 """Shared fixtures: tiny models saved as real checkpoints, bad image files, Flickr8k samples."""
 from __future__ import annotations
 
+import atexit
 import io
+import os
+import secrets
+import shutil
 import struct
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -12,6 +17,19 @@ import torch
 from PIL import Image
 
 torch.set_num_threads(2)
+
+# Every Ray the tests start (tests/test_ray_batch.py, tests/test_serving_ray.py, and the commands they run) keeps to
+# loopback (on Linux Ray otherwise replaces 127.0.0.1 by the machine's address; the variable's name
+# notwithstanding) and asks for token authentication with a token file of the test session's own: left to Ray, a
+# process connecting by address decided from the machine's shared Ray state, which other clusters on the machine
+# change. Set here, before any test module is collected: Ray reads them when it is imported, and a module that
+# imports ray at collection would otherwise fix them for the whole session.
+_RAY_DIR = tempfile.mkdtemp(prefix="vlfuse-tests-ray-")
+atexit.register(shutil.rmtree, _RAY_DIR, True)
+(Path(_RAY_DIR) / "auth_token").write_text(secrets.token_hex(32))
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN_PATH", str(Path(_RAY_DIR) / "auth_token"))
 
 REPO = Path(__file__).resolve().parents[1]
 FLICKR = (REPO / ".." / "shared" / "data" / "flickr8k").resolve()

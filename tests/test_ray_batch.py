@@ -6,7 +6,6 @@ from __future__ import annotations
 import builtins
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -51,36 +50,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-# On Linux Ray replaces 127.0.0.1 by the machine's address unless this is off (its name notwithstanding); with it
-# off every Ray process listens on loopback only
-LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A local Ray cluster on loopback with 2 CPUs for the module; its address (HOST:PORT) for subprocesses. Token
-    authentication is asked for explicitly (RAY_AUTH_MODE=token) with a token file of its own (RAY_AUTH_TOKEN_PATH):
-    left to Ray, a process connecting by address decided from the machine's shared Ray state, which other
-    engineers' clusters change, and was refused now and then ("Missing authorization header")."""
-    token = tmp_path_factory.mktemp("ray") / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    env = {**LOOPBACK_ONLY, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # before Ray is imported: it reads them then
+def cluster():
+    """A local Ray cluster on loopback with 2 CPUs for the module; its address (HOST:PORT) for subprocesses
+    (loopback only and token authentication with a token of the session's own: tests/conftest.py)."""
+    ray = pytest.importorskip("ray")
     try:
-        ray = pytest.importorskip("ray")
         ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
         address = ray.get_runtime_context().gcs_address
         assert address.startswith("127.0.0.1:"), address
         yield address
     finally:
-        if "ray" in sys.modules:
-            sys.modules["ray"].shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        ray.shutdown()
 
 
 def run_cli(argv, capsys):

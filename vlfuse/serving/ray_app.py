@@ -150,12 +150,10 @@ def serve_forever(app, host: str, port: int, address: Optional[str] = None, num_
                   on_ready: Callable[[], None] = lambda: None) -> None:
     """Start Ray (or join the cluster at ``address``), run ``app`` on ``host:port`` and block until SIGTERM or
     SIGINT; then delete the application (and stop the Ray this call started)."""
-    import ray
+    from ..scale.cluster import init_ray
 
     joined = address is not None
-    # "local": a Ray of its own, even where a `ray start` on this machine left its address behind
-    ray.init(address=address if joined else "local", include_dashboard=False, configure_logging=False,
-             **({} if joined else {"num_cpus": num_cpus}))
+    ray = init_ray(address, num_cpus, configure_logging=False)  # the service keeps its own logging
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
