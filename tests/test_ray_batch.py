@@ -201,3 +201,42 @@ def test_a_worker_killed_mid_run_loses_and_repeats_nothing(photos, local_caption
     for r in rows:  # and what the local command wrote for the same photo
         same = local[Path(r["image"]).name.split("_", 1)[1]]
         assert (r["caption"], r["score"]) == (same["caption"], same["score"])
+
+
+def test_serve_joins_a_running_cluster_by_address(cluster, photos):
+    """``vlfuse serve --engine ray --address`` joins the cluster (as the batch commands do, through the same
+    ``init_ray``), answers like the local service, and on SIGTERM removes its application and leaves the cluster
+    running."""
+    import httpx
+    from serving_helpers import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "vlfuse", "serve", "--engine", "ray", "--address", cluster, "--port", str(port),
+           "--vqa-model", "none", "--retrieval-model", "none", "--tagging-model", "none", "--min-replicas", "1",
+           "--max-replicas", "1", "--replica-cpus", "0.5", "--log-level", "warning"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                if httpx.get(base + "/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "the service did not become ready"
+            time.sleep(1)
+        photo = sorted(photos.glob("*.jpg"))[0]
+        r = httpx.post(base + "/v1/caption", files={"image": (photo.name, photo.read_bytes(), "image/jpeg")},
+                       timeout=60)
+        assert r.status_code == 200 and len(r.json()["caption"].split()) >= 3, r.text
+        assert httpx.post(base + "/v1/vqa", files={"image": (photo.name, photo.read_bytes(), "image/jpeg")},
+                          data={"question": "what is it?"}, timeout=30).status_code == 503  # left out: 'none'
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(90)
+    import ray
+
+    assert ray.is_initialized() and ray.cluster_resources().get("CPU") == 2.0  # the cluster is still up
