@@ -341,6 +341,7 @@ def test_search_bad_requests(full):
                  415, "unsupported_media_type", "application/json")
     assert_error(post_image(full, "/v1/search", image_bytes(), k=0), 422, "invalid_parameter", "k")
     assert full.post("/v1/search", json={"text": "blue"}).json()["query"] == {"text": "blue", "k": 5, "lang": "auto"}
+    assert full.get("/v1/models").json()["models"]["retrieval"]["langs"] == ["en"]  # what a search may be in
     assert full.post("/v1/search", json={"text": "blue", "lang": "en"}).json()["hits"][0]["path"].endswith("blue.png")
 
 

@@ -269,6 +269,7 @@ class ServiceModels:
             out["caption"].update(self.captioner.runtime.backends())
         if out["retrieval"]["loaded"]:
             out["retrieval"]["index"] = {"path": self.names.get("index"), "images": len(self.index.paths)}
+            out["retrieval"]["langs"] = list(self.search_languages())  # what a text search's ``lang`` may name
         if out["tagging"]["loaded"]:
             from ..nn.concepts import CONCEPT_THRESHOLD
 
