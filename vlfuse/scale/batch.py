@@ -1,9 +1,9 @@
 """Caption or embed files on a Ray cluster with Ray Data, rows handed back to the driver in input order.
 
 The paths are cut into chunks exactly where the single-process commands cut them (``batch_size`` files each, from
-the first file), one Ray Data row per chunk. ``map_batches`` runs a callable class on a pool of actors
-(``concurrency=actors``): each actor loads its pipeline once, sets the same thread count for every run
-(``threads``) and turns a chunk into one row per file through the pipeline's own ``caption_files`` /
+the first file), one Ray Data row per chunk. ``map_batches`` runs a callable class on a fixed pool of actors
+(``ActorPoolStrategy(size=actors)``): each actor loads its pipeline once, sets the same thread count for every
+run (``threads``) and turns a chunk into one row per file through the pipeline's own ``caption_files`` /
 ``embed_files`` — so a file gets what the local command gives it with the same thread count, bit for bit
 (docs/scaling.md). A bad file is a row with its error, as locally; it never fails the job.
 

@@ -79,9 +79,10 @@ class LanguageTower(nn.Module):
         """Texts -> token ids; a text with no word the tower can read is an InputError naming it."""
         out = []
         for text in texts:
-            if not self.tokenizer.tokenize(text):
+            ids = self.tokenizer.encode(text, self.config.max_len)  # <bos> ... <eos>: the text is split once
+            if len(ids) == 2:
                 raise InputError(f"no {language(self.config.lang).name} word to search for in {text[:40]!r}")
-            out.append(self.tokenizer.encode(text, self.config.max_len))
+            out.append(ids)
         return out
 
     @torch.inference_mode()

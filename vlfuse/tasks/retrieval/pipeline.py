@@ -19,7 +19,7 @@ from torch import nn
 from ...checkpoint import _storable_state, load_weights, save_checkpoint
 from ...config import REMOVED_OPTIONS, from_dict, to_dict
 from ...data.images import ImageInput, load_image
-from ...data.languages import detect_language, language
+from ...data.languages import LANGUAGES, detect_language, language
 from ...errors import ImageError, InputError
 from ...io import tensors_digest
 from ...nn.pooling import AttentionPool, Projection
@@ -217,7 +217,7 @@ class Retriever(Pipeline):
         code = lang or detect_language(text)
         if code not in self.languages:
             raise InputError(f"retrieval model '{self.name}' reads {', '.join(language(c).name for c in self.languages)}"
-                             f" queries, not {language(code).name if code in ('en', 'zh') else repr(code)} "
+                             f" queries, not {LANGUAGES[code].name if code in LANGUAGES else repr(code)} "
                              f"(query: {text[:40]!r})")
         return code
 
