@@ -59,6 +59,35 @@ def test_max_len_is_respected_by_every_strategy():
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+def test_the_unknown_word_is_never_generated_when_its_id_is_given(strategy):
+    # the toy model's likeliest word after <bos> is <unk> (3); a caption model passes its id, so a caption never
+    # says "<unk>" (which decoded text drops, leaving a hole) but the model's next choice
+    step = table_step({BOS: {3: 0.7, 4: 0.3}, 4: {EOS: 1.0}, 3: {EOS: 1.0}, "default": {EOS: 1.0}})
+    cfg = DecodeConfig(strategy=strategy, beam_size=2, seed=0, top_p=1.0, no_repeat_ngram=0)
+    rows = generate(step, state_for(8), 8, cfg, unk=3)
+    assert [ids for ids, _ in rows] == [[4]] * 8
+    assert rows[0][1] == pytest.approx(math.log(0.3), abs=1e-4)  # scored as the model scores it, not renormalised
+    if strategy != "sample":  # without its id, <unk> is an ordinary word (and the likeliest here)
+        assert generate(step, state_for(1), 1, cfg)[0][0] == [3]
+
+
+def test_caption_models_pass_their_unknown_word_to_the_decoder(model_and_features, monkeypatch):
+    import vlfuse.tasks.caption.model as caption_model
+    from vlfuse.data.tokenizer import UNK
+
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen["unk"] = kwargs.get("unk")
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(caption_model, "generate", spy)
+    cap, feats = model_and_features
+    cap.model.generate(feats, DecodeConfig(strategy="greedy"))
+    assert seen["unk"] == UNK
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
 def test_ngram_blocking_really_blocks(strategy):
     # the toy model loves the loop 4 5 4 5 ...; with no_repeat_ngram=2 no bigram may occur twice
     step = table_step({BOS: {4: 0.9, 6: 0.1}, 4: {5: 0.9, 6: 0.1}, 5: {4: 0.9, 7: 0.1},

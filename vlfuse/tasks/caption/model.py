@@ -155,7 +155,7 @@ class CaptionModel(nn.Module):
         if bias is not None and per_image > 1:
             bias = bias.repeat_interleave(per_image, 0)
         return generate(decoder.step, state, n * per_image, decode, bos=BOS, eos=EOS, pad=PAD, per_image=shared,
-                        seeds=seeds, greedy_first=greedy_first, word_bias=bias)
+                        seeds=seeds, greedy_first=greedy_first, word_bias=bias, unk=UNK)
 
     def pretrained_prefixes(self) -> Tuple[str, ...]:
         """Parameters that start from pretrained weights (the vision encoder's tuned last blocks, with
