@@ -2,7 +2,7 @@
 number of images and questions per type, what each filter dropped, the answers per type and the most common
 ones. Runs the generator exactly as the command does (default settings, seed 0) and writes the JSONL sets too.
 
-    python benchmarks/qa_sets.py [--out-dir /work/qa] -> benchmarks/results/qa_sets.json
+    python benchmarks/qa_sets.py [--out-dir data/qa] -> benchmarks/results/qa_sets.json
     (sets: flickr8k train and val, coco_ood_dev val; written to OUT_DIR/<dataset>/<split>.jsonl)
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     from vlfuse.data.questions import MAX_ANSWER_SHARE, generate_questions, load_english, write_jsonl
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out-dir", default="/work/qa", help="where the JSONL sets go (<dataset>/<split>.jsonl)")
+    p.add_argument("--out-dir", default="data/qa", help="where the JSONL sets go (<dataset>/<split>.jsonl)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "benchmarks/results/qa_sets.json"))
     args = p.parse_args(argv)
