@@ -9,6 +9,7 @@ one runs is ``vlfuse.runtime.policy``'s choice, and exported graphs live in one 
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import weakref
@@ -32,7 +33,10 @@ ImageEncoder = Callable[[torch.Tensor], ImageFeatures]  # pixels (B, 3, S, S) ->
 
 
 def _device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
+    """Where ``module``'s weights are; a module with none (e.g. a CNN's layers after those another model shares
+    with it, where nothing is left but reshaping) runs on the CPU."""
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 # ONNX Runtime image encoders alive in this process, by (cache folder, graph file, threads): pipelines whose encoders

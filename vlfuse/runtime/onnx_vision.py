@@ -33,10 +33,19 @@ class _Features(nn.Module):
         return features.grid, features.pooled
 
 
+def input_shape(encoder: VisionEncoder) -> tuple:
+    """One input's shape: (3, S, S) pixels for an image encoder; an encoder that reads something else (a CNN's
+    later layers read activations) says so with an ``input_shape`` attribute."""
+    size = encoder.transform.size
+    return tuple(getattr(encoder, "input_shape", None) or (3, size, size))
+
+
 def graph_key(encoder: VisionEncoder) -> str:
-    """A hash of what the exported graph depends on: the encoder's class, input size, weights and buffers, and
+    """A hash of what the exported graph depends on: the encoder's class, input shape, weights and buffers, and
     the torch and opset versions that export it."""
-    return weights_key(encoder, f"{type(encoder).__qualname__}|{encoder.transform.size}|{torch.__version__}|{OPSET}")
+    own = getattr(encoder, "input_shape", None)
+    shape = "x".join(str(d) for d in own) if own else encoder.transform.size
+    return weights_key(encoder, f"{type(encoder).__qualname__}|{shape}|{torch.__version__}|{OPSET}")
 
 
 def graph_name(encoder: VisionEncoder) -> str:
@@ -45,16 +54,15 @@ def graph_name(encoder: VisionEncoder) -> str:
 
 
 def export_onnx(encoder: VisionEncoder) -> bytes:
-    """The encoder's inference pass (images (B, 3, S, S) -> grid (B, N, C), pooled (B, C)) as an ONNX graph
-    with a dynamic batch size."""
-    size = encoder.transform.size
+    """The encoder's inference pass (images (B, 3, S, S), or its ``input_shape``, -> grid (B, N, C), pooled (B, C))
+    as an ONNX graph with a dynamic batch size."""
     buffer = io.BytesIO()
     was_training = encoder.training
     encoder.eval()
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript-based exporter is marked deprecated; it works
-            torch.onnx.export(_Features(encoder), (torch.zeros(1, 3, size, size),), buffer, dynamo=False,
+            torch.onnx.export(_Features(encoder), (torch.zeros(1, *input_shape(encoder)),), buffer, dynamo=False,
                               input_names=["images"], output_names=["grid", "pooled"], opset_version=OPSET,
                               dynamic_axes={"images": {0: "batch"}, "grid": {0: "batch"}, "pooled": {0: "batch"}})
     finally:

@@ -180,33 +180,49 @@ class _SharedLayers(VisionEncoder):
         return ImageFeatures(grid, grid.mean(1))  # (B, H*W, C), (B, C)
 
 
-class _OwnLayers(nn.Module):
-    """``encoder``'s layers after the first ``depth`` (stem and tail): a copy for inference, BatchNorm folded into
-    the convolutions (the encoder's own weights may be freed: ``Captioner.drop_unused_weights``)."""
+class _OwnLayers(VisionEncoder):
+    """``encoder``'s layers after the first ``depth`` (stem and tail) as an encoder of the shared layers' output
+    activations (``input_shape``, (C, H, W)): a copy for inference, BatchNorm folded into the convolutions (the
+    encoder's own weights may be freed: ``Captioner.drop_unused_weights``). The runtime runs it as it runs any image
+    encoder (ONNX Runtime on a CPU), so that its output, like the shared layers', does not depend on the thread
+    count (in PyTorch the caption model's last block differed by up to 1.7e-5 between 1 and 2 threads, which the
+    int8 decoder's rounding turned into different reranking scores)."""
 
-    def __init__(self, encoder: VisionEncoder, depth: int):
+    def __init__(self, encoder: VisionEncoder, depth: int, input_shape: Tuple[int, int, int]):
         super().__init__()
         layers = list(encoder.stem_layers)[depth:] + list(encoder.tail_layers)
         self.layers = fold_batchnorm(copy.deepcopy(nn.Sequential(*layers)).eval())
+        self.transform, self.input_shape = encoder.transform, tuple(input_shape)
 
-    def forward(self, acts: torch.Tensor) -> torch.Tensor:
-        return self.layers(acts).flatten(2).transpose(1, 2)  # (B, C, H, W) -> grid (B, H*W, C)
+    def forward(self, acts: torch.Tensor) -> ImageFeatures:
+        grid = self.layers(acts.contiguous(memory_format=torch.channels_last)).flatten(2).transpose(1, 2)
+        return ImageFeatures(grid, grid.mean(1))  # (B, C, H, W) -> grid (B, H*W, C)
+
+
+def _side(grid: torch.Tensor) -> Tuple[int, int]:
+    """(side, channels) of a square image's grid (B, H*W, C): the transform makes square images."""
+    return int(round(grid.shape[1] ** 0.5)), grid.shape[2]
 
 
 class SharedImagePass:
     """A caption model's image features and the retrieval tower's embeddings of the same images from one pass
-    through the CNN layers the two share (``shared_depth``), then each one's own remaining layers. The shared
-    layers run as any image encoder does at inference (``vlfuse.runtime.accelerate_vision``: ONNX Runtime on a CPU, an image at
-    a time); the rest (for flickr8k-caption ~12 % of the CNN's arithmetic each) in PyTorch, also an image at a
-    time, so that neither depends on the other images of a batch. Where ``build`` finds nothing shared it returns
+    through the CNN layers the two share (``shared_depth``), then each one's own remaining layers (for
+    flickr8k-caption ~12 % of the CNN's arithmetic each). All three run as any image encoder does at inference
+    (``vlfuse.runtime.accelerate_vision``: ONNX Runtime on a CPU, an image at a time), so that nothing depends on
+    the other images of a batch or on the thread count. Where ``build`` finds nothing shared it returns
     None: the two models then encode the images separately."""
 
     def __init__(self, caption_vision: VisionEncoder, tower, depth: int, runtime: RuntimeOptions):
         device = next(tower.parameters()).device
-        self.shared = accelerate_vision(_SharedLayers(caption_vision, depth).to(device), runtime,
-                                        GraphCache(runtime.cache_dir))
-        self.caption_layers = _OwnLayers(caption_vision, depth).to(device)
-        self.tower_layers = _OwnLayers(tower.vision, depth).to(device)
+        cache = GraphCache(runtime.cache_dir)
+        shared = _SharedLayers(caption_vision, depth).to(device)
+        self.shared = accelerate_vision(shared, runtime, cache)
+        size = caption_vision.transform.size
+        with torch.inference_mode():  # the shape of the shared layers' output, which the own layers read
+            side, channels = _side(shared(torch.zeros(1, 3, size, size, device=device)).grid)
+        own = (channels, side, side)
+        self.caption_layers = accelerate_vision(_OwnLayers(caption_vision, depth, own).to(device), runtime, cache)
+        self.tower_layers = accelerate_vision(_OwnLayers(tower.vision, depth, own).to(device), runtime, cache)
         self.tower = tower
 
     @classmethod
@@ -219,12 +235,12 @@ class SharedImagePass:
         """Transformed images (B, 3, S, S) -> (the caption model's ImageFeatures, the tower's unit embeddings
         (B, D))."""
         cells = self.shared(pixels).grid  # (B, H*W, C): the shared layers' output
-        side = int(round(cells.shape[1] ** 0.5))  # the transform makes square images
-        acts = cells.transpose(1, 2).reshape(len(cells), -1, side, side)  # (B, C, H, W), channels-last
+        side, channels = _side(cells)
+        acts = cells.transpose(1, 2).reshape(len(cells), channels, side, side)  # (B, C, H, W), channels-last
         grids, embeddings = [], []
         for image in acts.split(1):
-            grids.append(self.caption_layers(image))
-            embeddings.append(self.tower.embed_cells(self.tower_layers(image)))
+            grids.append(self.caption_layers(image).grid)
+            embeddings.append(self.tower.embed_cells(self.tower_layers(image).grid))
         grid = torch.cat(grids)
         return ImageFeatures(grid, grid.mean(1)), torch.cat(embeddings).float()
 
