@@ -48,6 +48,72 @@ def test_beam_finds_a_better_sequence_than_greedy():
     assert (b1_ids, b1_score) == (g_ids, pytest.approx(g_score, abs=1e-6))
 
 
+def random_table(seed):
+    """A toy model over words 3..9 (3 is an ordinary word here) with random next-word probabilities."""
+    gen = torch.Generator().manual_seed(seed)
+    table = {}
+    for last in [BOS] + list(range(3, V)):
+        p = torch.rand(V - 2, generator=gen) ** 3  # peaked: a few likely words per context
+        table[last] = {tok: float(x) for tok, x in zip([EOS] + list(range(3, V)), p / p.sum())}
+    return table
+
+
+def best_sequence(table, max_len, allowed=lambda seq: True):
+    """Brute force: the most probable caption (words 3..9, then <eos>) of at most ``max_len`` words that
+    ``allowed`` accepts, with its log-probability."""
+    import itertools
+    best = (None, float("-inf"))
+    for n in range(1, max_len + 1):
+        for seq in itertools.product(range(3, V), repeat=n):
+            if not allowed(seq):
+                continue
+            score, last = 0.0, BOS
+            for tok in seq + (EOS,):
+                score += math.log(table[last][tok])
+                last = tok
+            if score > best[1]:
+                best = (list(seq), score)
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_constrained_beam_search_finds_the_best_caption_that_includes_a_marked_word(seed):
+    table, step = random_table(seed), table_step(random_table(seed))
+    cfg = DecodeConfig(strategy="beam", beam_size=400, max_len=3, no_repeat_ngram=0)  # wide enough to be exact
+    free_ids, free_score = best_sequence(table, 3)
+    assert generate(step, state_for(1), 1, cfg)[0] == (free_ids, pytest.approx(free_score, abs=1e-4))
+    # mark two words the best free caption does not use: the caption must include one of them
+    marked = [w for w in range(3, V) if w not in free_ids][:2]
+    must = torch.zeros(1, V, dtype=torch.bool)
+    must[0, marked] = True
+    want_ids, want_score = best_sequence(table, 3, lambda seq: any(w in seq for w in marked))
+    (ids, score), = generate(step, state_for(1), 1, cfg, must_include=must)
+    assert (ids, score) == (want_ids, pytest.approx(want_score, abs=1e-4)) and score < free_score
+    # a narrow search still includes one; every beam it returns does, best first
+    narrow = DecodeConfig(strategy="beam", beam_size=3, max_len=3, no_repeat_ngram=0)
+    beams, = generate(step, state_for(1), 1, narrow, must_include=must, all_beams=True)
+    assert 1 <= len(beams) <= 3 and all(set(marked) & set(b) for b, _ in beams)
+    assert [s for _, s in beams] == sorted((s for _, s in beams), reverse=True)
+    assert beams[0][1] <= want_score + 1e-4
+
+
+def test_constrained_beam_search_leaves_unmarked_rows_and_impossible_words_as_plain_beam_search():
+    table = random_table(3)
+    step = table_step(table)
+    cfg = DecodeConfig(strategy="beam", beam_size=3, max_len=4, no_repeat_ngram=0)
+    plain = generate(step, state_for(3), 3, cfg)
+    must = torch.zeros(3, V, dtype=torch.bool)
+    must[0, [w for w in range(3, V) if w not in plain[0][0]][0]] = True  # row 0 must change
+    must[2, PAD] = True  # a word that is never generated cannot be placed: row 2 decodes as if unmarked
+    out = generate(step, state_for(3), 3, cfg, must_include=must)
+    assert out[0][0] != plain[0][0] and must[0, out[0][0]].any()
+    assert out[1:] == [(ids, pytest.approx(s, abs=1e-5)) for ids, s in plain[1:]]
+    with pytest.raises(ConfigError, match="beam search"):
+        generate(step, state_for(3), 3, DecodeConfig(strategy="greedy"), must_include=must)
+    with pytest.raises(ConfigError, match="must_include"):
+        generate(step, state_for(3), 3, cfg, all_beams=True)
+
+
 def test_max_len_is_respected_by_every_strategy():
     step = table_step({"default": {4: 0.5, 5: 0.3, EOS: 0.01}})  # never wants to stop
     for cfg in [DecodeConfig(strategy="greedy", max_len=5, no_repeat_ngram=0),

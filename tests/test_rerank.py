@@ -102,12 +102,15 @@ def test_shipped_caption_model_and_retriever_share_one_pass_through_their_common
     reranker = cap.reranker
     assert shared_depth(cap.model.vision, reranker.tower.vision) == 18 and reranker.image_pass is not None
     pixels = torch.randn(3, 3, 224, 224).clamp(-1, 1)
-    features, embeddings = reranker.image_pass(pixels)
+    features, embeddings, pooled = reranker.image_pass(pixels)
     own = cap.model.vision(pixels)
     assert torch.allclose(features.grid, own.grid, atol=1e-3) and torch.allclose(features.pooled, own.pooled, atol=1e-4)
-    assert torch.allclose(embeddings, reranker.tower(pixels), atol=1e-4)
+    alone, alone_pooled = reranker.tower.encode(pixels)
+    assert torch.allclose(embeddings, alone, atol=1e-4) and torch.allclose(pooled, alone_pooled, atol=1e-4)
+    assert torch.allclose(pooled, reranker.tower.vision(pixels).pooled, atol=1e-3)  # the frozen CNN's own features
     one = reranker.image_pass(pixels[1:2])
     assert torch.equal(one[0].grid, features.grid[1:2]) and torch.equal(one[1], embeddings[1:2])
+    assert torch.equal(one[2], pooled[1:2])
 
 
 @pytest.mark.parametrize("model, photos", [("flickr8k-caption", 60), ("flickr8k-caption-zh", 20)])
@@ -151,7 +154,8 @@ def test_memory_command_writes_a_memory_the_model_reranks_with(reranking_model, 
     assert len(cap.reranker.memory) == 5 * 40  # every caption of the first 40 val images
     images = [photo(tmp_path / f"p{i}.jpg", seed=i) for i in range(3)]
     pixels = cap.preprocess(images)
-    features, neighbours = cap.reranker.encode(pixels)  # one pass through the CNN layers the two models share
+    features, neighbours, concepts = cap.reranker.encode(pixels)  # one pass through the CNN layers both share
+    assert concepts is None  # not asked for (rerank.name_concepts 0)
     g_tokens = [r.tokens for r in cap.caption_features(features, cap.decode_config(strategy="greedy"))]
     # no samples: the greedy caption is the only candidate
     assert cap(images, strategy="rerank", candidates=0) == [" ".join(t) for t in g_tokens]
@@ -168,6 +172,29 @@ def test_memory_command_writes_a_memory_the_model_reranks_with(reranking_model, 
     cap.save_pretrained(tmp_path / "copy")
     assert Captioner.from_pretrained(tmp_path / "copy")(images, strategy="rerank", candidates=6, temperature=1.0,
                                                          seed=0) == reranked
+
+
+def test_memory_command_measures_how_its_captions_name_concepts_when_asked(trained_run, tmp_path):
+    pytest.importorskip("tokenizers")
+    from vlfuse.cli.main import main
+    from vlfuse.tasks.caption.naming import ConceptNaming
+
+    model = tmp_path / "model"
+    shutil.copytree(trained_run / "best", model)
+    assert main(["memory", "--model", str(model), "--data", str(flickr_or_skip()), "--split", "val",
+                 "--limit", "40", "--neighbours", "5", "--name-concepts", "0.5"]) == 0
+    raw = json.loads((model / "config.json").read_text())
+    assert raw["rerank"]["name_concepts"] == 0.5
+    naming = ConceptNaming.load(model)
+    # the 40 photos' concepts at >= 0.3, counted; none reaches 10 photos in so few, so each names itself
+    assert naming is not None and 0 < sum(naming.photos.values()) <= 40 * 3 and naming.named_by == {}
+    cap = Captioner.from_pretrained(model)
+    images = [str(flickr_or_skip() / "images" / n) for n in (flickr_or_skip() / "val.txt").read_text().split()[:6]]
+    seen = cap.reranker.encode(cap.preprocess(images))
+    assert seen.concepts.shape == (6, 1000) and torch.allclose(seen.concepts.sum(1), torch.ones(6), atol=1e-4)
+    words = [cap.reranker.words_to_name(c, cap.tokenizer.index) for c in cap.reranker.concept_words(seen.concepts)]
+    for caption, must in zip(cap(images, strategy="rerank", candidates=4, temperature=1.0, seed=0), words):
+        assert not must or set(must) & set(caption.split()), (caption, must)
 
 
 def test_rerank_errors_name_the_problem(trained_run, reranking_model, tmp_path):

@@ -157,7 +157,8 @@ class WordBias:
 def generate(step: StepFn, state: Dict[str, torch.Tensor], batch_size: int, cfg: DecodeConfig,
              bos: int = 1, eos: int = 2, pad: int = 0, per_image: FrozenSet[str] = frozenset(),
              seeds: Optional[Sequence[int]] = None, greedy_first: bool = False,
-             word_bias: Optional[torch.Tensor] = None, unk: Optional[int] = None) -> List[Tuple[List[int], float]]:
+             word_bias: Optional[torch.Tensor] = None, unk: Optional[int] = None,
+             must_include: Optional[torch.Tensor] = None, all_beams: bool = False):
     """Decode ``batch_size`` sequences; returns (token ids without <bos>/<eos>, score) per item.
 
     ``unk``, the id of the unknown word, is never generated: a caption that says "<unk>" says nothing there, and
@@ -168,12 +169,22 @@ def generate(step: StepFn, state: Dict[str, torch.Tensor], batch_size: int, cfg:
     (without ``seeds`` all rows share one stream seeded with ``cfg.seed``). With ``greedy_first`` the first row of
     each image takes the most likely word at every step instead: its greedy caption, decoded beside its samples.
     ``word_bias`` (batch_size, V) adds to each sequence's log-probabilities until it writes the word (``WordBias``);
-    the scores returned leave it out.
+    the scores returned leave it out. ``must_include`` (batch_size, V) bool: beam search then returns, for each row
+    with any word marked, the best sequence containing at least one of them (``constrained_beam_search``); with
+    ``all_beams`` each item is instead the list of its finished beams that do, best first.
     """
     if cfg.strategy not in DecodeConfig.strategies:
         raise ConfigError(f"generate decodes with {DecodeConfig.strategies}, not '{cfg.strategy}': a task's own "
                           f"strategy runs in its pipeline (e.g. a Captioner's rerank)")
     bias = None if word_bias is None else WordBias(word_bias)
+    if must_include is not None and bool(must_include.any()):
+        if cfg.strategy != "beam":
+            raise ConfigError(f"words a caption must include need beam search, not '{cfg.strategy}'")
+        beams = constrained_beam_search(step, state, batch_size, cfg, must_include, bos, eos, pad, per_image, bias,
+                                        unk)
+        return beams if all_beams else [row[0] for row in beams]
+    if all_beams:
+        raise ConfigError("all_beams returns the beams of a search for words a caption must include (must_include)")
     if cfg.strategy == "beam":
         return beam_search(step, state, batch_size, cfg, bos, eos, pad, per_image, bias, unk)
     device = next(iter(state.values())).device
@@ -322,6 +333,76 @@ def beam_search(step: StepFn, state: Dict[str, torch.Tensor], batch_size: int, c
     for b in range(batch_size):
         r = b * k + int(best[b])
         out.append((_strip(seqs[r], eos, pad), float(scores.view(-1)[r])))
+    return out
+
+
+def constrained_beam_search(step: StepFn, state: Dict[str, torch.Tensor], batch_size: int, cfg: DecodeConfig,
+                            must_include: torch.Tensor, bos: int = 1, eos: int = 2, pad: int = 0,
+                            per_image: FrozenSet[str] = frozenset(), bias: Optional[WordBias] = None,
+                            unk: Optional[int] = None) -> List[List[Tuple[List[int], float]]]:
+    """Beam search that must write one of a set of words (Anderson et al. 2017, constrained beam search with one
+    disjunctive constraint: a finite-state machine of two states, "not yet" and "written", each with its own
+    ``beam_size`` beams). ``must_include`` (batch_size, V) bool marks each sequence's words; a sequence with none
+    marked starts in "written" and decodes as plain beam search. A "not yet" beam extends with any other word and
+    stays, or with a marked word and moves to "written". Returns for each sequence its finished "written" beams, best
+    first (its "not yet" ones only if no marked word could be placed). Costs twice the beams of ``beam_search``."""
+    k = cfg.beam_size
+    device = next(iter(state.values())).device
+    marked = must_include.to(device=device, dtype=torch.bool)
+    rows = torch.arange(batch_size, device=device).repeat_interleave(2 * k)  # (B*2K,) row b's "not yet" then "written"
+    state = reorder_state(state, rows, keep=per_image)
+    if bias is not None:
+        bias.reorder(rows)
+    all_rows = torch.arange(batch_size * 2 * k, device=device)
+    expanded, static = dict(state), frozenset(state)
+    tokens = torch.full((batch_size * 2 * k, 1), bos, dtype=torch.long, device=device)
+    inf = float("-inf")
+    scores = torch.full((batch_size, 2, k), inf, device=device)  # (B, state, K)
+    constrained = marked.any(1)
+    scores[:, 0, 0] = torch.where(constrained, 0.0, inf)
+    scores[:, 1, 0] = torch.where(constrained, inf, 0.0)
+    finished = torch.zeros(batch_size * 2 * k, dtype=torch.bool, device=device)
+    base = (torch.arange(batch_size, device=device) * 2 * k)[:, None]  # (B, 1)
+    specials = None
+    for t in range(cfg.max_len + 1):
+        logp, state = step(tokens, state)  # (B*2K, V)
+        vocab = logp.shape[1]
+        specials = specials or _SpecialTokens(vocab, cfg, bos, eos, pad, device, unk)
+        logp = specials.apply(logp, t)
+        _apply_ngram_block(logp, tokens, cfg.no_repeat_ngram)
+        if bias is not None:
+            logp = bias.apply(logp, all_rows)
+        logp[finished] = inf
+        logp[finished, pad] = 0.0
+        logp = logp.view(batch_size, 2, k, vocab)
+        not_yet = scores[:, 0, :, None] + logp[:, 0].masked_fill(marked[:, None, :], inf)  # (B, K, V)
+        moves = scores[:, 0, :, None] + logp[:, 0].masked_fill(~marked[:, None, :], inf)
+        written = scores[:, 1, :, None] + logp[:, 1]
+        top_not_yet, i_not_yet = not_yet.reshape(batch_size, -1).topk(k, dim=1)  # beams 0..K-1: "not yet" beams
+        top_written, i_written = torch.cat([moves, written], 1).reshape(batch_size, -1).topk(k, dim=1)  # 0..2K-1
+        scores = torch.stack([top_not_yet, top_written], 1)
+        src = (base + torch.cat([i_not_yet // vocab, i_written // vocab], 1)).view(-1)  # both index rows 0..2K-1
+        tok = torch.cat([i_not_yet % vocab, i_written % vocab], 1).view(-1, 1)
+        tokens = torch.cat([tokens.index_select(0, src), tok], 1)
+        static = frozenset(key for key in static if state.get(key) is expanded[key])
+        state = reorder_state(state, src, keep=static)
+        if bias is not None:
+            bias.reorder(src)
+            bias.written(all_rows, tok.view(-1))
+        finished = finished.index_select(0, src) | (tok.view(-1) == eos)
+        if bool(finished.all()):
+            break
+    seqs = tokens[:, 1:].tolist()
+    lengths = torch.tensor([len(_strip(s, eos, pad)) + 1 for s in seqs], device=device, dtype=torch.float)
+    final = (scores.view(-1) / lengths.pow(cfg.length_penalty)).view(batch_size, 2, k)
+    final = final.masked_fill(~finished.view(batch_size, 2, k), inf)  # beams never extended: -inf anyway
+    group = torch.isfinite(final[:, 1]).any(1).long()  # (B,) 1: some beam wrote a marked word
+    out = []
+    for b in range(batch_size):
+        ranked = final[b, int(group[b])]
+        rows = [b * 2 * k + int(group[b]) * k + j for j in ranked.argsort(descending=True).tolist()
+                if bool(torch.isfinite(ranked[j]))]
+        out.append([(_strip(seqs[r], eos, pad), float(scores.view(-1)[r])) for r in rows] or [([], inf)])
     return out
 
 

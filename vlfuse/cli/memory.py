@@ -19,6 +19,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="consensus = CIDEr-D + this x BLEU-4 (default 0; > 0 needs pycocoevalcap)")
     p.add_argument("--logprob-weight", type=float, default=0.5,
                    help="score = consensus + this x the candidate's mean log-probability per word")
+    p.add_argument("--name-concepts", type=float, default=0.0, metavar="P",
+                   help="make captions name each photo's concepts of probability >= P (the retriever's ImageNet "
+                        "classifier; measures how these captions name them); 0 = off (default)")
     p.add_argument("--default", action="store_true",
                    help="make rerank the model's decoding default (with --candidates, --temperature, --seed)")
     p.add_argument("--candidates", type=int, default=12, help="samples drawn besides the greedy caption")
@@ -35,7 +38,8 @@ def run(args) -> int:
 
     config = MemoryConfig(build=True, rerank=RerankConfig(retriever=args.retriever, neighbours=args.neighbours,
                                                           bleu_weight=args.bleu_weight,
-                                                          logprob_weight=args.logprob_weight),
+                                                          logprob_weight=args.logprob_weight,
+                                                          name_concepts=args.name_concepts),
                           default=args.default, candidates=args.candidates, temperature=args.temperature,
                           seed=args.seed)
     lang = read_config(resolve_model(args.model)).get("lang", "en")

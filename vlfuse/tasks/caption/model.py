@@ -132,10 +132,12 @@ class CaptionModel(nn.Module):
     @torch.no_grad()
     def generate(self, image: ImageFeatures, decode: DecodeConfig, per_image: int = 1,
                  decoder: Optional[nn.Module] = None, seeds: Optional[Sequence[int]] = None,
-                 greedy_first: bool = False) -> List[Tuple[List[int], float]]:
+                 greedy_first: bool = False, must_include: Optional[torch.Tensor] = None,
+                 all_beams: bool = False) -> List:
         """Captions for every image, ``per_image`` of them each (consecutive; for sampling several): the image
         side runs once per image. ``decoder`` replaces ``self.decoder`` (e.g. its ``inference_decoder`` copy);
-        ``seeds`` (one per image) and ``greedy_first`` are sampling's (``vlfuse.generation.generate``)."""
+        ``seeds`` (one per image) and ``greedy_first`` are sampling's, ``must_include`` (one row per image) and
+        ``all_beams`` a search for captions including given words (``vlfuse.generation.generate``)."""
         decoder = decoder if decoder is not None else self.decoder
         copy = bias = None
         if self.config.concepts and image.tokens is None:  # the classifier runs once for all three uses
@@ -155,7 +157,9 @@ class CaptionModel(nn.Module):
         if bias is not None and per_image > 1:
             bias = bias.repeat_interleave(per_image, 0)
         return generate(decoder.step, state, n * per_image, decode, bos=BOS, eos=EOS, pad=PAD, per_image=shared,
-                        seeds=seeds, greedy_first=greedy_first, word_bias=bias, unk=UNK)
+                        seeds=seeds, greedy_first=greedy_first, word_bias=bias, unk=UNK,
+                        must_include=None if must_include is None else must_include.repeat_interleave(per_image, 0),
+                        all_beams=all_beams)
 
     def pretrained_prefixes(self) -> Tuple[str, ...]:
         """Parameters that start from pretrained weights (the vision encoder's tuned last blocks, with

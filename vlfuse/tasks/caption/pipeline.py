@@ -211,13 +211,16 @@ class Captioner(Pipeline):
         return content_seeds(pixels, decode.seed)
 
     def _generate(self, image: ImageFeatures, decode: CaptionDecodeConfig, per_image: int = 1,
-                  seeds: Optional[List[int]] = None, greedy_first: bool = False) -> List[Tuple[List[int], float]]:
+                  seeds: Optional[List[int]] = None, greedy_first: bool = False,
+                  must_include: Optional[torch.Tensor] = None, all_beams: bool = False) -> List:
         """``self.model.generate`` on the decoding copy. An int8 copy quantizes each step's activations with one
         scale for all the rows it decodes at once, so an image's words would depend on the other images' (greedy
         captions of 200 Flickr8k val photos: 13 changed between batches of 1 and 32; 6 with ONNX Runtime's step
         at every batch size, 17 with TorchScript's): there every image is decoded on its own, its rows together,
         on ``torch.get_num_threads()`` threads at once (ONNX Runtime runs a step on one). A float copy decodes the
-        images together (beam search on a CPU in chunks of ``cpu_beam_chunk``)."""
+        images together (beam search on a CPU in chunks of ``cpu_beam_chunk``). ``must_include`` (B, V) bool: words
+        of which each image's caption must include one, and ``all_beams`` (each image's list of beams that do), are
+        beam search's (``vlfuse.generation.generate``)."""
         n, generator = image.grid.shape[0], self.generator
 
         def decode_images(start: int, stop: int) -> List[Tuple[List[int], float]]:
@@ -225,7 +228,9 @@ class Captioner(Pipeline):
                 return self.model.generate(ImageFeatures(image.grid[start:stop], image.pooled[start:stop]), decode,
                                            per_image=per_image, decoder=generator,
                                            seeds=None if seeds is None else seeds[start:stop],
-                                           greedy_first=greedy_first)
+                                           greedy_first=greedy_first,
+                                           must_include=None if must_include is None else must_include[start:stop],
+                                           all_beams=all_beams)
 
         if self.runtime.decodes_int8:
             return [out for outs in self._decoding_threads().map(lambda i: decode_images(i, i + 1), range(n))
@@ -246,34 +251,73 @@ class Captioner(Pipeline):
                           ) -> Tuple[List[List[CaptionResult]], List[List[str]], List[Dict[str, float]]]:
         """What the rerank strategy chooses from, for transformed images (B, 3, H, W): each image's candidates (its
         greedy caption, then ``decode.candidates`` samples, repeats included), the texts of its nearest memory
-        captions, and its concepts (caption word -> probability; empty for a model not told concepts)."""
-        image, neighbours = self.reranker.encode(pixels)
-        if image is None:  # the caption model and the retriever share no layers: each encodes the images
-            image = self.encode(pixels)
+        captions, and its concepts (caption word -> probability; empty for a model neither told concepts nor
+        naming them, ``rerank.name_concepts``)."""
+        _, drawn, neighbours, concepts = self._rerank_inputs(pixels, decode)
+        return drawn, neighbours, concepts
+
+    def _rerank_inputs(self, pixels: torch.Tensor, decode: CaptionDecodeConfig):
+        """``rerank_candidates``, after the images' caption-model features."""
+        seen = self.reranker.encode(pixels)
+        image = seen.features if seen.features is not None else self.encode(pixels)  # no shared layers: two passes
         rows = decode.candidates + 1  # per image: its greedy caption, then its samples, decoded together
         drawn = [self._result(ids, score) for ids, score in self._generate(
             image, decode.override(strategy="sample"), per_image=rows, seeds=self._sampling_seeds(decode, pixels),
             greedy_first=True)]
-        return [drawn[i:i + rows] for i in range(0, len(drawn), rows)], neighbours, self._concept_words(image)
+        if self.model.config.concepts:
+            concepts = self._concept_words(image)
+        elif seen.concepts is not None:
+            concepts = self.reranker.concept_words(seen.concepts)
+        else:
+            concepts = [{} for _ in range(len(pixels))]
+        return image, [drawn[i:i + rows] for i in range(0, len(drawn), rows)], seen.neighbours, concepts
 
     def _concept_words(self, image: ImageFeatures) -> List[Dict[str, float]]:
-        """Each image's concepts as {caption word: score} (``CaptionModel.word_scores``)."""
-        if not self.model.config.concepts:
-            return [{} for _ in range(image.pooled.shape[0])]
+        """Each image's concepts as {caption word: score} (``CaptionModel.word_scores``), for a model told them."""
         scores = self.model.word_scores(*self.model.concepts_of(image))
         return [{self.tokenizer.vocab[i]: float(row[i]) for i in row.nonzero().flatten().tolist()} for row in scores]
 
+    def _naming_captions(self, image: ImageFeatures, words: List[List[str]], decode: CaptionDecodeConfig
+                         ) -> List[List[CaptionResult]]:
+        """For each image with words to name (``ConsensusReranker.words_to_name``), the captions of beam search
+        (``decode.beam_size`` beams) that include one of them (``vlfuse.generation.constrained_beam_search``), best
+        first; none for the others."""
+        rows = [i for i, w in enumerate(words) if w]
+        out: List[List[CaptionResult]] = [[] for _ in words]
+        if not rows:
+            return out
+        index = torch.tensor(rows, device=image.grid.device)
+        must = torch.zeros(len(rows), len(self.tokenizer.vocab), dtype=torch.bool)
+        for r, i in enumerate(rows):
+            must[r, [self.tokenizer.index[w] for w in words[i]]] = True
+        subset = ImageFeatures(image.grid.index_select(0, index), image.pooled.index_select(0, index))
+        found = self._generate(subset, decode.override(strategy="beam"), must_include=must.to(image.grid.device),
+                               all_beams=True)
+        for i, beams in zip(rows, found):
+            named = [self._result(ids, score) for ids, score in beams]
+            out[i] = [r for r in named if set(words[i]) & set(r.tokens)]  # none where no word could be placed
+        return out
+
     def _rerank(self, pixels: torch.Tensor, decode: CaptionDecodeConfig) -> List[CaptionResult]:
         """Of each image's ``rerank_candidates``, the one that agrees most with its nearest memory captions, plus
-        a little of the model's own preference (``ConsensusReranker.choose``)."""
+        a little of the model's own preference (``ConsensusReranker.choose``). An image with a concept to name
+        (``rerank.name_concepts``) chooses among its candidates that name it and the beams of a search for captions
+        that do."""
+        image, drawn, neighbours, concepts = self._rerank_inputs(pixels, decode)
+        words = [self.reranker.words_to_name(c, self.tokenizer.index) for c in concepts]
+        naming = self._naming_captions(image, words, decode)
         results = []
-        for options, refs, concepts in zip(*self.rerank_candidates(pixels, decode)):
+        for options, refs, concepts_i, words_i, named in zip(drawn, neighbours, concepts, words, naming):
             unique: Dict[str, CaptionResult] = {}
             for r in options:  # the greedy caption first; a caption sampled again is scored once
                 unique.setdefault(" ".join(r.tokens), r)
+            if named:
+                unique = {t: r for t, r in unique.items() if set(words_i) & set(r.tokens)}
+                for r in named:
+                    unique.setdefault(" ".join(r.tokens), r)
             texts = list(unique)
             logprobs = [unique[t].score / max(1, len(unique[t].tokens)) for t in texts]
-            results.append(unique[texts[self.reranker.choose(texts, refs, logprobs, concepts)]])
+            results.append(unique[texts[self.reranker.choose(texts, refs, logprobs, concepts_i)]])
         return results
 
     def decode_config(self, beam: Optional[int] = None, **options) -> CaptionDecodeConfig:

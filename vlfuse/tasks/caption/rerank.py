@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
-from typing import ClassVar, Dict, List, Optional, Sequence, Tuple, Union
+from typing import ClassVar, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from ...metrics.consensus import ConsensusScorer
 from ...nn.vision import ImageFeatures, VisionEncoder, fold_batchnorm
 from ...runtime import GraphCache, RuntimeOptions, accelerate_vision
 from ..base import read_checkpoint
+from .naming import ConceptNaming, concept_words, naming_of_photos
 
 MEMORY_WEIGHTS = "memory.safetensors"
 MEMORY_TEXTS = "memory.txt"
@@ -68,13 +69,19 @@ class RerankConfig:
                                            # log-probability per word of the candidate (fluency)
     tower_digest: str = ""                 # identity of the retriever's image tower the memory was embedded with
     concept_weight: float = 0.0            # + concept_weight x the probabilities of the photo's concepts whose
-                                           # words the candidate names (a model told its concepts only)
+                                           # words the candidate names (a model told its concepts, or naming them)
+    name_concepts: float = 0.0             # a photo whose concept (the retriever's frozen ImageNet classifier) has
+                                           # at least this probability gets a caption that names it (constrained
+                                           # beam search; naming.py); 0 = off
 
     def __post_init__(self):
         if self.neighbours < 1:
             raise ConfigError(f"rerank.neighbours must be at least 1, got {self.neighbours}")
         if self.bleu_weight < 0:
             raise ConfigError(f"rerank.bleu_weight must be >= 0, got {self.bleu_weight}")
+        if not 0.0 <= self.name_concepts <= 1.0:
+            raise ConfigError(f"rerank.name_concepts must be a probability in [0, 1] (0 = off), got "
+                              f"{self.name_concepts}")
 
 
 @dataclasses.dataclass
@@ -231,26 +238,37 @@ class SharedImagePass:
         return cls(caption_vision, tower, depth, runtime) if depth else None
 
     @torch.inference_mode()
-    def __call__(self, pixels: torch.Tensor) -> Tuple[ImageFeatures, torch.Tensor]:
+    def __call__(self, pixels: torch.Tensor) -> Tuple[ImageFeatures, torch.Tensor, torch.Tensor]:
         """Transformed images (B, 3, S, S) -> (the caption model's ImageFeatures, the tower's unit embeddings
-        (B, D))."""
+        (B, D), the tower's CNN's pooled features (B, C))."""
         cells = self.shared(pixels).grid  # (B, H*W, C): the shared layers' output
         side, channels = _side(cells)
         acts = cells.transpose(1, 2).reshape(len(cells), channels, side, side)  # (B, C, H, W), channels-last
-        grids, embeddings = [], []
+        grids, embeddings, pooled = [], [], []
         for image in acts.split(1):
             grids.append(self.caption_layers(image).grid)
-            embeddings.append(self.tower.embed_cells(self.tower_layers(image).grid))
+            tower = self.tower_layers(image)
+            embeddings.append(self.tower.embed_cells(tower.grid))
+            pooled.append(tower.pooled)
         grid = torch.cat(grids)
-        return ImageFeatures(grid, grid.mean(1)), torch.cat(embeddings).float()
+        return ImageFeatures(grid, grid.mean(1)), torch.cat(embeddings).float(), torch.cat(pooled).float()
+
+
+class RerankInputs(NamedTuple):
+    """What ``ConsensusReranker.encode`` finds for a batch of images."""
+    features: Optional[ImageFeatures]   # the caption model's, where one pass through shared layers made them
+    neighbours: List[List[str]]         # each image's nearest memory captions, best first
+    concepts: Optional[torch.Tensor]    # (B, C) the classifier's probabilities, where rerank.name_concepts asks
 
 
 class ConsensusReranker:
     """Everything the ``rerank`` strategy needs: the retriever's image tower (sharing a pass through the CNN
-    with the caption model where it can: ``SharedImagePass``), the memory and the scorer."""
+    with the caption model where it can: ``SharedImagePass``), the memory and the scorer; where
+    ``config.name_concepts`` asks, the ImageNet classifier of the tower's frozen backbone (one linear layer on the
+    pooled features the tower computes anyway) and the memory's ``ConceptNaming``."""
 
     def __init__(self, tower, memory: CaptionMemory, config: RerankConfig,
-                 image_pass: Optional[SharedImagePass] = None):
+                 image_pass: Optional[SharedImagePass] = None, naming: Optional[ConceptNaming] = None):
 
         if config.tower_digest and tower.digest() != config.tower_digest:
             raise ModelNotFoundError(
@@ -258,6 +276,13 @@ class ConsensusReranker:
                 f"(image tower {config.tower_digest}, found {tower.digest()}); rebuild it with `vlfuse memory`")
         self.tower, self.memory, self.config, self.image_pass = tower, memory, config, image_pass
         self.scorer = ConsensusScorer(CiderD(memory.references()), config.bleu_weight)
+        self.naming = naming or ConceptNaming()
+        self.concept_head = None
+        if config.name_concepts:
+            from ..retrieval.concepts import ConceptConfig, build_head
+
+            self.concept_head = build_head(ConceptConfig(), tower.config.vision).to(
+                next(tower.parameters()).device)
 
     @classmethod
     def load(cls, directory: Union[str, Path], config: RerankConfig, device: Optional[torch.device] = None,
@@ -271,17 +296,32 @@ class ConsensusReranker:
         image_pass = SharedImagePass.build(caption_vision, tower, runtime) if caption_vision is not None else None
         if image_pass is None:
             tower.runtime.build()  # its CNN's fast copy now, not in the first photo's time
-        return cls(tower, CaptionMemory.load(directory), config, image_pass)
+        return cls(tower, CaptionMemory.load(directory), config, image_pass, ConceptNaming.load(directory))
 
-    def encode(self, pixels: torch.Tensor) -> Tuple[Optional[ImageFeatures], List[List[str]]]:
-        """Transformed images (B, 3, H, W) -> (the caption model's features of them where one pass through the
-        shared layers makes them, else None; the texts of each image's nearest memory captions)."""
+    def encode(self, pixels: torch.Tensor) -> RerankInputs:
+        """Transformed images (B, 3, H, W) -> the caption model's features of them where one pass through the
+        shared layers makes them, the texts of each image's nearest memory captions, and its concepts' probabilities
+        where ``config.name_concepts`` asks (``RerankInputs``)."""
         features = None
         if self.image_pass is not None:
-            features, embeddings = self.image_pass(pixels)
+            features, embeddings, pooled = self.image_pass(pixels)
         else:
-            embeddings = self.tower(pixels.to(next(self.tower.parameters()).device))
-        return features, self.memory.nearest(embeddings.cpu(), self.config.neighbours)
+            embeddings, pooled = self.tower.encode(pixels.to(next(self.tower.parameters()).device))
+        concepts = self.concept_head(pooled).cpu() if self.concept_head is not None else None
+        return RerankInputs(features, self.memory.nearest(embeddings.cpu(), self.config.neighbours), concepts)
+
+    def concept_words(self, probabilities: torch.Tensor) -> List[Dict[str, float]]:
+        """Classifier probabilities (B, C) -> each image's concepts as {caption word: probability}."""
+        return concept_words(self.concept_head.words, probabilities)
+
+    def words_to_name(self, concepts: Dict[str, float], vocabulary: Dict[str, int]) -> List[str]:
+        """The words of which an image's caption must include one (``ConceptNaming``), for its concepts (caption
+        word -> probability) at or above ``config.name_concepts``, those in the caption model's ``vocabulary``;
+        none where naming is off or no concept is confident."""
+        if not self.config.name_concepts:
+            return []
+        words = [w for c, p in concepts.items() if p >= self.config.name_concepts for w in self.naming.words_for(c)]
+        return [w for w in dict.fromkeys(words) if w in vocabulary]
 
     def choose(self, candidates: Sequence[str], neighbours: Sequence[str],
                logprobs: Optional[Sequence[float]] = None, concepts: Optional[Dict[str, float]] = None) -> int:
@@ -346,8 +386,10 @@ def build_and_attach(directory: Union[str, Path], data: CaptionSet, config: Memo
     base = from_dict(CaptionDecodeConfig, raw.get("decode", {}), "decode")
     rerank = dataclasses.replace(config.rerank,
                                  tower_digest=RetrievalImageTower.from_pretrained(config.rerank.retriever).digest())
-    memory = build_memory(Retriever.from_pretrained(rerank.retriever), data, Tokenizer.load(directory),
-                          progress=progress, lang=raw.get("lang", "en"))
+    retriever, tokenizer = Retriever.from_pretrained(rerank.retriever), Tokenizer.load(directory)
+    memory = build_memory(retriever, data, tokenizer, progress=progress, lang=raw.get("lang", "en"))
+    if rerank.name_concepts:  # how the same captions name their photos' concepts
+        naming_of_photos(retriever, data, tokenizer, progress=progress).save(directory)
     decode = config.default_decode(base)
     attach_memory(directory, memory, rerank, to_dict(decode) if decode else None)
     return memory

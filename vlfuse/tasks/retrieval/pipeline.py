@@ -68,7 +68,14 @@ class RetrievalImageTower(nn.Module):
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Transformed images (B, 3, H, W) -> (B, D) float32, unit length."""
-        return self.embed_cells(self.runtime.image_encoder(pixels).grid).float()
+        return self.encode(pixels)[0]
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Transformed images (B, 3, H, W) -> (their unit vectors (B, D), their CNN's pooled features (B, C)),
+        float32: a frozen pretrained CNN's pooled features are its ImageNet classifier's input."""
+        image = self.runtime.image_encoder(pixels)
+        return self.embed_cells(image.grid).float(), image.pooled.float()
 
     def persistent_prefixes(self) -> Tuple[str, ...]:
         return ("vision.stem_layers.",) if getattr(self.vision, "pretrained", False) else ()
