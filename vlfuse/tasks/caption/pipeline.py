@@ -301,17 +301,20 @@ class Captioner(Pipeline):
     def _rerank(self, pixels: torch.Tensor, decode: CaptionDecodeConfig) -> List[CaptionResult]:
         """Of each image's ``rerank_candidates``, the one that agrees most with its nearest memory captions, plus
         a little of the model's own preference (``ConsensusReranker.choose``). An image with a concept to name
-        (``rerank.name_concepts``) chooses among its candidates that name it and the beams of a search for captions
-        that do."""
+        (``rerank.name_concepts``) chooses among its candidates that name it, or where none does, among the beams
+        of a search for captions that do."""
         image, drawn, neighbours, concepts = self._rerank_inputs(pixels, decode)
         words = [self.reranker.words_to_name(c, self.tokenizer.index) for c in concepts]
-        naming = self._naming_captions(image, words, decode)
+        # the search runs only where no candidate names the concept already (most Flickr8k-like photos' do)
+        search = [w if w and not any(set(w) & set(r.tokens) for r in options) else [] for w, options in
+                  zip(words, drawn)]
+        naming = self._naming_captions(image, search, decode)
         results = []
         for options, refs, concepts_i, words_i, named in zip(drawn, neighbours, concepts, words, naming):
             unique: Dict[str, CaptionResult] = {}
             for r in options:  # the greedy caption first; a caption sampled again is scored once
                 unique.setdefault(" ".join(r.tokens), r)
-            if named:
+            if words_i and (named or any(set(words_i) & set(r.tokens) for r in unique.values())):
                 unique = {t: r for t, r in unique.items() if set(words_i) & set(r.tokens)}
                 for r in named:
                     unique.setdefault(" ".join(r.tokens), r)
