@@ -3,7 +3,6 @@
 name it (constrained beam search; the decoding itself is tested in test_decoding.py)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -14,7 +13,7 @@ from vlfuse.data.samples import sample_photos
 from vlfuse.errors import ConfigError
 from vlfuse.tasks.caption.naming import NAMING_FILE, ConceptNaming, concept_words, measure_naming, plural
 from vlfuse.tasks.caption.pipeline import Captioner
-from vlfuse.tasks.caption.rerank import RerankConfig
+from vlfuse.tasks.caption.rerank import CaptionDecodeConfig
 
 WORDS = ["dog", "terrier", "ski", "zebra", "bus", "puppy"]
 
@@ -62,7 +61,7 @@ def test_concept_words_sum_the_classes_of_one_word():
 def test_name_concepts_must_be_a_probability():
     for bad in (-0.1, 1.5):
         with pytest.raises(ConfigError, match="name_concepts"):
-            RerankConfig(name_concepts=bad)
+            CaptionDecodeConfig(name_concepts=bad)
 
 
 @pytest.fixture(scope="module")
@@ -70,27 +69,29 @@ def shipped():
     return Captioner.from_pretrained("flickr8k-caption")
 
 
-def test_shipped_model_names_a_confident_concept_and_only_then(shipped, tmp_path):
+def test_shipped_model_names_a_confident_concept_and_only_then(shipped, tmp_path, capsys):
     cap = shipped
-    assert cap.reranker.config.name_concepts == 0.5 and cap.reranker.naming.named_by  # the shipped table
+    assert cap.decode_defaults.name_concepts == 0.5 and cap.reranker.naming.named_by  # the shipped table
     cat = str(next(p for p in sample_photos() if p.stem == "chelsea"))
     blank = tmp_path / "blank.png"
     Image.fromarray(np.full((120, 160, 3), 128, np.uint8)).save(blank)
     pixels = cap.preprocess([cat, str(blank)])
-    concepts = cap.reranker.concept_words(cap.reranker.encode(pixels).concepts)
+    assert cap.reranker.encode(pixels).concepts is None  # computed only when asked for
+    concepts = cap.reranker.concept_words(cap.reranker.encode(pixels, concepts=True).concepts)
     # the reranker's concepts are the frozen backbone's ImageNet classifier, as `vlfuse tag` says
     from vlfuse.tasks.tagging.pipeline import Tagger
     tags = Tagger.from_pretrained()([cat], top=1, threshold=0.0)[0][0]
     assert tags.word == "cat" and concepts[0]["cat"] >= tags.probability - 1e-3 and concepts[0]["cat"] > 0.9
     assert max(concepts[1].values(), default=0.0) < 0.5
-    assert [cap.reranker.words_to_name(c, cap.tokenizer.index) for c in concepts] == [["cat", "cats"], []]
+    assert [cap.reranker.words_to_name(c, cap.tokenizer.index, 0.5) for c in concepts] == [["cat", "cats"], []]
+    assert cap.reranker.words_to_name(concepts[0], cap.tokenizer.index, 0.0) == []  # 0: naming off
     named, blank_named = cap([cat, str(blank)])
     assert "cat" in named.split()
     # without naming, the same decoding does not say it (the Flickr8k decoder's own choice), and the blank photo's
     # caption is the same either way (nothing confident to name)
-    cap.reranker.config = dataclasses.replace(cap.reranker.config, name_concepts=0.0)
-    try:
-        plain, blank_plain = cap([cat, str(blank)])
-    finally:
-        cap.reranker.config = dataclasses.replace(cap.reranker.config, name_concepts=0.5)
+    plain, blank_plain = cap([cat, str(blank)], name_concepts=0.0)
     assert "cat" not in plain.split() and blank_plain == blank_named
+    # the command line's --name-concepts is the same option
+    from vlfuse.cli.main import main
+    assert main(["caption", cat, "--name-concepts", "0"]) == 0
+    assert capsys.readouterr().out.strip().endswith(plain)

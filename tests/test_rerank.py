@@ -155,7 +155,7 @@ def test_memory_command_writes_a_memory_the_model_reranks_with(reranking_model, 
     images = [photo(tmp_path / f"p{i}.jpg", seed=i) for i in range(3)]
     pixels = cap.preprocess(images)
     features, neighbours, concepts = cap.reranker.encode(pixels)  # one pass through the CNN layers both share
-    assert concepts is None  # not asked for (rerank.name_concepts 0)
+    assert concepts is None  # not asked for (the default: concepts=False)
     g_tokens = [r.tokens for r in cap.caption_features(features, cap.decode_config(strategy="greedy"))]
     # no samples: the greedy caption is the only candidate
     assert cap(images, strategy="rerank", candidates=0) == [" ".join(t) for t in g_tokens]
@@ -184,16 +184,18 @@ def test_memory_command_measures_how_its_captions_name_concepts_when_asked(train
     assert main(["memory", "--model", str(model), "--data", str(flickr_or_skip()), "--split", "val",
                  "--limit", "40", "--neighbours", "5", "--name-concepts", "0.5"]) == 0
     raw = json.loads((model / "config.json").read_text())
-    assert raw["rerank"]["name_concepts"] == 0.5
+    assert "name_concepts" not in raw["decode"]  # without --default the model's default is unchanged
     naming = ConceptNaming.load(model)
     # the 40 photos' concepts at >= 0.3, counted; none reaches 10 photos in so few, so each names itself
     assert naming is not None and 0 < sum(naming.photos.values()) <= 40 * 3 and naming.named_by == {}
     cap = Captioner.from_pretrained(model)
     images = [str(flickr_or_skip() / "images" / n) for n in (flickr_or_skip() / "val.txt").read_text().split()[:6]]
-    seen = cap.reranker.encode(cap.preprocess(images))
+    seen = cap.reranker.encode(cap.preprocess(images), concepts=True)
     assert seen.concepts.shape == (6, 1000) and torch.allclose(seen.concepts.sum(1), torch.ones(6), atol=1e-4)
-    words = [cap.reranker.words_to_name(c, cap.tokenizer.index) for c in cap.reranker.concept_words(seen.concepts)]
-    for caption, must in zip(cap(images, strategy="rerank", candidates=4, temperature=1.0, seed=0), words):
+    words = [cap.reranker.words_to_name(c, cap.tokenizer.index, 0.3) for c in cap.reranker.concept_words(seen.concepts)]
+    assert any(words)  # some of the six have a concept at >= 0.3 whose word is in the tiny model's vocabulary
+    named = cap(images, strategy="rerank", candidates=4, temperature=1.0, seed=0, name_concepts=0.3)
+    for caption, must in zip(named, words):
         assert not must or set(must) & set(caption.split()), (caption, must)
 
 

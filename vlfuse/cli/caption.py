@@ -35,6 +35,9 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length-penalty", type=float, default=None, help="beam score / length ** this (default 0)")
     p.add_argument("--no-repeat-ngram", type=int, default=None,
                    help="forbid repeating any n-gram of this size, 0 = off (default 3)")
+    p.add_argument("--name-concepts", type=float, default=None, metavar="P",
+                   help="reranking names each photo's ImageNet concept of probability >= P in its caption, 0 = off "
+                        "(default: the model's; flickr8k-caption 0.5)")
 
 
 def decode_options(args) -> dict:
@@ -43,7 +46,7 @@ def decode_options(args) -> dict:
     strategy = "sample" if args.sample else "rerank" if args.rerank else None
     return dict(beam=args.beam, strategy=strategy, max_len=args.max_len, top_p=args.top_p,
                 temperature=args.temperature, seed=args.seed, length_penalty=args.length_penalty,
-                no_repeat_ngram=args.no_repeat_ngram, candidates=args.candidates)
+                no_repeat_ngram=args.no_repeat_ngram, candidates=args.candidates, name_concepts=args.name_concepts)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -20,8 +20,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--logprob-weight", type=float, default=0.5,
                    help="score = consensus + this x the candidate's mean log-probability per word")
     p.add_argument("--name-concepts", type=float, default=0.0, metavar="P",
-                   help="make captions name each photo's concepts of probability >= P (the retriever's ImageNet "
-                        "classifier; measures how these captions name them); 0 = off (default)")
+                   help="measure how these captions name their photos' concepts (the retriever's ImageNet "
+                        "classifier), for reranking that names them; with --default, name each photo's concepts of "
+                        "probability >= P by default (0 = off, the default)")
     p.add_argument("--default", action="store_true",
                    help="make rerank the model's decoding default (with --candidates, --temperature, --seed)")
     p.add_argument("--candidates", type=int, default=12, help="samples drawn besides the greedy caption")
@@ -38,10 +39,9 @@ def run(args) -> int:
 
     config = MemoryConfig(build=True, rerank=RerankConfig(retriever=args.retriever, neighbours=args.neighbours,
                                                           bleu_weight=args.bleu_weight,
-                                                          logprob_weight=args.logprob_weight,
-                                                          name_concepts=args.name_concepts),
+                                                          logprob_weight=args.logprob_weight),
                           default=args.default, candidates=args.candidates, temperature=args.temperature,
-                          seed=args.seed)
+                          seed=args.seed, name_concepts=args.name_concepts)
     lang = read_config(resolve_model(args.model)).get("lang", "en")
     data = read_captions(args.data, split=args.split, fmt=args.format, lang=lang)
     if args.limit:

@@ -1,7 +1,7 @@
 """How a caption model's training captions name the concepts an ImageNet classifier sees in their photos, and so
 which words a caption must include to name a photo's concept (issue 20).
 
-The consensus reranking can make a caption name its photo's confident concepts (``RerankConfig.name_concepts``:
+The consensus reranking can make a caption name its photo's confident concepts (``CaptionDecodeConfig.name_concepts``:
 constrained beam search, Anderson et al. 2017, over the caption model's vocabulary). The concepts come from the
 ImageNet classifier of the retrieval model's frozen backbone (``vlfuse.nn.concepts``), each with its caption word
 ("Yorkshire terrier" -> terrier). But the word a class is named by is not always the word captions use for such a

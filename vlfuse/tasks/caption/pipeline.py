@@ -251,14 +251,14 @@ class Captioner(Pipeline):
                           ) -> Tuple[List[List[CaptionResult]], List[List[str]], List[Dict[str, float]]]:
         """What the rerank strategy chooses from, for transformed images (B, 3, H, W): each image's candidates (its
         greedy caption, then ``decode.candidates`` samples, repeats included), the texts of its nearest memory
-        captions, and its concepts (caption word -> probability; empty for a model neither told concepts nor
-        naming them, ``rerank.name_concepts``)."""
+        captions, and its concepts (caption word -> probability; empty for a model not told concepts and a decoding
+        that does not name them, ``decode.name_concepts``)."""
         _, drawn, neighbours, concepts = self._rerank_inputs(pixels, decode)
         return drawn, neighbours, concepts
 
     def _rerank_inputs(self, pixels: torch.Tensor, decode: CaptionDecodeConfig):
         """``rerank_candidates``, after the images' caption-model features."""
-        seen = self.reranker.encode(pixels)
+        seen = self.reranker.encode(pixels, concepts=bool(decode.name_concepts) and not self.model.config.concepts)
         image = seen.features if seen.features is not None else self.encode(pixels)  # no shared layers: two passes
         rows = decode.candidates + 1  # per image: its greedy caption, then its samples, decoded together
         drawn = [self._result(ids, score) for ids, score in self._generate(
@@ -301,10 +301,10 @@ class Captioner(Pipeline):
     def _rerank(self, pixels: torch.Tensor, decode: CaptionDecodeConfig) -> List[CaptionResult]:
         """Of each image's ``rerank_candidates``, the one that agrees most with its nearest memory captions, plus
         a little of the model's own preference (``ConsensusReranker.choose``). An image with a concept to name
-        (``rerank.name_concepts``) chooses among its candidates that name it, or where none does, among the beams
+        (``decode.name_concepts``) chooses among its candidates that name it, or where none does, among the beams
         of a search for captions that do."""
         image, drawn, neighbours, concepts = self._rerank_inputs(pixels, decode)
-        words = [self.reranker.words_to_name(c, self.tokenizer.index) for c in concepts]
+        words = [self.reranker.words_to_name(c, self.tokenizer.index, decode.name_concepts) for c in concepts]
         # the search runs only where no candidate names the concept already (most Flickr8k-like photos' do)
         search = [w if w and not any(set(w) & set(r.tokens) for r in options) else [] for w, options in
                   zip(words, drawn)]

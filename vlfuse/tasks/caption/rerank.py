@@ -50,6 +50,10 @@ class CaptionDecodeConfig(DecodeConfig):
     # a model told its photos' concepts: each concept's caption word gets concept_bias x its probability added to
     # its log-probability until written (vlfuse.generation.WordBias); 0 = off
     concept_bias: float = 0.0
+    # rerank: a photo whose ImageNet concept (the retriever's frozen classifier) has at least this probability gets
+    # a caption that names it, with the words its training captions use (naming.py; constrained beam search where
+    # no candidate does); 0 = off. Other strategies ignore it.
+    name_concepts: float = 0.0
 
     strategies: ClassVar[Tuple[str, ...]] = DecodeConfig.strategies + ("rerank",)
 
@@ -57,6 +61,8 @@ class CaptionDecodeConfig(DecodeConfig):
         super().__post_init__()
         if self.candidates < 0:
             raise ConfigError(f"candidates must be >= 0, got {self.candidates}")
+        if not 0.0 <= self.name_concepts <= 1.0:
+            raise ConfigError(f"name_concepts must be a probability in [0, 1] (0 = off), got {self.name_concepts}")
 
 
 @dataclasses.dataclass
@@ -70,18 +76,12 @@ class RerankConfig:
     tower_digest: str = ""                 # identity of the retriever's image tower the memory was embedded with
     concept_weight: float = 0.0            # + concept_weight x the probabilities of the photo's concepts whose
                                            # words the candidate names (a model told its concepts, or naming them)
-    name_concepts: float = 0.0             # a photo whose concept (the retriever's frozen ImageNet classifier) has
-                                           # at least this probability gets a caption that names it (constrained
-                                           # beam search; naming.py); 0 = off
 
     def __post_init__(self):
         if self.neighbours < 1:
             raise ConfigError(f"rerank.neighbours must be at least 1, got {self.neighbours}")
         if self.bleu_weight < 0:
             raise ConfigError(f"rerank.bleu_weight must be >= 0, got {self.bleu_weight}")
-        if not 0.0 <= self.name_concepts <= 1.0:
-            raise ConfigError(f"rerank.name_concepts must be a probability in [0, 1] (0 = off), got "
-                              f"{self.name_concepts}")
 
 
 @dataclasses.dataclass
@@ -95,13 +95,15 @@ class MemoryConfig:
     candidates: int = 12           # samples besides the greedy caption
     temperature: float = 0.5       # (top-p 1: the whole distribution, sharpened)
     seed: int = 0                  # fixed: the same photo gets the same caption
+    name_concepts: float = 0.0     # > 0: also measure how the captions name their photos' concepts (naming.py) and
+                                   # name each photo's concepts of at least this probability by default
 
     def default_decode(self, base: CaptionDecodeConfig) -> Optional[CaptionDecodeConfig]:
         """The decoding default to save with the model (``base`` with rerank), or None to keep its own."""
         if not self.default:
             return None
         return dataclasses.replace(base, strategy="rerank", top_p=1.0, candidates=self.candidates,
-                                   temperature=self.temperature, seed=self.seed)
+                                   temperature=self.temperature, seed=self.seed, name_concepts=self.name_concepts)
 
 
 class CaptionMemory:
@@ -258,14 +260,15 @@ class RerankInputs(NamedTuple):
     """What ``ConsensusReranker.encode`` finds for a batch of images."""
     features: Optional[ImageFeatures]   # the caption model's, where one pass through shared layers made them
     neighbours: List[List[str]]         # each image's nearest memory captions, best first
-    concepts: Optional[torch.Tensor]    # (B, C) the classifier's probabilities, where rerank.name_concepts asks
+    concepts: Optional[torch.Tensor]    # (B, C) the classifier's probabilities, where asked for
 
 
 class ConsensusReranker:
     """Everything the ``rerank`` strategy needs: the retriever's image tower (sharing a pass through the CNN
-    with the caption model where it can: ``SharedImagePass``), the memory and the scorer; where
-    ``config.name_concepts`` asks, the ImageNet classifier of the tower's frozen backbone (one linear layer on the
-    pooled features the tower computes anyway) and the memory's ``ConceptNaming``."""
+    with the caption model where it can: ``SharedImagePass``), the memory and the scorer; for naming photos'
+    concepts (``CaptionDecodeConfig.name_concepts``), the ImageNet classifier of the tower's frozen backbone (one
+    linear layer on the pooled features the tower computes anyway; built when first asked for) and the memory's
+    ``ConceptNaming``."""
 
     def __init__(self, tower, memory: CaptionMemory, config: RerankConfig,
                  image_pass: Optional[SharedImagePass] = None, naming: Optional[ConceptNaming] = None):
@@ -277,12 +280,18 @@ class ConsensusReranker:
         self.tower, self.memory, self.config, self.image_pass = tower, memory, config, image_pass
         self.scorer = ConsensusScorer(CiderD(memory.references()), config.bleu_weight)
         self.naming = naming or ConceptNaming()
-        self.concept_head = None
-        if config.name_concepts:
+        self._concept_head = None
+
+    @property
+    def concept_head(self):
+        """The ImageNet classifier whose input the tower's pooled features are (ConfigError where the tower's CNN
+        is not a frozen pretrained backbone with one)."""
+        if self._concept_head is None:
             from ..retrieval.concepts import ConceptConfig, build_head
 
-            self.concept_head = build_head(ConceptConfig(), tower.config.vision).to(
-                next(tower.parameters()).device)
+            self._concept_head = build_head(ConceptConfig(), self.tower.config.vision).to(
+                next(self.tower.parameters()).device)
+        return self._concept_head
 
     @classmethod
     def load(cls, directory: Union[str, Path], config: RerankConfig, device: Optional[torch.device] = None,
@@ -298,29 +307,29 @@ class ConsensusReranker:
             tower.runtime.build()  # its CNN's fast copy now, not in the first photo's time
         return cls(tower, CaptionMemory.load(directory), config, image_pass, ConceptNaming.load(directory))
 
-    def encode(self, pixels: torch.Tensor) -> RerankInputs:
+    def encode(self, pixels: torch.Tensor, concepts: bool = False) -> RerankInputs:
         """Transformed images (B, 3, H, W) -> the caption model's features of them where one pass through the
-        shared layers makes them, the texts of each image's nearest memory captions, and its concepts' probabilities
-        where ``config.name_concepts`` asks (``RerankInputs``)."""
+        shared layers makes them, the texts of each image's nearest memory captions, and with ``concepts`` its
+        concepts' probabilities (``RerankInputs``)."""
         features = None
         if self.image_pass is not None:
             features, embeddings, pooled = self.image_pass(pixels)
         else:
             embeddings, pooled = self.tower.encode(pixels.to(next(self.tower.parameters()).device))
-        concepts = self.concept_head(pooled).cpu() if self.concept_head is not None else None
-        return RerankInputs(features, self.memory.nearest(embeddings.cpu(), self.config.neighbours), concepts)
+        probabilities = self.concept_head(pooled).cpu() if concepts else None
+        return RerankInputs(features, self.memory.nearest(embeddings.cpu(), self.config.neighbours), probabilities)
 
     def concept_words(self, probabilities: torch.Tensor) -> List[Dict[str, float]]:
         """Classifier probabilities (B, C) -> each image's concepts as {caption word: probability}."""
         return concept_words(self.concept_head.words, probabilities)
 
-    def words_to_name(self, concepts: Dict[str, float], vocabulary: Dict[str, int]) -> List[str]:
+    def words_to_name(self, concepts: Dict[str, float], vocabulary: Dict[str, int], threshold: float) -> List[str]:
         """The words of which an image's caption must include one (``ConceptNaming``), for its concepts (caption
-        word -> probability) at or above ``config.name_concepts``, those in the caption model's ``vocabulary``;
-        none where naming is off or no concept is confident."""
-        if not self.config.name_concepts:
+        word -> probability) at or above ``threshold``, those in the caption model's ``vocabulary``; none where
+        ``threshold`` is 0 (naming off) or no concept reaches it."""
+        if not threshold:
             return []
-        words = [w for c, p in concepts.items() if p >= self.config.name_concepts for w in self.naming.words_for(c)]
+        words = [w for c, p in concepts.items() if p >= threshold for w in self.naming.words_for(c)]
         return [w for w in dict.fromkeys(words) if w in vocabulary]
 
     def choose(self, candidates: Sequence[str], neighbours: Sequence[str],
@@ -388,7 +397,7 @@ def build_and_attach(directory: Union[str, Path], data: CaptionSet, config: Memo
                                  tower_digest=RetrievalImageTower.from_pretrained(config.rerank.retriever).digest())
     retriever, tokenizer = Retriever.from_pretrained(rerank.retriever), Tokenizer.load(directory)
     memory = build_memory(retriever, data, tokenizer, progress=progress, lang=raw.get("lang", "en"))
-    if rerank.name_concepts:  # how the same captions name their photos' concepts
+    if config.name_concepts:  # how the same captions name their photos' concepts
         naming_of_photos(retriever, data, tokenizer, progress=progress).save(directory)
     decode = config.default_decode(base)
     attach_memory(directory, memory, rerank, to_dict(decode) if decode else None)
