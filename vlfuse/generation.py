@@ -303,31 +303,19 @@ def beam_search(step: StepFn, state: Dict[str, torch.Tensor], batch_size: int, c
     base = (torch.arange(batch_size, device=device) * k)[:, None]  # (B, 1)
     specials = None
     for t in range(cfg.max_len + 1):
-        logp, state = step(tokens, state)  # (B*K, V)
+        logp, state, specials = _beam_logprobs(step, tokens, state, t, cfg, specials, all_rows, finished, bias, bos,
+                                               eos, pad, unk)  # (B*K, V)
         vocab = logp.shape[1]
-        specials = specials or _SpecialTokens(vocab, cfg, bos, eos, pad, device, unk)
-        logp = specials.apply(logp, t)
-        _apply_ngram_block(logp, tokens, cfg.no_repeat_ngram)
-        if bias is not None:
-            logp = bias.apply(logp, all_rows)
-        logp[finished] = float("-inf")
-        logp[finished, pad] = 0.0
         cand = (scores.view(-1, 1) + logp).view(batch_size, k * vocab)
         scores, idx = cand.topk(k, dim=1)  # (B, K)
         src = (base + idx // vocab).view(-1)  # (B*K,) which beam each new beam extends
         tok = (idx % vocab).view(-1, 1)
-        tokens = torch.cat([tokens.index_select(0, src), tok], 1)
-        static = frozenset(key for key in static if state.get(key) is expanded[key])
-        state = reorder_state(state, src, keep=static)
-        if bias is not None:
-            bias.reorder(src)
-            bias.written(all_rows, tok.view(-1))
-        finished = finished.index_select(0, src) | (tok.view(-1) == eos)
+        tokens, state, static, finished = _extend_beams(tokens, state, src, tok, static, expanded, all_rows, finished,
+                                                        bias, eos)
         if bool(finished.all()):
             break
     seqs = tokens[:, 1:].tolist()
-    lengths = torch.tensor([len(_strip(s, eos, pad)) + 1 for s in seqs], device=device, dtype=torch.float)
-    final = scores.view(-1) / lengths.pow(cfg.length_penalty)
+    final = scores.view(-1) / _lengths(seqs, eos, pad, device).pow(cfg.length_penalty)
     best = final.view(batch_size, k).argmax(1)
     out = []
     for b in range(batch_size):
@@ -365,15 +353,9 @@ def constrained_beam_search(step: StepFn, state: Dict[str, torch.Tensor], batch_
     base = (torch.arange(batch_size, device=device) * 2 * k)[:, None]  # (B, 1)
     specials = None
     for t in range(cfg.max_len + 1):
-        logp, state = step(tokens, state)  # (B*2K, V)
+        logp, state, specials = _beam_logprobs(step, tokens, state, t, cfg, specials, all_rows, finished, bias, bos,
+                                               eos, pad, unk)  # (B*2K, V)
         vocab = logp.shape[1]
-        specials = specials or _SpecialTokens(vocab, cfg, bos, eos, pad, device, unk)
-        logp = specials.apply(logp, t)
-        _apply_ngram_block(logp, tokens, cfg.no_repeat_ngram)
-        if bias is not None:
-            logp = bias.apply(logp, all_rows)
-        logp[finished] = inf
-        logp[finished, pad] = 0.0
         logp = logp.view(batch_size, 2, k, vocab)
         not_yet = scores[:, 0, :, None] + logp[:, 0].masked_fill(marked[:, None, :], inf)  # (B, K, V)
         moves = scores[:, 0, :, None] + logp[:, 0].masked_fill(~marked[:, None, :], inf)
@@ -383,18 +365,12 @@ def constrained_beam_search(step: StepFn, state: Dict[str, torch.Tensor], batch_
         scores = torch.stack([top_not_yet, top_written], 1)
         src = (base + torch.cat([i_not_yet // vocab, i_written // vocab], 1)).view(-1)  # both index rows 0..2K-1
         tok = torch.cat([i_not_yet % vocab, i_written % vocab], 1).view(-1, 1)
-        tokens = torch.cat([tokens.index_select(0, src), tok], 1)
-        static = frozenset(key for key in static if state.get(key) is expanded[key])
-        state = reorder_state(state, src, keep=static)
-        if bias is not None:
-            bias.reorder(src)
-            bias.written(all_rows, tok.view(-1))
-        finished = finished.index_select(0, src) | (tok.view(-1) == eos)
+        tokens, state, static, finished = _extend_beams(tokens, state, src, tok, static, expanded, all_rows, finished,
+                                                        bias, eos)
         if bool(finished.all()):
             break
     seqs = tokens[:, 1:].tolist()
-    lengths = torch.tensor([len(_strip(s, eos, pad)) + 1 for s in seqs], device=device, dtype=torch.float)
-    final = (scores.view(-1) / lengths.pow(cfg.length_penalty)).view(batch_size, 2, k)
+    final = (scores.view(-1) / _lengths(seqs, eos, pad, device).pow(cfg.length_penalty)).view(batch_size, 2, k)
     final = final.masked_fill(~finished.view(batch_size, 2, k), inf)  # beams never extended: -inf anyway
     group = torch.isfinite(final[:, 1]).any(1).long()  # (B,) 1: some beam wrote a marked word
     out = []
@@ -404,6 +380,44 @@ def constrained_beam_search(step: StepFn, state: Dict[str, torch.Tensor], batch_
                 if bool(torch.isfinite(ranked[j]))]
         out.append([(_strip(seqs[r], eos, pad), float(scores.view(-1)[r])) for r in rows] or [([], inf)])
     return out
+
+
+def _beam_logprobs(step: StepFn, tokens: torch.Tensor, state: Dict[str, torch.Tensor], t: int, cfg: DecodeConfig,
+                   specials: Optional[_SpecialTokens], rows: torch.Tensor, finished: torch.Tensor,
+                   bias: Optional[WordBias], bos: int, eos: int, pad: int, unk: Optional[int]):
+    """One step of a beam search: every beam's log-probabilities of its next word (R, V), with the special tokens,
+    n-gram blocking and word bonuses applied, and a finished beam extending with <pad> at no cost; the step's new
+    state; the special-token masks (made at the first step)."""
+    logp, state = step(tokens, state)
+    specials = specials or _SpecialTokens(logp.shape[1], cfg, bos, eos, pad, logp.device, unk)
+    logp = specials.apply(logp, t)
+    _apply_ngram_block(logp, tokens, cfg.no_repeat_ngram)
+    if bias is not None:
+        logp = bias.apply(logp, rows)
+    logp[finished] = float("-inf")
+    logp[finished, pad] = 0.0
+    return logp, state, specials
+
+
+def _extend_beams(tokens: torch.Tensor, state: Dict[str, torch.Tensor], src: torch.Tensor, tok: torch.Tensor,
+                  static: FrozenSet[str], expanded: Dict[str, torch.Tensor], rows: torch.Tensor,
+                  finished: torch.Tensor, bias: Optional[WordBias], eos: int):
+    """The new beams: beam ``r`` extends beam ``src[r]`` with word ``tok[r]``. Reorders the tokens, the state
+    (except entries the step never replaced: equal for all beams of an image, they are not copied), the word
+    bonuses and which beams are finished."""
+    tokens = torch.cat([tokens.index_select(0, src), tok], 1)
+    static = frozenset(key for key in static if state.get(key) is expanded[key])
+    state = reorder_state(state, src, keep=static)
+    if bias is not None:
+        bias.reorder(src)
+        bias.written(rows, tok.view(-1))
+    finished = finished.index_select(0, src) | (tok.view(-1) == eos)
+    return tokens, state, static, finished
+
+
+def _lengths(seqs: List[List[int]], eos: int, pad: int, device) -> torch.Tensor:
+    """Each sequence's length in words, counting its <eos> (length penalties divide by it)."""
+    return torch.tensor([len(_strip(s, eos, pad)) + 1 for s in seqs], device=device, dtype=torch.float)
 
 
 def _strip(ids: List[int], eos: int, pad: int) -> List[int]:
