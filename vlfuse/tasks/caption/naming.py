@@ -6,8 +6,8 @@ constrained beam search, Anderson et al. 2017, over the caption model's vocabula
 ImageNet classifier of the retrieval model's frozen backbone (``vlfuse.nn.concepts``), each with its caption word
 ("Yorkshire terrier" -> terrier). But the word a class is named by is not always the word captions use for such a
 photo: the Flickr8k training photos the classifier calls "terrier" are captioned "dog" (1 % of their captions say
-terrier, 91 % dog), and some concepts are rarely named at all (photos called "ski" are captioned "skier", "skiing",
-"snow"). So the words that name a concept are measured on the caption model's own training photos and captions
+terrier, 73 % dog, 20 % dogs), and some concepts are rarely named at all (7 % of the captions of photos called "ski"
+say ski; "snow", "skier", "skiing" are more common). So the words that name a concept are measured on the caption model's own training photos and captions
 (``measure_naming``; ``vlfuse memory`` saves the table beside the caption memory as ``concept_naming.json``):
 
 * a concept word the classifier gives at least ``threshold`` on at least ``min_photos`` training photos is named by
