@@ -197,6 +197,8 @@ def test_memory_command_measures_how_its_captions_name_concepts_when_asked(train
     named = cap(images, strategy="rerank", candidates=4, temperature=1.0, seed=0, name_concepts=0.3)
     for caption, must in zip(named, words):
         assert not must or set(must) & set(caption.split()), (caption, must)
+    cap.save_pretrained(tmp_path / "copy")  # saved elsewhere, the naming table goes along with the memory
+    assert ConceptNaming.load(tmp_path / "copy") == naming
 
 
 def test_rerank_errors_name_the_problem(trained_run, reranking_model, tmp_path):

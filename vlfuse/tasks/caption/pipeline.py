@@ -22,6 +22,7 @@ from ...nn.vision import ImageFeatures
 from ...runtime import Runtime, RuntimeOptions
 from ..base import Pipeline
 from .model import CaptionModel, CaptionModelConfig
+from .naming import ConceptNaming
 from .rerank import CaptionDecodeConfig, CaptionMemory, ConsensusReranker, rerank_config
 
 
@@ -163,6 +164,9 @@ class Captioner(Pipeline):
             if Path(directory).resolve() != Path(self.memory_dir).resolve():
                 memory = self._reranker.memory if self._reranker else CaptionMemory.load(self.memory_dir)
                 memory.save(directory)
+                naming = ConceptNaming.load(self.memory_dir)  # how its captions name concepts, where measured
+                if naming is not None:
+                    naming.save(directory)
         return directory
 
     @property

@@ -6,7 +6,8 @@ finds the memory captions nearest the image (the retrieval model's image tower, 
 candidate that agrees best with them (``vlfuse.metrics.consensus``). The memory is two files beside the
 checkpoint — ``memory.safetensors`` (embeddings (N, D) fp16, and which training image each caption describes)
 and ``memory.txt`` (the captions, tokenised as the caption model does, one per line) — and the ``rerank`` section
-of its config.json (``RerankConfig``).
+of its config.json (``RerankConfig``). A memory may also hold ``concept_naming.json``: how its captions name their
+photos' ImageNet concepts (``naming.py``), for a decoding that names them (``CaptionDecodeConfig.name_concepts``).
 
 Build one for a trained caption model with ``vlfuse memory --model DIR --data ... --split train``.
 """
