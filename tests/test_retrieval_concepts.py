@@ -225,3 +225,26 @@ def test_cli_gives_a_checkpoint_concepts(tmp_path, capsys):
     assert (loaded.concepts.config.top_k, loaded.concepts.config.weight) == (3, 1.5)
     assert loaded.concepts.config.prior_data == "flickr8k train (4 photos)"
     assert abs(float(loaded.concepts.prior.sum()) - 1.0) < 1e-3 and loaded.model_id != BASE_ID
+
+
+def test_concept_probabilities_skip_a_broken_photo_and_the_prior_averages_the_rest(retriever, tmp_path, capsys):
+    """One loop runs the classifier over photos for the concept prior and the caption model's naming table: a file
+    that does not load is reported and left out, the others keep their own rows."""
+    from vlfuse.tasks.retrieval.concepts import ConceptConfig, build_head, concept_prior, concept_probabilities
+
+    data = flickr_or_skip()
+    photos = [str(data / "images" / n) for n in (data / "val.txt").read_text().split()[:3]]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    head = build_head(ConceptConfig(), retriever.model.config.vision)
+    alone, kept_alone = concept_probabilities(retriever, head, photos, progress=False)
+    mixed, kept = concept_probabilities(retriever, head, [photos[0], str(broken)] + photos[1:], batch_size=2,
+                                        progress=False)
+    assert kept_alone == [0, 1, 2] and kept == [0, 2, 3] and mixed.shape == (3, 1000)
+    assert torch.allclose(mixed, alone, atol=1e-5)
+    assert "broken.jpg" in capsys.readouterr().err
+    prior = concept_prior(retriever, head, photos + [str(broken)], progress=False)
+    assert torch.allclose(prior, alone.mean(0), atol=1e-6)
+    with pytest.raises(ConfigError, match="none loaded"):
+        concept_prior(retriever, head, [str(broken)], progress=False)
+

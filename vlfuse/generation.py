@@ -329,15 +329,15 @@ def constrained_beam_search(step: StepFn, state: Dict[str, torch.Tensor], batch_
                             per_image: FrozenSet[str] = frozenset(), bias: Optional[WordBias] = None,
                             unk: Optional[int] = None) -> List[List[Tuple[List[int], float]]]:
     """Beam search that must write one of a set of words (Anderson et al. 2017, constrained beam search with one
-    disjunctive constraint: a finite-state machine of two states, "not yet" and "written", each with its own
+    disjunctive constraint: a finite-state machine of two states, "not yet" and "named", each with its own
     ``beam_size`` beams). ``must_include`` (batch_size, V) bool marks each sequence's words; a sequence with none
-    marked starts in "written" and decodes as plain beam search. A "not yet" beam extends with any other word and
-    stays, or with a marked word and moves to "written". Returns for each sequence its finished "written" beams, best
+    marked starts in "named" and decodes as plain beam search. A "not yet" beam extends with any other word and
+    stays, or with a marked word and moves to "named". Returns for each sequence its finished "named" beams, best
     first (its "not yet" ones only if no marked word could be placed). Costs twice the beams of ``beam_search``."""
     k = cfg.beam_size
     device = next(iter(state.values())).device
     marked = must_include.to(device=device, dtype=torch.bool)
-    rows = torch.arange(batch_size, device=device).repeat_interleave(2 * k)  # (B*2K,) row b's "not yet" then "written"
+    rows = torch.arange(batch_size, device=device).repeat_interleave(2 * k)  # (B*2K,) row b's "not yet" then "named"
     state = reorder_state(state, rows, keep=per_image)
     if bias is not None:
         bias.reorder(rows)

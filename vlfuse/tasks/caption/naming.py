@@ -7,8 +7,9 @@ ImageNet classifier of the retrieval model's frozen backbone (``vlfuse.nn.concep
 ("Yorkshire terrier" -> terrier). But the word a class is named by is not always the word captions use for such a
 photo: the Flickr8k training photos the classifier calls "terrier" are captioned "dog" (1 % of their captions say
 terrier, 73 % dog, 20 % dogs), and some concepts are rarely named at all (7 % of the captions of photos called "ski"
-say ski; "snow", "skier", "skiing" are more common). So the words that name a concept are measured on the caption model's own training photos and captions
-(``measure_naming``; ``vlfuse memory`` saves the table beside the caption memory as ``concept_naming.json``):
+say ski; "snow", "skier", "skiing" are more common). So the words that name a concept are measured on the caption
+model's own training photos and captions (``measure_naming``; ``vlfuse memory`` saves the table beside the caption
+memory as ``concept_naming.json``):
 
 * a concept word the classifier gives at least ``threshold`` on at least ``min_photos`` training photos is named by
   the concept words (and their plurals) that at least ``share`` of those photos' captions use — possibly none, and
@@ -28,9 +29,8 @@ import torch
 
 from ...config import save_json
 from ...data.captions import CaptionSet
-from ...data.images import load_image
 from ...data.tokenizer import Tokenizer
-from ...errors import ConfigError, ImageError
+from ...errors import ConfigError
 
 NAMING_FILE = "concept_naming.json"
 
@@ -126,36 +126,15 @@ def measure_naming(concepts: Sequence[Dict[str, float]], captions: Sequence[Sequ
     return ConceptNaming(named_by, dict(sorted(photos.items())), threshold, min_photos, share)
 
 
-@torch.inference_mode()
 def naming_of_photos(retriever, data: CaptionSet, tokenizer: Tokenizer, batch_size: int = 32,
                      progress: bool = True) -> ConceptNaming:
     """The naming table of a caption model's training photos and captions ``data`` (tokenised by its
     ``tokenizer``), their concepts from the ImageNet classifier of ``retriever``'s frozen backbone (a
     ``Retriever``; its runtime's copy of the CNN, as the reranker runs it). A photo that fails to load is left
     out."""
-    from tqdm.auto import tqdm
-
-    from ..retrieval.concepts import ConceptConfig, build_head
+    from ..retrieval.concepts import ConceptConfig, build_head, concept_probabilities
 
     head = build_head(ConceptConfig(), retriever.model.config.vision).to(retriever.device)
-    transform = retriever.model.vision.transform
-    concepts: List[Dict[str, float]] = []
-    captions: List[List[List[str]]] = []
-    bar = tqdm(total=len(data), desc="concept naming", unit="img", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(data), batch_size):
-        pixels, caps = [], []
-        for path, texts in zip(data.images[start:start + batch_size], data.captions[start:start + batch_size]):
-            try:
-                pixels.append(transform(load_image(path)))
-            except ImageError as e:
-                bar.write(f"concept naming: skipped {e}")
-                continue
-            caps.append([tokenizer.tokenize(t) for t in texts])
-        bar.update(min(batch_size, len(data) - start))
-        if not pixels:
-            continue
-        pooled = retriever.runtime.image_encoder(torch.stack(pixels).to(retriever.device)).pooled
-        concepts += concept_words(head.words, head(pooled))
-        captions += caps
-    bar.close()
-    return measure_naming(concepts, captions, head.words)
+    probabilities, kept = concept_probabilities(retriever, head, data.images, batch_size, progress, "concept naming")
+    captions = [[tokenizer.tokenize(t) for t in data.captions[i]] for i in kept]
+    return measure_naming(concept_words(head.words, probabilities), captions, head.words)

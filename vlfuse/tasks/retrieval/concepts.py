@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ from ...checkpoint import CONFIG_NAME
 from ...config import Part, from_dict, save_json, to_dict
 from ...data.captions import CaptionSet
 from ...data.images import load_image
-from ...errors import ConfigError, ModelNotFoundError
+from ...errors import ConfigError, ImageError, ModelNotFoundError
 from ...io import atomic_path
 from ...nn.concepts import ConceptHead, concept_head_for
 from ...registry import CONCEPT_HEADS
@@ -170,24 +171,39 @@ def save_concepts(directory: Union[str, Path], concepts: ConceptEmbedding) -> No
 
 
 @torch.inference_mode()
-def concept_prior(retriever, head: ConceptHead, images: Sequence, batch_size: int = 32,
-                  progress: bool = True) -> torch.Tensor:
-    """Each concept's mean probability (C,) over ``images`` (the retrieval model's training photos), from the
-    pooled features of ``retriever``'s image encoder (its runtime's copy, as when indexing)."""
+def concept_probabilities(retriever, head: ConceptHead, images: Sequence, batch_size: int = 32,
+                          progress: bool = True, desc: str = "concepts") -> Tuple[torch.Tensor, List[int]]:
+    """The classifier's probabilities (N, C) of ``images`` that load, from the pooled features of ``retriever``'s
+    image encoder (its runtime's copy, as when indexing), and their indices in ``images``: a file that fails to load
+    is reported and left out, the others go on."""
     from tqdm.auto import tqdm
 
     tf = retriever.model.vision.transform
-    total = torch.zeros(len(head.names), dtype=torch.float64)
-    bar = tqdm(total=len(images), desc="concept prior", unit="img", disable=not progress, dynamic_ncols=True)
+    rows, kept = [], []
+    bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
     for s in range(0, len(images), batch_size):
-        chunk = images[s:s + batch_size]
-        pixels = torch.stack([tf(load_image(im)) for im in chunk]).to(retriever.device)
-        total += head(retriever.runtime.image_encoder(pixels).pooled).double().sum(0).cpu()
-        bar.update(len(chunk))
+        pixels = []
+        for i in range(s, min(s + batch_size, len(images))):
+            try:
+                pixels.append(tf(load_image(images[i])))
+                kept.append(i)
+            except ImageError as e:
+                bar.write(f"{desc}: skipped {e}", file=sys.stderr)
+        bar.update(min(batch_size, len(images) - s))
+        if pixels:
+            rows.append(head(retriever.runtime.image_encoder(torch.stack(pixels).to(retriever.device)).pooled).cpu())
     bar.close()
-    if not len(images):
-        raise ConfigError("the concept prior needs the model's training photos; none were given")
-    return (total / len(images)).float()
+    return (torch.cat(rows) if rows else torch.zeros(0, len(head.names))), kept
+
+
+def concept_prior(retriever, head: ConceptHead, images: Sequence, batch_size: int = 32,
+                  progress: bool = True) -> torch.Tensor:
+    """Each concept's mean probability (C,) over ``images`` (the retrieval model's training photos; those that do
+    not load are left out)."""
+    probabilities, kept = concept_probabilities(retriever, head, images, batch_size, progress, "concept prior")
+    if not kept:
+        raise ConfigError("the concept prior needs the model's training photos; none were given (or none loaded)")
+    return probabilities.double().mean(0).float()
 
 
 def build_concepts(retriever, data: CaptionSet, config: Optional[ConceptConfig] = None, batch_size: int = 32,
